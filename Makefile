@@ -1,0 +1,33 @@
+# One command runs hello-cluster, one runs the whole test suite; both set up what they need.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: run test lint soak bench clean
+
+$(BIN)/hello-cluster: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+run: $(BIN)/hello-cluster
+	$(BIN)/hello-cluster $(ARGS)
+
+lint: $(BIN)/hello-cluster
+	$(BIN)/ruff check service tests bench
+	$(BIN)/mypy
+	$(BIN)/bandit -q -ll -r service
+
+test: $(BIN)/hello-cluster lint
+	$(BIN)/pytest -q
+
+soak: $(BIN)/hello-cluster
+	HELLO_CLUSTER_SOAK_SECONDS=300 $(BIN)/pytest -q -m slow tests
+
+bench: $(BIN)/hello-cluster
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) bench/.venv build *.egg-info

@@ -1,0 +1,3 @@
+from hello_cluster.cli import main
+
+raise SystemExit(main())

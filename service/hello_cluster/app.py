@@ -1,0 +1,50 @@
+"""The built-in hello page: Node's cluster demo, answered by whichever worker got the connection.
+
+A raw ASGI callable rather than a framework: it is the benchmark's subject, so it should cost
+no more than the engine around it. `x-worker-pid` lets a user watch requests spread.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+BODY = b"<h1>Hello Python!</h1><p>Hello Cluster!</p>"
+_STATIC_HEADERS = [
+    (b"content-type", b"text/html; charset=utf-8"),
+    (b"content-length", str(len(BODY)).encode()),
+]
+
+
+def _headers() -> list[tuple[bytes, bytes]]:
+    # The pid changes across fork(), so compute it in the worker, once.
+    return [*_STATIC_HEADERS, (b"x-worker-pid", str(os.getpid()).encode())]
+
+
+_cache: dict[int, list[tuple[bytes, bytes]]] = {}
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    kind = scope["type"]
+    if kind == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if kind != "http":
+        return
+    pid = os.getpid()
+    headers = _cache.get(pid)
+    if headers is None:
+        headers = _cache[pid] = _headers()
+    if scope["method"] not in ("GET", "HEAD"):
+        await send({"type": "http.response.start", "status": 405,
+                    "headers": [(b"allow", b"GET, HEAD"), (b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body",
+                "body": b"" if scope["method"] == "HEAD" else BODY})

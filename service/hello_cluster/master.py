@@ -1,0 +1,560 @@
+"""The supervision loop: spawn, ready, serving, draining, dead, backing off, respawned.
+
+One thread, one selector. Signal handlers only wake the loop (`signal.set_wakeup_fd` writes
+the signal number into a pipe the selector watches); every decision is taken in the loop,
+in the order the verbs below read:
+
+    handle_signals -> reap_workers -> murder_workers -> manage_workers -> tell_systemd
+
+The restart policy itself is the pure `backoff` module; this file only applies it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import selectors
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hello_cluster import backoff, worker
+from hello_cluster import channel as ch
+from hello_cluster.config import MAX_WORKERS, Config
+from hello_cluster.endpoint import Endpoint, Response
+from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK
+from hello_cluster.metrics import PoolStats, master_registry, render
+from hello_cluster.notify import Notifier, watchdog_interval
+from hello_cluster.oom import OomWatch
+from hello_cluster.sockets import Listeners
+
+log = logging.getLogger("hello_cluster.master")
+
+KILL_GRACE = 2.0  # a hung worker gets this long after SIGTERM before SIGKILL
+MAX_TIMEOUT = 1.0  # the loop turns at least this often (watchdog, status, deadlines)
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
+           signal.SIGTTIN, signal.SIGTTOU)
+
+
+@dataclass
+class Worker:
+    pid: int
+    slot: int
+    generation: int
+    fd: int
+    spawned_at: float
+    last_beat: float
+    ready_at: float | None = None
+    retiring: str | None = None  # why we are stopping it: a planned end, never backed off
+    term_at: float | None = None
+    kill_at: float | None = None
+    hung: bool = False
+    wants_recycle: bool = False
+    buffer: bytes = b""
+    error: str | None = None
+
+
+@dataclass
+class Slot:
+    failures: int = 0
+    respawn_at: float = 0.0
+    ceiling: float = 0.0
+
+
+@dataclass
+class Master:
+    cfg: Config
+    listeners: Listeners
+    desired: int
+    notifier: Notifier = field(default_factory=Notifier)
+    multiproc_dir: str | None = None
+    policy: backoff.Policy = field(default_factory=backoff.Policy)
+
+    def __post_init__(self) -> None:
+        self.pid = os.getpid()
+        self.selector = selectors.DefaultSelector()
+        self.workers: dict[int, Worker] = {}
+        self.slots: list[Slot] = [Slot() for _ in range(self.desired)]
+        self.generation = 0
+        self.stats = PoolStats(desired=self.desired)
+        self.breaker = backoff.Breaker(self.policy.crash_loop_limit)
+        self.signals: list[int] = []
+        self.state = "starting"  # starting, running, reloading, stopping
+        self.exit_code: int | None = None
+        self.ever_ready = False
+        self.reload_pending = False
+        self.drain_at: float | None = None
+        self.drain_deadline: float | None = None
+        self.stop_reason = ""
+        self.oom = OomWatch()
+        self.watchdog_every = watchdog_interval(os.environ, self.pid)
+        self.watchdog_next = 0.0
+        self.extend_next = 0.0
+        self.endpoint: Endpoint | None = None
+        self._wake_r, self._wake_w = os.pipe()
+
+    # ---- life of the master -------------------------------------------------------------
+
+    def run(self) -> int:
+        self.install_signals()
+        if self.listeners.metrics is not None:
+            registry = master_registry(self.pool_stats, self.multiproc_dir)
+            self.endpoint = Endpoint(self.listeners.metrics, self.selector,
+                                     lambda m, p, a: self.answer(registry, p, a))
+        log.info("master ready to fork %d workers on %s%s", self.desired,
+                 self.listeners.describe(),
+                 " (socket activation)" if self.listeners.activated else "")
+        self.notifier.status(f"starting {self.desired} workers")
+        while True:
+            self.wait_for_events()
+            self.handle_signals()
+            self.reap_workers()
+            if self.exit_code is not None and not self.workers:
+                break
+            self.murder_workers()
+            self.manage_workers()
+            self.tell_systemd()
+        self.shutdown()
+        return self.exit_code
+
+    def install_signals(self) -> None:
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in HANDLED:
+            # The C-level handler writes the signal number to the wakeup pipe; the Python
+            # handler has nothing left to do. PID 1 has no default actions, so this matters.
+            signal.signal(sig, _noop)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self.read_wakeups)
+
+    def wait_for_events(self) -> None:
+        timeout = max(0.0, min(self.deadlines(), default=MAX_TIMEOUT) - time.monotonic())
+        for key, _ in self.selector.select(min(timeout, MAX_TIMEOUT)):
+            key.data()
+        if self.endpoint is not None:
+            self.endpoint.expire(time.monotonic())
+
+    def deadlines(self) -> list[float]:
+        times = [s.respawn_at for i, s in enumerate(self.slots)
+                 if s.respawn_at and not self._slot_workers(i)]
+        for w in self.workers.values():
+            times.append(w.kill_at if w.kill_at is not None
+                         else w.last_beat + self.cfg.worker_timeout)
+        for t in (self.drain_at, self.drain_deadline,
+                  self.watchdog_next if self.watchdog_every else None,
+                  self.endpoint.next_deadline() if self.endpoint else None):
+            if t is not None:
+                times.append(t)
+        return times
+
+    def read_wakeups(self) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            self.signals.extend(os.read(self._wake_r, 4096))
+
+    def shutdown(self) -> None:
+        signal.set_wakeup_fd(-1)
+        if self.endpoint is not None:
+            self.endpoint.close()
+        self.listeners.close_app()
+        log.info("master exiting with code %d%s", self.exit_code,
+                 f" ({self.stop_reason})" if self.stop_reason else "")
+
+    # ---- signals ------------------------------------------------------------------------
+
+    def handle_signals(self) -> None:
+        pending, self.signals = self.signals, []
+        seen: set[int] = set()
+        for sig in pending:
+            if sig == signal.SIGCHLD:
+                continue  # reap_workers runs every turn anyway
+            if sig in (signal.SIGTTIN, signal.SIGTTOU):
+                self.scale(+1 if sig == signal.SIGTTIN else -1)
+                continue
+            if sig in seen:
+                continue  # a burst of the same signal is one request
+            seen.add(sig)
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self.begin_stop(EXIT_OK, f"{signal.Signals(sig).name} received")
+            elif sig == signal.SIGQUIT:
+                self.stop_now()
+            elif sig == signal.SIGHUP:
+                self.reload()
+
+    def begin_stop(self, code: int, reason: str) -> None:
+        """Graceful stop: /readyz goes 503, serve through --shutdown-delay, then drain."""
+        if self.exit_code is not None:
+            return
+        self.exit_code, self.stop_reason, self.state = code, reason, "stopping"
+        now = time.monotonic()
+        self.drain_at = now + (self.cfg.shutdown_delay if code == EXIT_OK else 0.0)
+        log.info("stopping (%s): serving %.1fs more, then draining for up to %.1fs",
+                 reason, self.drain_at - now, self.cfg.graceful_timeout)
+        self.notifier.stopping(f"stopping: {reason}")
+        self.extend_systemd_timeout(now)
+
+    def stop_now(self) -> None:
+        log.warning("SIGQUIT: stopping immediately")
+        if self.exit_code is None:
+            self.exit_code, self.stop_reason, self.state = EXIT_OK, "SIGQUIT", "stopping"
+            self.notifier.stopping("stopping immediately")
+        self.listeners.close_app()
+        for w in self.workers.values():
+            w.retiring = w.retiring or "shutdown"
+            _kill(w.pid, signal.SIGKILL)
+        self.drain_at = None
+
+    def start_drain(self, now: float) -> None:
+        """Close our copy of the listeners, then ask every worker to finish and exit."""
+        self.drain_at = None
+        self.drain_deadline = now + self.cfg.graceful_timeout + KILL_GRACE
+        self.listeners.close_app()
+        for w in self.workers.values():
+            self.retire(w, "shutdown", now)
+
+    def reload(self) -> None:
+        if self.state == "stopping":
+            return
+        if self.state == "reloading":
+            self.reload_pending = True
+            return
+        self.generation += 1
+        self.stats.reloads += 1
+        self.state = "reloading"
+        log.info("reload: rolling replacement of %d workers (generation %d)", self.desired,
+                 self.generation)
+        self.notifier.reloading()
+
+    def scale(self, step: int) -> None:
+        if self.state == "stopping":
+            return
+        new = min(MAX_WORKERS, max(1, self.desired + step))
+        if new == self.desired:
+            log.info("scale: staying at %d workers (limits 1..%d)", new, MAX_WORKERS)
+            return
+        log.info("scale: %d -> %d workers", self.desired, new)
+        self.desired = self.stats.desired = new
+        while len(self.slots) < new:
+            self.slots.append(Slot())
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if w.slot >= new:
+                self.retire(w, "scale-down", now)
+        del self.slots[new:]
+
+    # ---- the life of workers ------------------------------------------------------------
+
+    def spawn_worker(self, slot: int, now: float) -> None:
+        read_fd, write_fd = os.pipe()
+        close_fds = [read_fd, self._wake_r, self._wake_w, self.selector.fileno(),
+                     *(w.fd for w in self.workers.values())]
+        if self.endpoint is not None:
+            close_fds.append(self.endpoint.sock.fileno())
+            close_fds.extend(self.endpoint.conns)
+        spec = worker.WorkerSpec(slot=slot, generation=self.generation, master_pid=self.pid,
+                                 sockets=self.listeners.app, channel_fd=write_fd,
+                                 close_fds=close_fds)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        try:
+            pid = os.fork()
+        except OSError as err:
+            os.close(read_fd)
+            os.close(write_fd)
+            self.slots[slot].failures += 1
+            self.schedule_respawn(slot, now, f"fork failed: {err.strerror}")
+            return
+        if pid == 0:
+            worker.run(self.cfg, spec)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        w = Worker(pid=pid, slot=slot, generation=self.generation, fd=read_fd, spawned_at=now,
+                   last_beat=now)
+        self.workers[pid] = w
+        self.selector.register(read_fd, selectors.EVENT_READ, lambda: self.read_channel(w))
+        self.stats.spawns += 1
+        log.debug("spawned worker %d pid %d (generation %d)", slot + 1, pid, self.generation)
+
+    def read_channel(self, w: Worker) -> None:
+        try:
+            data = os.read(w.fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:  # EOF: the worker is gone; reap_workers will tell how
+            self.selector.unregister(w.fd)
+            return
+        events, errors, w.buffer = ch.parse(w.buffer + data)
+        now = time.monotonic()
+        if events or errors:
+            w.last_beat = now
+        for text in errors:
+            w.error = text
+            log.error("worker %d pid %d cannot start: %s", w.slot + 1, w.pid, text)
+        for event in events:
+            if event == ch.READY and w.ready_at is None:
+                self.worker_ready(w, now)
+            elif event == ch.RECYCLE and not w.wants_recycle and w.retiring is None:
+                w.wants_recycle = True
+
+    def worker_ready(self, w: Worker, now: float) -> None:
+        w.ready_at = now
+        self.ever_ready = True
+        self.breaker = self.breaker.worker_ready()
+        log.info("worker %d pid %d ready in %.0f ms", w.slot + 1, w.pid,
+                 (now - w.spawned_at) * 1000)
+
+    def retire(self, w: Worker, why: str, now: float) -> None:
+        """A planned end: SIGTERM now (drain), SIGKILL after the graceful timeout."""
+        if w.retiring is not None:
+            return
+        w.retiring, w.term_at = why, now
+        w.kill_at = now + self.cfg.graceful_timeout + KILL_GRACE
+        log.info("worker %d pid %d: draining (%s)", w.slot + 1, w.pid, why)
+        _kill(w.pid, signal.SIGTERM)
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            w = self.workers.pop(pid, None)
+            if w is None:
+                # As PID 1 we inherit orphans; reaping them is the whole job.
+                log.debug("reaped orphan pid %d (status %#x)", pid, status)
+                continue
+            self.worker_died(w, status, time.monotonic())
+
+    def worker_died(self, w: Worker, status: int, now: float) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(w.fd)
+        os.close(w.fd)
+        if self.multiproc_dir is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(w.pid, self.multiproc_dir)
+        lifetime = now - w.spawned_at
+        how = _describe_status(status)
+        if w.retiring is not None:
+            log.info("worker %d pid %d ended (%s, %s) after %.1fs", w.slot + 1, w.pid,
+                     w.retiring, how, lifetime)
+            return
+        reason = self.classify(w, status)
+        slot_alive = any(o.slot == w.slot for o in self.workers.values())
+        if self.exit_code is not None or w.slot >= self.desired:
+            log.warning("worker %d pid %d died (%s, %s) after %.1fs while stopping",
+                        w.slot + 1, w.pid, reason, how, lifetime)
+            return
+        if w.error is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_APP:
+            if not self.ever_ready:
+                log.error("the application cannot be loaded; stopping")
+                self.stop_reason = w.error
+                self.begin_stop(EXIT_APP, w.error)
+                return
+        ready_for = None if w.ready_at is None else now - w.ready_at
+        if w.ready_at is None and w.generation == self.generation and self.generation > 0 \
+                and self.state == "reloading" and self.abort_reload(w):
+            return
+        self.breaker = self.breaker.worker_died(w.ready_at is not None, planned=False)
+        slot = self.slots[w.slot]
+        slot.failures = backoff.failures_after_death(self.policy, slot.failures, ready_for,
+                                                     planned=False)
+        self.stats.restarts[reason] += 1
+        if self.breaker.tripped:
+            line = (f"crash loop: {self.breaker.boot_deaths} workers in a row died before "
+                    f"becoming ready; the last (pid {w.pid}) {how}"
+                    + (f": {w.error}" if w.error else "") + "; giving up")
+            log.error(line)
+            self.stats.crash_loop = True
+            self.begin_stop(EXIT_CRASH_LOOP, line)
+            return
+        if slot_alive:
+            # A replacement is already running (recycling or reload): nothing to schedule.
+            log.warning("worker %d pid %d died (%s, %s) after %.1fs", w.slot + 1, w.pid,
+                        reason, how, lifetime)
+            return
+        self.schedule_respawn(w.slot, now, f"pid {w.pid} {reason}, {how}, lived {lifetime:.1f}s")
+
+    def schedule_respawn(self, index: int, now: float, what: str) -> None:
+        slot = self.slots[index]
+        slot.ceiling = backoff.ceiling(self.policy, slot.failures)
+        wait = backoff.delay(self.policy, slot.failures, random.random)
+        slot.respawn_at = now + wait
+        log.warning("worker %d died: %s; failure %d in a row, respawn in %.3fs "
+                    "(backoff ceiling %.3fs)", index + 1, what, slot.failures, wait,
+                    slot.ceiling)
+
+    def abort_reload(self, w: Worker) -> bool:
+        """A new-generation worker died before ready while old ones still serve: keep them."""
+        old = [o for o in self.workers.values() if o.generation < self.generation
+               and o.retiring is None]
+        if not old:
+            return False
+        log.error("reload failed: new worker pid %d died before becoming ready%s; keeping "
+                  "%d workers of the previous generation", w.pid,
+                  f": {w.error}" if w.error else "", len(old))
+        for o in list(self.workers.values()):
+            if o.generation == self.generation and o.retiring is None:
+                self.retire(o, "reload-aborted", time.monotonic())
+        self.generation = max(o.generation for o in old)
+        self.state = "running"
+        self.reload_pending = False
+        self.notifier.ready(self.status_line() + " (reload failed)")
+        return True
+
+    def classify(self, w: Worker, status: int) -> str:
+        if w.hung:
+            return "timeout"
+        if os.WIFSIGNALED(status):
+            if os.WTERMSIG(status) == signal.SIGKILL and self.oom.rose():
+                return "oom"
+            return "signal"
+        return "exit"
+
+    def murder_workers(self) -> None:
+        """Kill the hung (silent past --worker-timeout) and the drainers past their deadline."""
+        now = time.monotonic()
+        for w in self.workers.values():
+            if w.kill_at is not None:
+                if now >= w.kill_at:
+                    log.warning("worker %d pid %d did not stop in time (%s); SIGKILL",
+                                w.slot + 1, w.pid, w.retiring or "timeout")
+                    _kill(w.pid, signal.SIGKILL)
+                    w.kill_at = now + 3600  # once; reap_workers takes it from here
+                continue
+            if now - w.last_beat > self.cfg.worker_timeout:
+                w.hung = True
+                w.term_at, w.kill_at = now, now + KILL_GRACE
+                log.error("worker %d pid %d silent for %.1fs (--worker-timeout); killing it",
+                          w.slot + 1, w.pid, now - w.last_beat)
+                _kill(w.pid, signal.SIGTERM)
+
+    def manage_workers(self) -> None:
+        now = time.monotonic()
+        if self.state == "stopping":
+            if self.drain_at is not None and now >= self.drain_at:
+                self.start_drain(now)
+            if self.drain_deadline is not None:
+                self.extend_systemd_timeout(now)
+            return
+        for index, slot in enumerate(self.slots):
+            live = [w for w in self._slot_workers(index)]
+            current = [w for w in live if w.generation == self.generation
+                       and not w.wants_recycle]
+            if not current:
+                if now >= slot.respawn_at:
+                    slot.respawn_at = 0.0
+                    self.spawn_worker(index, now)
+                continue
+            if any(w.ready_at is not None for w in current):
+                for w in live:
+                    if w not in current:
+                        self.retire(w, "max-requests" if w.wants_recycle else "reload", now)
+        self.update_state()
+
+    def update_state(self) -> None:
+        ready = self.ready_count()
+        if self.state == "starting" and ready >= self.desired:
+            self.state = "running"
+            log.info("all %d workers ready", self.desired)
+            self.notifier.ready(self.status_line())
+        elif self.state == "reloading" and not any(
+                w.generation != self.generation and w.retiring is None
+                for w in self.workers.values()) and ready >= self.desired:
+            self.state = "running"
+            log.info("reload complete: %d workers of generation %d", ready, self.generation)
+            self.notifier.ready(self.status_line())
+            if self.reload_pending:
+                self.reload_pending = False
+                self.reload()
+
+    def _slot_workers(self, index: int) -> list[Worker]:
+        return [w for w in self.workers.values() if w.slot == index and w.retiring is None]
+
+    # ---- what others see ----------------------------------------------------------------
+
+    def ready_count(self) -> int:
+        return sum(1 for w in self.workers.values()
+                   if w.ready_at is not None and w.retiring is None and not w.hung)
+
+    def status_line(self) -> str:
+        restarts = sum(self.stats.restarts.values())
+        return f"{self.ready_count()}/{self.desired} workers ready, {restarts} restarts"
+
+    def pool_stats(self) -> PoolStats:
+        now = time.monotonic()
+        s = self.stats
+        s.desired = self.desired
+        s.running = len(self.workers)
+        s.ready = self.ready_count()
+        s.backoff_seconds = max((sl.respawn_at - now for i, sl in enumerate(self.slots)
+                                 if sl.respawn_at > now and not self._slot_workers(i)),
+                                default=0.0)
+        return s
+
+    def readiness(self) -> tuple[bool, str]:
+        ready = self.ready_count()
+        if self.stats.crash_loop:
+            return False, "crash loop: workers keep dying before they become ready"
+        if self.state == "stopping":
+            return False, f"stopping: {self.stop_reason}"
+        if ready == 0:
+            return False, f"no worker ready yet (0/{self.desired})"
+        return True, f"ready: {ready}/{self.desired} workers"
+
+    def answer(self, registry: Any, path: str, accept: str) -> Response:
+        if path == "/metrics":
+            body, content_type = render(registry, accept)
+            return Response(200, body, content_type)
+        if path == "/livez":
+            return Response(200, b"ok: master loop turning\n")
+        if path == "/readyz":
+            ok, why = self.readiness()
+            return Response(200 if ok else 503, why.encode() + b"\n")
+        return Response(404, b"not found: try /metrics, /livez or /readyz\n")
+
+    def tell_systemd(self) -> None:
+        now = time.monotonic()
+        if self.watchdog_every and now >= self.watchdog_next:
+            self.notifier.watchdog()
+            self.watchdog_next = now + self.watchdog_every
+        if self.state in ("running", "reloading"):
+            self.notifier.status(self.status_line())
+
+    def extend_systemd_timeout(self, now: float) -> None:
+        """While draining legitimately takes long, tell systemd not to kill us yet."""
+        if now < self.extend_next:
+            return
+        end = self.drain_deadline or ((self.drain_at or now) + self.cfg.graceful_timeout
+                                      + KILL_GRACE)
+        self.notifier.extend_timeout(max(0.0, end - now) + 5.0)
+        self.extend_next = now + 5.0
+
+
+def _noop(signum: int, frame: Any) -> None:
+    """Wake-up only: the signal number already went down the wakeup pipe."""
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+def run_master(cfg: Config, listeners: Listeners, desired: int, multiproc_dir: str | None,
+               notifier: Notifier) -> int:
+    policy = backoff.Policy(cfg.backoff_initial, cfg.backoff_factor, cfg.backoff_max,
+                            cfg.backoff_reset_after, cfg.crash_loop_limit)
+    master = Master(cfg, listeners, desired, notifier, multiproc_dir, policy)
+    sys.stdout.flush()
+    return master.run()

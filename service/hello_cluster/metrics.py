@@ -1,0 +1,155 @@
+"""Metric names and collection: the master's pool state and the workers' request metrics.
+
+The master's numbers live in the master's own state and are rendered by a custom collector
+at scrape time, so supervision never touches prometheus-client objects. Workers record
+request metrics with prometheus-client's multiprocess mode (files per pid in a private
+directory); the master aggregates them, including workers that have since died.
+
+`PROMETHEUS_MULTIPROC_DIR` must be set before prometheus_client is first imported, which the
+CLI does before importing this module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from hello_cluster import __version__
+
+NAMESPACE = "hello_cluster"
+RESTART_REASONS = ("exit", "signal", "timeout", "oom")
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@dataclass
+class PoolStats:
+    """What the master knows about its pool, as the collector sees it at scrape time."""
+
+    desired: int = 0
+    running: int = 0
+    ready: int = 0
+    spawns: int = 0
+    restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESTART_REASONS, 0))
+    backoff_seconds: float = 0.0
+    crash_loop: bool = False
+    reloads: int = 0
+
+
+class PoolCollector:
+    """Renders PoolStats; names and help text are the public contract (README lists them)."""
+
+    def __init__(self, stats: Callable[[], PoolStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._stats()
+        yield _gauge("workers_desired", "Worker processes the master wants running.", s.desired)
+        yield _gauge("workers_running", "Worker processes alive now.", s.running)
+        yield _gauge("workers_ready", "Worker processes accepting connections now.", s.ready)
+        yield _counter("worker_spawns", "Worker processes forked.", s.spawns)
+        restarts = CounterMetricFamily(
+            f"{NAMESPACE}_worker_restarts",
+            "Unplanned worker deaths that led to a respawn, by reason.", labels=["reason"])
+        for reason in RESTART_REASONS:
+            restarts.add_metric([reason], s.restarts.get(reason, 0))
+        yield restarts
+        yield _gauge("worker_backoff_seconds",
+                     "The longest pending respawn delay now (0 when none is pending).",
+                     s.backoff_seconds)
+        yield _gauge("crash_loop", "1 when the master gave up on a crash loop.",
+                     1 if s.crash_loop else 0)
+        yield _counter("reloads", "Rolling reloads started (SIGHUP).", s.reloads)
+        info = GaugeMetricFamily(f"{NAMESPACE}_build_info", "hello-cluster version.",
+                                 labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{NAMESPACE}_{name}", doc, value=value)
+
+
+def master_registry(stats: Callable[[], PoolStats], multiproc_dir: str | None) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PoolCollector(stats))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    if multiproc_dir is not None:
+        MultiProcessCollector(registry, path=multiproc_dir)
+    return registry
+
+
+def render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    """The scrape body in whichever format the scraper asked for (text or OpenMetrics)."""
+    encoder, content_type = choose_encoder(accept)
+    return encoder(registry), content_type
+
+
+class RequestMetrics:
+    """ASGI middleware recording each request in the worker's multiprocess metric files.
+
+    Label children are cached per (method, status) so the hot path is a dict lookup and
+    three mmap writes.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.requests = Counter(f"{NAMESPACE}_http_requests", "HTTP requests served.",
+                                ["method", "status"])
+        self.duration = Histogram(f"{NAMESPACE}_http_request_duration_seconds",
+                                  "Time from request start to the end of the response.",
+                                  buckets=DURATION_BUCKETS)
+        self.in_progress = Gauge(f"{NAMESPACE}_http_requests_in_progress",
+                                 "HTTP requests being served now (live workers only).",
+                                 multiprocess_mode="livesum")
+        self._children: dict[tuple[str, int], Any] = {}
+
+    def _child(self, method: str, status: int) -> Any:
+        key = (method, status)
+        child = self._children.get(key)
+        if child is None:
+            label_method = method if method in METHODS else "other"
+            label_status = str(status) if 100 <= status <= 599 else "other"
+            child = self._children[key] = self.requests.labels(label_method, label_status)
+        return child
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.in_progress.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.in_progress.dec()
+            self._child(scope["method"], status).inc()
+            self.duration.observe(time.perf_counter() - start)

@@ -1,0 +1,224 @@
+"""The child side of fork(): become a worker, serve the app with uvicorn, report to the master.
+
+A worker imports the application itself (so a reload picks up new code and an import error
+is reported, not inherited), tells the master when it is really accepting, beats once a
+second from its event loop, and never outlives its master.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import grp
+import importlib
+import logging
+import os
+import pwd
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import setproctitle
+import uvicorn
+
+from hello_cluster import channel as ch
+from hello_cluster import logs
+from hello_cluster.config import Config
+from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, AppLoadError, ResourceError
+
+log = logging.getLogger("hello_cluster.worker")
+
+PR_SET_PDEATHSIG = 1
+TICK = 0.1  # uvicorn's main loop period
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    slot: int
+    generation: int
+    master_pid: int
+    sockets: Sequence[socket.socket]
+    channel_fd: int
+    close_fds: Sequence[int]
+
+
+def load_app(spec: str) -> Any:
+    """Import `module:attr` with messages that name what is wrong and where."""
+    module_name, _, attr_path = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            raise AppLoadError(f"--app {spec}: no module named {err.name!r}; check the name "
+                               "and that it is on PYTHONPATH") from None
+        raise AppLoadError(f"--app {spec}: importing {module_name} failed: "
+                           f"{type(err).__name__}: {err}") from None
+    except BaseException as err:  # the app's own code raised while importing
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        raise AppLoadError(f"--app {spec}: importing {module_name} raised "
+                           f"{type(err).__name__}: {err} ({where.filename}:{where.lineno})"
+                           ) from None
+    app: Any = module
+    for part in attr_path.split("."):
+        try:
+            app = getattr(app, part)
+        except AttributeError:
+            raise AppLoadError(f"--app {spec}: module {module_name} has no attribute "
+                               f"{attr_path!r}") from None
+    if not callable(app):
+        raise AppLoadError(f"--app {spec}: {attr_path} is a {type(app).__name__}, not an "
+                           "ASGI callable")
+    return app
+
+
+def _die_with_master(master_pid: int) -> None:
+    """The kernel SIGKILLs us when the master dies, so no worker lingers after a crash."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != master_pid:  # the master died before prctl took effect
+        os._exit(1)
+
+
+def drop_privileges(user: str | None, group: str | None) -> None:
+    """Workers never run as root when --user/--group are given (the master bound already)."""
+    if user is None and group is None:
+        return
+    if os.getuid() != 0:
+        return
+    try:
+        uid = pwd.getpwnam(user).pw_uid if user else None
+        gid = grp.getgrnam(group).gr_gid if group else (
+            pwd.getpwnam(user).pw_gid if user else None)
+    except KeyError as err:
+        raise ResourceError(f"--user/--group: no such user or group {err}") from None
+    if gid is not None:
+        os.setgroups([gid])
+        os.setgid(gid)
+    if uid is not None:
+        os.setuid(uid)
+
+
+class WorkerServer(uvicorn.Server):
+    """uvicorn's server with the master's protocol: ready, heartbeat, recycle requests."""
+
+    def __init__(self, config: uvicorn.Config, channel: ch.WorkerChannel,
+                 beat_ticks: int, max_requests: int) -> None:
+        super().__init__(config)
+        self.channel = channel
+        self.beat_ticks = beat_ticks
+        self.max_requests = max_requests
+        self.recycle_asked = False
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # SIGTERM drains; Ctrl-C reaches the whole process group, but stopping is the
+        # master's decision, so workers ignore SIGINT. Nothing is re-raised on the way out.
+        signal.signal(signal.SIGTERM, self.handle_exit)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            self.channel.send(ch.READY)
+
+    async def on_tick(self, counter: int) -> bool:
+        if counter % self.beat_ticks == 0:
+            self.channel.send(ch.BEAT)
+        if (self.max_requests and not self.recycle_asked
+                and self.server_state.total_requests >= self.max_requests):
+            self.recycle_asked = True
+            log.info("served %d requests (--max-requests); asking to be replaced",
+                     self.server_state.total_requests)
+            self.channel.send(ch.RECYCLE)
+        return await super().on_tick(counter)
+
+
+def demo_exit(app: Any, seconds: float) -> Any:
+    """The seed experiment: exit with status 1 a while after each request, like Node's demo."""
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await app(scope, receive, send)
+        if scope["type"] == "http":
+            log.info("demo: exiting with status 1 in %gs", seconds)
+            asyncio.get_running_loop().call_later(seconds, os._exit, 1)
+
+    return wrapped
+
+
+def build_app(cfg: Config) -> Any:
+    app = load_app(cfg.app)
+    if cfg.request_metrics and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from hello_cluster.metrics import RequestMetrics
+
+        app = RequestMetrics(app)
+    if cfg.demo_exit_after is not None:
+        app = demo_exit(app, cfg.demo_exit_after)
+    return app
+
+
+def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
+    app = build_app(cfg)
+    max_requests = 0
+    if cfg.max_requests:
+        max_requests = cfg.max_requests + (
+            int.from_bytes(os.urandom(4), "big") % (cfg.max_requests_jitter + 1))
+    uv_config = uvicorn.Config(
+        app,
+        loop="uvloop",
+        http="httptools",
+        lifespan="auto",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=max(1, int(cfg.graceful_timeout)),
+        timeout_keep_alive=max(1, int(cfg.keep_alive_timeout)),
+        limit_concurrency=cfg.limit_concurrency,
+    )
+    beat_ticks = max(1, int(min(1.0, cfg.worker_timeout / 4) / TICK))
+    server = WorkerServer(uv_config, channel, beat_ticks, max_requests)
+    server.run(sockets=list(spec.sockets))
+    return 0 if server.started else 3
+
+
+def run(cfg: Config, spec: WorkerSpec) -> NoReturn:
+    """Entry point in the forked child; never returns into the master's code."""
+    code = 1
+    try:
+        _die_with_master(spec.master_pid)
+        for fd in spec.close_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
+                    signal.SIGQUIT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        logs.ROLE["name"] = f"worker {spec.slot + 1}"
+        setproctitle.setproctitle(f"hello-cluster: worker {spec.slot + 1}")
+        channel = ch.WorkerChannel(spec.channel_fd)
+        try:
+            drop_privileges(cfg.user, cfg.group)
+            code = serve(cfg, spec, channel)
+        except AppLoadError as err:
+            channel.error(str(err))
+            code = EXIT_APP
+        except ResourceError as err:
+            channel.error(str(err))
+            code = EXIT_RESOURCE
+        except SystemExit as err:
+            code = err.code if isinstance(err.code, int) else 1
+    except BaseException:
+        log.exception("worker crashed")
+        code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
