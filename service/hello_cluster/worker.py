@@ -114,6 +114,7 @@ class WorkerServer(uvicorn.Server):
         self.beat_ticks = beat_ticks
         self.max_requests = max_requests
         self.recycle_asked = False
+        self.exit_code = 0
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -137,19 +138,33 @@ class WorkerServer(uvicorn.Server):
             log.info("served %d requests (--max-requests); asking to be replaced",
                      self.server_state.total_requests)
             self.channel.send(ch.RECYCLE)
+        demo = self.config.app
+        if isinstance(demo, DemoExit) and demo.due is not None \
+                and asyncio.get_running_loop().time() >= demo.due:
+            self.exit_code = 1
+            return True
         return await super().on_tick(counter)
 
 
-def demo_exit(app: Any, seconds: float) -> Any:
-    """The seed experiment: exit with status 1 a while after each request, like Node's demo."""
+class DemoExit:
+    """The seed experiment: exit with status 1 a while after serving a request.
 
-    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await app(scope, receive, send)
-        if scope["type"] == "http":
-            log.info("demo: exiting with status 1 in %gs", seconds)
-            asyncio.get_running_loop().call_later(seconds, os._exit, 1)
+    Node's demo calls process.exit(1) from a timer, dropping whatever that worker had just
+    accepted. Here the worker drains like any stopping worker (listeners closed, in-flight
+    requests finished) and then exits 1, so the experiment shows respawning without
+    losing requests.
+    """
 
-    return wrapped
+    def __init__(self, app: Any, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+        self.due: float | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+        if scope["type"] == "http" and self.due is None:
+            log.info("demo: exiting with status 1 in %gs", self.seconds)
+            self.due = asyncio.get_running_loop().time() + self.seconds
 
 
 def build_app(cfg: Config) -> Any:
@@ -159,7 +174,7 @@ def build_app(cfg: Config) -> Any:
 
         app = RequestMetrics(app)
     if cfg.demo_exit_after is not None:
-        app = demo_exit(app, cfg.demo_exit_after)
+        app = DemoExit(app, cfg.demo_exit_after)
     return app
 
 
@@ -184,7 +199,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
     beat_ticks = max(1, int(min(1.0, cfg.worker_timeout / 4) / TICK))
     server = WorkerServer(uv_config, channel, beat_ticks, max_requests)
     server.run(sockets=list(spec.sockets))
-    return 0 if server.started else 3
+    return server.exit_code if server.started else 3
 
 
 def run(cfg: Config, spec: WorkerSpec) -> NoReturn:

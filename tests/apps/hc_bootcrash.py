@@ -1,0 +1,9 @@
+"""Test app that dies on boot in every worker: its lifespan startup fails."""
+
+from typing import Any
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        await receive()
+        raise RuntimeError("boot crash on purpose")

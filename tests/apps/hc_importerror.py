@@ -1,0 +1,3 @@
+"""Test app that raises while being imported."""
+
+raise ValueError("broken on purpose")

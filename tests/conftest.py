@@ -1,0 +1,208 @@
+"""Shared fixtures: start the real `hello-cluster` on loopback, watch it, always clean up."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent / "hello-cluster"
+TEST_APPS = Path(__file__).resolve().parent / "apps"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip with a reason that says how to get the prerequisite; under CI, fail instead."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"prerequisite missing under CI (must not skip): {reason}")
+    pytest.skip(reason)
+
+
+def need_root() -> None:
+    need(os.geteuid() == 0, "needs root (run the suite as root, as CI does)")
+
+
+def need_command(name: str, package: str) -> str:
+    path = shutil.which(name)
+    need(path is not None, f"needs {name}: apt-get install {package} (.ci/run does)")
+    assert path is not None
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(port: int, path: str = "/", host: str = "127.0.0.1", timeout: float = 5.0,
+             method: str = "GET", headers: dict[str, str] | None = None
+             ) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, headers=headers or {})
+        resp = conn.getresponse()
+        body = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+    finally:
+        conn.close()
+
+
+def wait_for(check: Callable[[], bool], timeout: float, interval: float = 0.05,
+             what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Cluster:
+    """One running hello-cluster with its ports, log file and process group."""
+
+    def __init__(self, tmp: Path, args: list[str], env: dict[str, str] | None = None,
+                 metrics: bool = True, **popen: object) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port() if metrics else None
+        self.log_path = tmp / f"hello-cluster-{self.port}.log"
+        argv = [str(BIN), "--bind", f"127.0.0.1:{self.port}"]
+        if metrics:
+            argv += ["--metrics-bind", f"127.0.0.1:{self.metrics_port}"]
+        else:
+            argv += ["--metrics-bind", "off"]
+        full_env = {**os.environ, "PYTHONPATH": str(TEST_APPS), **(env or {})}
+        full_env.pop("NOTIFY_SOCKET", None)
+        self.log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv + args, env=full_env, stdout=self.log_file,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     **popen)  # type: ignore[call-overload]
+        self.pid = self.proc.pid
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def workers(self) -> list[int]:
+        return [p for p in children(self.pid) if alive(p)]
+
+    def get(self, path: str = "/", **kw: object) -> tuple[int, dict[str, str], bytes]:
+        return http_get(self.port, path, **kw)  # type: ignore[arg-type]
+
+    def metrics_get(self, path: str, **kw: object) -> tuple[int, dict[str, str], bytes]:
+        assert self.metrics_port is not None
+        return http_get(self.metrics_port, path, **kw)  # type: ignore[arg-type]
+
+    def metric(self, name: str) -> float:
+        """One sample's value from /metrics, e.g. 'hello_cluster_workers_ready' or with labels."""
+        _, _, body = self.metrics_get("/metrics")
+        total = None
+        for line in body.decode().splitlines():
+            if line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            if key == name:
+                total = float(value)
+        if total is None:
+            raise KeyError(name)
+        return total
+
+    def wait_ready(self, workers: int | None = None, timeout: float = 15.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"hello-cluster exited {self.proc.returncode}:\n{self.log}")
+            if self.metrics_port is not None:
+                status, _, _ = self.metrics_get("/readyz", timeout=1)
+                if status != 200:
+                    return False
+                if workers is not None:
+                    return self.metric("hello_cluster_workers_ready") == workers
+                return True
+            return self.get("/", timeout=1)[0] == 200
+
+        wait_for(ready, timeout, what="hello-cluster to become ready")
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def kill_all(self) -> None:
+        """SIGKILL the whole session (master, workers, anything they started)."""
+        pids = [self.pid, *children(self.pid)]
+        with_suppress(lambda: os.killpg(self.pid, signal.SIGKILL))
+        for pid in pids:
+            with_suppress(lambda p=pid: os.kill(p, signal.SIGKILL))
+        with_suppress(lambda: self.proc.wait(timeout=5))
+        self.log_file.close()
+
+
+def with_suppress(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    started: list[Cluster] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, metrics: bool = True,
+              ready: bool = True, workers: int | None = None, **popen: object) -> Cluster:
+        c = Cluster(tmp_path, list(args), env, metrics, **popen)
+        started.append(c)
+        if ready:
+            c.wait_ready(workers)
+        return c
+
+    yield start
+    for c in started:
+        c.kill_all()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20.0,
+            wrapper: list[str] | None = None, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run hello-cluster to completion (for start-up errors); never leaves a process."""
+    full_env = {**os.environ, "PYTHONPATH": str(TEST_APPS), **(env or {})}
+    full_env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.Popen([*(wrapper or []), str(BIN), *args], env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kw)  # type: ignore[call-overload]
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        with_suppress(lambda: os.killpg(proc.pid, signal.SIGKILL))
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
