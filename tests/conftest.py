@@ -198,8 +198,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20.0
     """Run hello-cluster to completion (for start-up errors); never leaves a process."""
     full_env = {**os.environ, "PYTHONPATH": str(TEST_APPS), **(env or {})}
     full_env.pop("NOTIFY_SOCKET", None)
-    proc = subprocess.Popen([*(wrapper or []), str(BIN), *args], env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+    proc = subprocess.Popen([*(wrapper or []), str(BIN), *args], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
                             **kw)  # type: ignore[call-overload]
     try:
         out, err = proc.communicate(timeout=timeout)

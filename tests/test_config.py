@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
 from hello_cluster.config import (
     BindAddress,
     load_config,
@@ -14,6 +11,8 @@ from hello_cluster.config import (
     parse_workers,
 )
 from hello_cluster.errors import ConfigError
+from hypothesis import given
+from hypothesis import strategies as st
 
 
 @pytest.mark.parametrize("spec, expected", [

@@ -35,7 +35,8 @@ def ceiling(policy: Policy, failures: int) -> float:
     if policy.initial <= 0:
         return 0.0
     exponent = failures - 2
-    if policy.factor > 1 and exponent * math.log(policy.factor) >= math.log(policy.cap / policy.initial):
+    limit = math.log(policy.cap / policy.initial)
+    if policy.factor > 1 and exponent * math.log(policy.factor) >= limit:
         return policy.cap
     return min(policy.cap, policy.initial * policy.factor**exponent)
 

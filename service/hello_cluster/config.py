@@ -45,7 +45,8 @@ class BindAddress:
         return f"{self.host}:{self.port}"
 
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
 
 def _parse_port(text: str, spec: str) -> int:

@@ -85,7 +85,9 @@ def parse_mountinfo(text: str) -> list[Mount]:
         fstype = tail[0]
         if fstype not in ("cgroup", "cgroup2"):
             continue
-        options = frozenset(tail[2].split(",")) | frozenset(fields[5].split(",") if len(fields) > 5 else ())
+        options = frozenset(tail[2].split(","))
+        if len(fields) > 5:
+            options |= frozenset(fields[5].split(","))
         mounts.append(Mount(root=fields[3], mount_point=fields[4], fstype=fstype, options=options))
     return mounts
 
@@ -125,7 +127,7 @@ def cgroup_cpu_limit(root: Path = Path("/")) -> tuple[float, str] | None:
     for mount in parse_mountinfo(mountinfo_text):
         if mount.fstype == "cgroup2" and "" in paths:
             rel = _relative(paths[""], mount.root)
-            files = [("cpu.max",)]
+            files: list[tuple[str, ...]] = [("cpu.max",)]
         elif mount.fstype == "cgroup" and "cpu" in mount.options and "cpu" in paths:
             rel = _relative(paths["cpu"], mount.root)
             files = [("cpu.cfs_quota_us", "cpu.cfs_period_us")]

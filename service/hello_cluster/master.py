@@ -350,12 +350,11 @@ class Master:
             log.warning("worker %d pid %d died (%s, %s) after %.1fs while stopping",
                         w.slot + 1, w.pid, reason, how, lifetime)
             return
-        if w.error is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_APP:
-            if not self.ever_ready:
-                log.error("the application cannot be loaded; stopping")
-                self.stop_reason = w.error
-                self.begin_stop(EXIT_APP, w.error)
-                return
+        if (w.error is not None and not self.ever_ready and os.WIFEXITED(status)
+                and os.WEXITSTATUS(status) == EXIT_APP):
+            log.error("the application cannot be loaded; stopping")
+            self.begin_stop(EXIT_APP, w.error)
+            return
         ready_for = None if w.ready_at is None else now - w.ready_at
         if w.ready_at is None and w.generation == self.generation and self.generation > 0 \
                 and self.state == "reloading" and self.abort_reload(w):

@@ -98,7 +98,8 @@ def bind(address: BindAddress, what: str = "--bind") -> socket.socket:
         infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
-        raise ListenerError(f"{what} {address}: cannot resolve {address.host!r} ({err.strerror})")
+        raise ListenerError(f"{what} {address}: cannot resolve {address.host!r} "
+                            f"({err.strerror})") from None
     family, type_, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, type_, proto)
     try:

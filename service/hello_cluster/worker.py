@@ -31,6 +31,7 @@ from hello_cluster import channel as ch
 from hello_cluster import logs
 from hello_cluster.config import Config
 from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, AppLoadError, ResourceError
+from hello_cluster.protocol import DrainingProtocol
 
 log = logging.getLogger("hello_cluster.worker")
 
@@ -187,7 +188,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
     uv_config = uvicorn.Config(
         app,
         loop="uvloop",
-        http="httptools",
+        http=DrainingProtocol,
         lifespan="auto",
         log_config=None,
         access_log=False,

@@ -6,4 +6,4 @@ from typing import Any
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         await receive()
-        raise RuntimeError("boot crash on purpose")
+        await send({"type": "lifespan.startup.failed", "message": "boot crash on purpose"})

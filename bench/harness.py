@@ -1,0 +1,263 @@
+"""Process, socket and load-generator plumbing the benchmark steps are made of.
+
+Every process is started in its own session (so its process group holds the supervisor
+and all its workers) and killed as a group; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+PID_RE = re.compile(rb"\r\nx-worker-pid:\s*(\d+)", re.IGNORECASE)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- processes ---------------------------------------------------------------------------
+
+class Proc:
+    """A contender's supervisor in its own process group; `stop()` leaves nothing behind."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log = open(log_path, "ab")  # noqa: SIM115 -- closed in stop()
+        self.started = time.monotonic()
+        self.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace: float = 3.0) -> None:
+        """SIGTERM the group, then SIGKILL it; reap; close the log."""
+        try:
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.pid, sig)
+                deadline = time.monotonic() + wait
+                while time.monotonic() < deadline and _group_alive(self.pid):
+                    self.popen.poll()
+                    time.sleep(0.02)
+                if not _group_alive(self.pid):
+                    break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=5)
+        finally:
+            self.log.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while any process (not a zombie of ours) is still in the group."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def rss_mb(pid: int) -> float | None:
+    """VmRSS of one process, in MiB (the supervisor alone, not its workers)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+# ---- sd_notify ---------------------------------------------------------------------------
+
+class NotifySocket:
+    """An AF_UNIX datagram socket standing in for systemd's; records (time, message)."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="hc-bench-")
+        self.path = os.path.join(self.dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.messages.append((time.monotonic(), data.decode(errors="replace")))
+
+    def first(self, field_: str, after: float = 0.0) -> float | None:
+        """When a message containing the line `field_` first arrived after `after`."""
+        with self._lock:
+            for when, text in self.messages:
+                if when >= after and field_ in text.splitlines():
+                    return when
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+            os.rmdir(self.dir)
+
+
+# ---- probing -----------------------------------------------------------------------------
+
+def probe(port: int, k: int = 4, timeout: float = 1.0) -> list[int]:
+    """Open k fresh connections at once, GET / on each; the worker pids that answered."""
+    socks: list[socket.socket] = []
+    pids: list[int] = []
+    try:
+        for _ in range(k):
+            s = socket.socket()
+            s.settimeout(timeout)
+            try:
+                s.connect(("127.0.0.1", port))
+                s.sendall(REQUEST)
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        for s in socks:
+            data = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in data:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            m = PID_RE.search(data)
+            if m and data.startswith(b"HTTP/1.1 200"):
+                pids.append(int(m.group(1)))
+    finally:
+        for s in socks:
+            s.close()
+    return pids
+
+
+def wait_for_pids(port: int, count: int, deadline: float, seen: set[int] | None = None,
+                  new_only: bool = False) -> tuple[float | None, set[int]]:
+    """Poll until `count` distinct pids (or one pid not in `seen`) answered; (when, pids)."""
+    pids: set[int] = set()
+    seen = set() if seen is None else seen
+    while time.monotonic() < deadline:
+        got = probe(port)
+        now = time.monotonic()
+        pids.update(got)
+        if new_only:
+            fresh = set(got) - seen
+            if fresh:
+                return now, fresh
+        elif len(pids) >= count:
+            return now, pids
+        if not got:
+            time.sleep(0.002)
+    return None, pids
+
+
+# ---- wrk ---------------------------------------------------------------------------------
+
+@dataclass
+class WrkResult:
+    rps: float = 0.0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    requests: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    non2xx: int = 0
+    raw: str = ""
+
+    @property
+    def failed(self) -> int:
+        return sum(self.errors.values()) + self.non2xx
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> WrkResult:
+    r = WrkResult(raw=out)
+    if m := re.search(r"Requests/sec:\s+([\d.]+)", out):
+        r.rps = float(m.group(1))
+    if m := re.search(r"^\s+50%\s+(\S+)", out, re.M):
+        r.p50_ms = _ms(m.group(1))
+    if m := re.search(r"^\s+99%\s+(\S+)", out, re.M):
+        r.p99_ms = _ms(m.group(1))
+    if m := re.search(r"(\d+) requests in", out):
+        r.requests = int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        r.errors = dict(zip(("connect", "read", "write", "timeout"),
+                            map(int, m.groups()), strict=True))
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        r.non2xx = int(m.group(1))
+    return r
+
+
+def wrk_argv(port: int, duration: float, close: bool, connections: int = 64) -> list[str]:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+            "--timeout", "2s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    return [*argv, f"http://127.0.0.1:{port}/"]
+
+
+@contextlib.contextmanager
+def wrk_background(port: int, duration: float, close: bool = False) -> Iterator[list[WrkResult]]:
+    """Run wrk while the body does something; the result list is filled when it ends."""
+    proc = subprocess.Popen(wrk_argv(port, duration, close), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    box: list[WrkResult] = []
+    try:
+        yield box
+        out, _ = proc.communicate(timeout=duration + 15)
+        box.append(parse_wrk(out))
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def wrk(port: int, duration: float, close: bool = False) -> WrkResult:
+    with wrk_background(port, duration, close) as box:
+        pass
+    return box[0]
