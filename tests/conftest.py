@@ -207,3 +207,49 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20.0
     finally:
         with_suppress(lambda: os.killpg(proc.pid, signal.SIGKILL))
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+class Load:
+    """A steady request loop in a thread, on fresh connections, bounded in time and count.
+
+    Records every failure with its error so a test can explain (or forbid) each one.
+    """
+
+    def __init__(self, port: int, path: str = "/", max_seconds: float = 60.0,
+                 max_requests: int = 200_000) -> None:
+        import threading
+
+        self.port, self.path = port, path
+        self.max_seconds, self.max_requests = max_seconds, max_requests
+        self.ok = 0
+        self.failures: list[str] = []
+        self.pids: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        for _ in range(self.max_requests):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                return
+            try:
+                status, headers, _ = http_get(self.port, self.path, timeout=10)
+            except (OSError, http.client.HTTPException) as err:
+                self.failures.append(f"{type(err).__name__}: {err}")
+                continue
+            if status == 200:
+                self.ok += 1
+                self.pids.add(int(headers.get("x-worker-pid", "0")))
+            else:
+                self.failures.append(f"HTTP {status}")

@@ -23,6 +23,9 @@ ENV_PREFIX = "HELLO_CLUSTER_"
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 MAX_WORKERS = 512
 DEFAULT_APP = "hello_cluster.app:app"
+# A server listens on all interfaces by default (as the issue and every peer do); operators
+# narrow it with --bind / --metrics-bind 127.0.0.1:PORT.
+ALL_INTERFACES = "0.0.0.0"  # nosec B104
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ def parse_bind(spec: str) -> BindAddress:
     if ":" in host:
         raise ConfigError(f"bind address {spec!r}: put IPv6 addresses in brackets, [::1]:PORT")
     if host == "":
-        host = "0.0.0.0"
+        host = ALL_INTERFACES
     elif not _is_host(host):
         raise ConfigError(f"bind address {spec!r}: {host!r} is not an IP address or host name")
     return BindAddress(host=host, port=_parse_port(port_text, spec))
@@ -218,14 +221,14 @@ def parse_path(text: str) -> str:
 class Config:
     """Everything the master and workers need, built once and passed down."""
 
-    binds: tuple[BindAddress, ...] = (BindAddress("0.0.0.0", 8085),)
+    binds: tuple[BindAddress, ...] = (BindAddress(ALL_INTERFACES, 8085),)
     workers: int | None = None
     app: str = DEFAULT_APP
     graceful_timeout: float = 30.0
     shutdown_delay: float = 0.0
     log_level: str = "info"
     log_format: str = "text"
-    metrics_bind: BindAddress | None = BindAddress("0.0.0.0", 9464)
+    metrics_bind: BindAddress | None = BindAddress(ALL_INTERFACES, 9464)
     request_metrics: bool = True
     worker_timeout: float = 30.0
     backoff_initial: float = 0.1

@@ -1,0 +1,215 @@
+"""Medians, ratios against uvicorn --workers, targets, and the markdown table.
+
+Ratios are always against the uvicorn run measured in the same invocation on the same
+machine, never against numbers from elsewhere; absolute numbers sit next to them.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import peers
+
+# (key, description, threshold, "ge"/"lt"/"eq"); evaluated by `targets`.
+TARGETS = [
+    ("rps_nometrics_ratio", "throughput, request metrics off, vs uvicorn --workers", 1.0, "ge"),
+    ("rps_metrics_ratio", "throughput, request metrics on, vs uvicorn --workers", 0.9, "ge"),
+    ("respawn_ms", "respawn to accepting, median", 50.0, "lt"),
+    ("reload_failed", "failed requests during a graceful reload (worst median)", 0, "eq"),
+    ("master_rss_mb", "master RSS", 40.0, "lt"),
+]
+
+
+def med(values: list[Any]) -> float | None:
+    xs = [v for v in values if v is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(field: list[peers.Contender], records: dict[str, dict[str, Any]]
+              ) -> dict[str, Any]:
+    rows: dict[str, dict[str, Any]] = {}
+    for c in field:
+        r = records[c.name]
+        row: dict[str, Any] = {"label": c.label, "kind": c.kind}
+        for mode in ("ka", "close"):
+            row[f"{mode}_rps"] = med([x["rps"] for x in r[mode]])
+            row[f"{mode}_p50_ms"] = med([x["p50_ms"] for x in r[mode]])
+            row[f"{mode}_p99_ms"] = med([x["p99_ms"] for x in r[mode]])
+            row[f"{mode}_failed"] = med([x["failed"] for x in r[mode]])
+        row["startup_ms"] = med(r["startup_ms"])
+        row["startup_ready_ms"] = med(r["startup_ready_ms"])
+        row["respawn_ms"] = med(r["respawn_ms"])
+        row["respawn_missed"] = sum(1 for x in r["respawn_ms"] if x is None)
+        row["respawn_samples"] = len(r["respawn_ms"])
+        row["kill_failed"] = med(r["kill_failed"])
+        for mode in ("ka", "close"):
+            row[f"reload_failed_{mode}"] = med(r[f"reload_failed_{mode}"])
+            row[f"reload_failed_{mode}_max"] = max(r[f"reload_failed_{mode}"], default=None)
+        row["reload_ms"] = med(r["reload_ms"])
+        row["rss_idle_mb"] = med(r["rss_idle_mb"])
+        row["rss_mb"] = med(r["rss_mb"])
+        row["errors"] = list(r["errors"])
+        rows[c.name] = row
+    base = rows.get(peers.BASELINE, {})
+    for row in rows.values():
+        for key in ("ka_rps", "close_rps", "startup_ms", "respawn_ms", "rss_mb"):
+            row[f"{key}_vs_uvicorn"] = _ratio(row.get(key), base.get(key))
+    hc, hc_off = rows.get("hc", {}), rows.get("hc-nometrics", {})
+    extra = {
+        "metrics_cost_ratio": _ratio(hc.get("ka_rps"), hc_off.get("ka_rps")),
+        "metrics_cost_ratio_close": _ratio(hc.get("close_rps"), hc_off.get("close_rps")),
+        "hc_vs_ceiling": _ratio(hc_off.get("ka_rps"), rows.get("ceiling", {}).get("ka_rps")),
+    }
+    return {"rows": rows, "derived": extra, "targets": targets(rows)}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def targets(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    hc, hc_off = rows.get("hc", {}), rows.get("hc-nometrics", {})
+    reload = [v for v in (hc.get("reload_failed_ka"), hc.get("reload_failed_close"),
+                          hc_off.get("reload_failed_ka"), hc_off.get("reload_failed_close"))
+              if v is not None]
+    respawn = [v for v in (hc.get("respawn_ms"), hc_off.get("respawn_ms")) if v is not None]
+    rss = [v for v in (hc.get("rss_mb"), hc_off.get("rss_mb")) if v is not None]
+    values = {
+        "rps_nometrics_ratio": hc_off.get("ka_rps_vs_uvicorn"),
+        "rps_metrics_ratio": hc.get("ka_rps_vs_uvicorn"),
+        "respawn_ms": max(respawn) if respawn else None,
+        "reload_failed": max(reload) if reload else None,
+        "master_rss_mb": max(rss) if rss else None,
+    }
+    out = []
+    for key, what, limit, op in TARGETS:
+        v = values[key]
+        ok = None if v is None else (v >= limit if op == "ge" else v < limit if op == "lt"
+                                     else v == limit)
+        out.append({"key": key, "what": what, "value": v, "target": limit, "op": op,
+                    "pass": ok})
+    return out
+
+
+def needs_profile(summ: dict[str, Any]) -> bool:
+    """Profile when hello-cluster trails uvicorn or sits far (>30%) below the ceiling."""
+    rows = summ["rows"]
+    off = rows.get("hc-nometrics", {}).get("ka_rps_vs_uvicorn")
+    on = rows.get("hc", {}).get("ka_rps_vs_uvicorn")
+    ceiling = summ["derived"].get("hc_vs_ceiling")
+    return any(x is not None and x < lim for x, lim in ((off, 1.0), (on, 0.9), (ceiling, 0.7)))
+
+
+# ---- markdown ----------------------------------------------------------------------------
+
+def _n(v: float | None, digits: int = 0) -> str:
+    return "–" if v is None else f"{v:,.{digits}f}"
+
+
+def _x(v: float | None) -> str:
+    return "" if v is None else f" ({v:.2f}x)"
+
+
+def markdown(doc: dict[str, Any], field: list[peers.Contender]) -> str:
+    m = doc["machine"]
+    rows = doc["summary"]["rows"]
+    lines = [
+        f"# hello-cluster benchmark, {doc['date'][:10]}",
+        "",
+        f"- date: {doc['date']}",
+        f"- machine: {m['cores']} cores ({m['cores_usable']} usable), {m['cpu']}, "
+        f"Linux {m['kernel']}, Python {m['python']}, node {m['node']}, {m['wrk']}",
+        f"- peers: " + ", ".join(f"{k} {v}" for k, v in sorted(m["peers"].items())),
+        f"- command: `{doc['command']}`",
+        f"- {doc['workers']} workers each, {doc['reps']} repetitions (medians), "
+        f"{doc['duration_s']:g} s wrk runs (`wrk -t1 -c64 --latency`), "
+        f"run took {doc['elapsed_s']} s",
+        "- ratios in parentheses are against `uvicorn --workers` measured in this run",
+        "",
+        "## Throughput and latency",
+        "",
+        "| contender | keep-alive req/s | p50 / p99 ms | Connection: close req/s "
+        "| p50 / p99 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for c in field:
+        r = rows[c.name]
+        lines.append(
+            f"| {r['label']} | {_n(r['ka_rps'])}{_x(r['ka_rps_vs_uvicorn'])} "
+            f"| {_n(r['ka_p50_ms'], 2)} / {_n(r['ka_p99_ms'], 2)} "
+            f"| {_n(r['close_rps'])}{_x(r['close_rps_vs_uvicorn'])} "
+            f"| {_n(r['close_p50_ms'], 2)} / {_n(r['close_p99_ms'], 2)} |")
+    lines += [
+        "",
+        "## Supervision",
+        "",
+        "| contender | start-up ms (all workers answered) | respawn ms | failed, SIGKILL "
+        "under load | failed, SIGHUP reload (keep-alive / close) | master RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in field:
+        r = rows[c.name]
+        startup = _n(r["startup_ms"]) + _x(r["startup_ms_vs_uvicorn"])
+        if r["startup_ready_ms"] is not None:
+            startup += f"; READY=1 at {_n(r['startup_ready_ms'])}"
+        if c.respawns:
+            respawn = _n(r["respawn_ms"], 1) + _x(r["respawn_ms_vs_uvicorn"])
+            if r["respawn_missed"]:
+                respawn += f", {r['respawn_missed']}/{r['respawn_samples']} never respawned"
+            killed = _n(r["kill_failed"])
+        else:
+            respawn = killed = "n/a"
+        if c.reload_signal:
+            reload = f"{_n(r['reload_failed_ka'])} / {_n(r['reload_failed_close'])}"
+            if r["reload_ms"] is not None:
+                reload += f" (READY=1 again after {_n(r['reload_ms'])} ms)"
+        else:
+            reload = "n/a"
+        lines.append(f"| {r['label']} | {startup} | {respawn} | {killed} | {reload} "
+                     f"| {_n(r['rss_mb'], 1)}{_x(r['rss_mb_vs_uvicorn'])} |")
+    d = doc["summary"]["derived"]
+    lines += [
+        "",
+        "## hello-cluster against its targets",
+        "",
+        "| target | measured | goal | result |",
+        "|---|---:|---:|---|",
+    ]
+    ops = {"ge": ">=", "lt": "<", "eq": "=="}
+    for t in doc["summary"]["targets"]:
+        v = t["value"]
+        shown = "–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+        verdict = "no data" if t["pass"] is None else "PASS" if t["pass"] else "FAIL"
+        lines.append(f"| {t['what']} | {shown} | {ops[t['op']]} {t['target']} | {verdict} |")
+    lines += [
+        "",
+        f"- request-metrics cost: throughput with metrics on / off = "
+        f"{_n(d['metrics_cost_ratio'], 3)} (keep-alive), "
+        f"{_n(d['metrics_cost_ratio_close'], 3)} (Connection: close)",
+        f"- hello-cluster (metrics off) / Python ceiling, keep-alive: "
+        f"{_n(d['hc_vs_ceiling'], 3)}",
+    ]
+    errors = [(rows[c.name]["label"], e) for c in field for e in rows[c.name]["errors"]]
+    if errors:
+        lines += ["", "## Problems during the run", ""]
+        lines += [f"- {label}: {e}" for label, e in errors]
+    if doc.get("profile"):
+        lines += ["", "## Where a hello-cluster worker spends its time (py-spy)", ""]
+        for name, p in doc["profile"].items():
+            lines += [f"### {name}: {p.get('samples', 0)} samples, "
+                      f"{_n(p.get('rps'))} req/s while sampled", ""]
+            if p.get("error"):
+                lines += [f"- profiling failed: {p['error']}", ""]
+                continue
+            lines += [f"- in RequestMetrics / prometheus_client themselves (not the app or "
+                      f"uvicorn they call): {p['metrics_pct']:.1f}% of busy samples; any stack "
+                      f"through prometheus_client: {p['prometheus_client_pct']:.1f}%", ""]
+            lines += ["| inclusive % | function |", "|---:|---|"]
+            lines += [f"| {pct:.1f} | `{fn}` |" for fn, pct in p["inclusive"]]
+            lines += ["", "| self % | function |", "|---:|---|"]
+            lines += [f"| {pct:.1f} | `{fn}` |" for fn, pct in p["self"]]
+            lines.append("")
+    return "\n".join(lines) + "\n"
