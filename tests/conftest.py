@@ -41,6 +41,16 @@ def need_command(name: str, package: str) -> str:
     return path
 
 
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Our env minus anything systemd-ish the test runner may have, plus the test apps."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+                        "WATCHDOG_USEC", "WATCHDOG_PID")}
+    env["PYTHONPATH"] = str(TEST_APPS)
+    env.update(extra or {})
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,8 +112,7 @@ class Cluster:
             argv += ["--metrics-bind", f"127.0.0.1:{self.metrics_port}"]
         else:
             argv += ["--metrics-bind", "off"]
-        full_env = {**os.environ, "PYTHONPATH": str(TEST_APPS), **(env or {})}
-        full_env.pop("NOTIFY_SOCKET", None)
+        full_env = clean_env(env)
         self.log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(argv + args, env=full_env, stdout=self.log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True,
@@ -196,8 +205,7 @@ def cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20.0,
             wrapper: list[str] | None = None, **kw: object) -> subprocess.CompletedProcess[str]:
     """Run hello-cluster to completion (for start-up errors); never leaves a process."""
-    full_env = {**os.environ, "PYTHONPATH": str(TEST_APPS), **(env or {})}
-    full_env.pop("NOTIFY_SOCKET", None)
+    full_env = clean_env(env)
     proc = subprocess.Popen([*(wrapper or []), str(BIN), *args], env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from hello_cluster.backoff import Breaker, Policy, ceiling, delay, failures_after_death
 from hypothesis import given
 from hypothesis import strategies as st
+
+from hello_cluster.backoff import Breaker, Policy, ceiling, delay, failures_after_death
 
 policies = st.builds(
     Policy,

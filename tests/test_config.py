@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from hello_cluster.config import (
     BindAddress,
     load_config,
@@ -11,8 +14,6 @@ from hello_cluster.config import (
     parse_workers,
 )
 from hello_cluster.errors import ConfigError
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 @pytest.mark.parametrize("spec, expected", [

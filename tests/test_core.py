@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+
 from conftest import alive, need_command, need_root, run_cli, wait_for
 
 

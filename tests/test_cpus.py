@@ -7,6 +7,9 @@ import time
 import uuid
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from conftest import need, need_root
 from hello_cluster.cpus import (
     cgroup_cpu_limit,
@@ -16,8 +19,6 @@ from hello_cluster.cpus import (
     parse_mountinfo,
     parse_proc_cgroup,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 V2_MOUNTINFO = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
 V1_MOUNTINFO = (

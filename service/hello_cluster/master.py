@@ -259,16 +259,22 @@ class Master:
                                  close_fds=close_fds)
         for handler in logging.getLogger().handlers:
             handler.flush()
+        # Block our signals across fork(): a signal landing in the child before it has reset
+        # its handlers would be written into our wakeup pipe and read as ours. The child
+        # resets the handlers, then unblocks; whatever was pending reaches the new handlers.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             pid = os.fork()
         except OSError as err:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(read_fd)
             os.close(write_fd)
             self.slots[slot].failures += 1
             self.schedule_respawn(slot, now, f"fork failed: {err.strerror}")
             return
         if pid == 0:
-            worker.run(self.cfg, spec)
+            worker.run(self.cfg, spec, unblock=blocked)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         w = Worker(pid=pid, slot=slot, generation=self.generation, fd=read_fd, spawned_at=now,

@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -203,19 +203,24 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
     return server.exit_code if server.started else 3
 
 
-def run(cfg: Config, spec: WorkerSpec) -> NoReturn:
-    """Entry point in the forked child; never returns into the master's code."""
+def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
+    """Entry point in the forked child; never returns into the master's code.
+
+    The master forked with its signals blocked; they stay blocked until our own handlers
+    are in place, so nothing meant for this worker can reach the master's wakeup pipe.
+    """
     code = 1
     try:
-        _die_with_master(spec.master_pid)
-        for fd in spec.close_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
                     signal.SIGQUIT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblock)
+        _die_with_master(spec.master_pid)
+        for fd in spec.close_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         logs.ROLE["name"] = f"worker {spec.slot + 1}"
         setproctitle.setproctitle(f"hello-cluster: worker {spec.slot + 1}")
         channel = ch.WorkerChannel(spec.channel_fd)

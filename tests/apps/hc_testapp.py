@@ -36,8 +36,11 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         time.sleep(_seconds(scope))
         await _reply(send, b"block done\n")
     elif path == "/orphan":  # leave a grandchild whose parent exits at once
-        subprocess.Popen(["sh", "-c", "sleep 0.2 &"])
+        subprocess.run(["sh", "-c", "sleep 0.2 &"], check=True)
         await _reply(send, b"orphan made\n")
+    elif path == "/env":  # which LISTEN_* variables the worker still sees
+        names = sorted(k for k in os.environ if k.startswith("LISTEN_"))
+        await _reply(send, ",".join(names).encode())
     elif path == "/status":
         await _reply(send, b"teapot\n", 418)
     else:
