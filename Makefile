@@ -24,7 +24,7 @@ test: $(BIN)/hello-cluster lint
 	$(BIN)/pytest -q
 
 soak: $(BIN)/hello-cluster
-	HELLO_CLUSTER_SOAK_SECONDS=300 $(BIN)/pytest -q -m slow tests
+	HC_SOAK_SECONDS=300 $(BIN)/pytest -q -m slow tests
 
 bench: $(BIN)/hello-cluster
 	$(BIN)/python bench/run.py

@@ -65,12 +65,15 @@ def make_metrics_dir(runtime: RuntimeDir, cfg: Config) -> str:
     try:
         os.mkdir(path, 0o700)
         if os.getuid() == 0 and (cfg.user or cfg.group):
+            # Workers that dropped privileges write their metric files here.
             import grp
             import pwd
 
             uid = pwd.getpwnam(cfg.user).pw_uid if cfg.user else -1
             gid = grp.getgrnam(cfg.group).gr_gid if cfg.group else -1
             os.chown(path, uid, gid)
+            if runtime.created:
+                os.chown(runtime.path, uid, gid)
     except KeyError as err:
         raise ResourceError(f"--user/--group: no such user or group {err}") from None
     except OSError as err:
@@ -116,6 +119,9 @@ def run(cfg: Config) -> int:
             # prometheus_client picks its value class when first imported: set this first.
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         from hello_cluster.master import run_master
+        from hello_cluster.worker import preload_engine
+
+        preload_engine()
 
         setproctitle.setproctitle("hello-cluster: master")
         return run_master(cfg, listeners, desired, metrics_dir, notifier)

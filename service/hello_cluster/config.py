@@ -7,6 +7,7 @@ them and the CLI can turn any mistake into one line and exit code 2 before anyth
 from __future__ import annotations
 
 import argparse
+import difflib
 import ipaddress
 import math
 import os
@@ -358,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(opt: Option, flag_value: Any, env: Mapping[str, str]) -> Any:
     """Flag, else env, else default; parse it and name the source in any error."""
+    if opt.env in env and flag_value is not None:
+        _resolve(opt, None, env)  # a bad env value is an error even where a flag overrides it
     if flag_value is not None:
         source, raw = opt.flag, flag_value
     elif opt.env in env:
@@ -380,10 +383,21 @@ def _resolve(opt: Option, flag_value: Any, env: Mapping[str, str]) -> Any:
         raise ConfigError(f"{source}: {err}") from None
 
 
+def check_env_names(env: Mapping[str, str]) -> None:
+    """A misspelt HELLO_CLUSTER_ variable would be silently ignored: refuse it instead."""
+    known = {opt.env for opt in OPTIONS}
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else "; see hello-cluster --help"
+            raise ConfigError(f"unknown environment variable {name}{hint}")
+
+
 def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Build the Config from argv and env, or raise ConfigError with a one-line message."""
     env = os.environ if env is None else env
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    check_env_names(env)
     values = {opt.dest: _resolve(opt, getattr(args, opt.dest), env) for opt in OPTIONS}
     binds = values.pop("bind")
     if len(set(binds)) != len(binds):

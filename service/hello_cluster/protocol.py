@@ -1,25 +1,80 @@
-"""uvicorn's httptools protocol with a drain that loses no request.
+"""uvicorn's httptools protocol with the two things a worker in a pool needs beyond it.
 
-On shutdown uvicorn closes every idle keep-alive connection at once. A client that sent its
-next request in that same instant (a load balancer, wrk, any busy keep-alive client) gets a
-reset instead of a response; so does a connection accepted just before the listener closed
-whose request bytes have not been read yet. Here an idle connection gets a short grace: a
-request that arrives is served with `connection: close`, and only a connection that stays
-silent is closed. That is what makes reloads, scale-down and recycling lossless.
+1. A drain that loses no request. On shutdown uvicorn closes every idle keep-alive
+   connection at once: a client that sent its next request in that same instant (a load
+   balancer, wrk, any busy keep-alive client) gets a reset instead of a response, and so
+   does a connection accepted just before the listener closed whose request bytes have not
+   been read yet. Here an idle connection gets a short grace: a request that arrives is
+   served with `connection: close`, and only a connection that stays silent is closed.
+   That is what makes reloads, scale-down and recycling lossless.
+2. Limits on the request head. httptools has no size limit and uvicorn no timeout for a
+   head that never completes, so one slowloris client could hold a connection forever and a
+   huge header block could grow without bound. A head must complete within
+   HEAD_TIMEOUT and MAX_HEAD_BYTES, else 408 / 431 and the connection closes.
 """
 
 from __future__ import annotations
 
+import asyncio
 from asyncio import TimerHandle
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-IDLE_GRACE = 0.5  # seconds an idle connection may still bring one last request
+IDLE_GRACE = 0.5  # seconds an idle connection may still bring one last request when draining
+MAX_HEAD_BYTES = 64 * 1024  # request line plus headers
+HEAD_TIMEOUT = 10.0  # seconds from connect (or the previous response) to a complete head
+
+_431 = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
+        b"connection: close\r\n\r\n")
+_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
-class DrainingProtocol(HttpToolsProtocol):
+class WorkerProtocol(HttpToolsProtocol):
     draining = False
     _idle_close: TimerHandle | None = None
+    _head_timer: TimerHandle | None = None
+    _head_bytes = 0
+    _awaiting_head = True
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_clock()
+
+    def _start_head_clock(self) -> None:
+        self._awaiting_head, self._head_bytes = True, 0
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_too_slow)
+
+    def _head_too_slow(self) -> None:
+        if self._awaiting_head and not self.transport.is_closing():
+            if self._head_bytes:
+                self.transport.write(_408)
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._awaiting_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._awaiting_head = False
+                self.transport.write(_431)
+                self.transport.close()
+                return
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._awaiting_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().on_headers_complete()
+        if self.draining and self.cycle is not None:
+            self.cycle.keep_alive = False
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._start_head_clock()
 
     def shutdown(self) -> None:
         self.draining = True
@@ -33,12 +88,8 @@ class DrainingProtocol(HttpToolsProtocol):
                 and not self.transport.is_closing():
             self.transport.close()
 
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        if self.draining and self.cycle is not None:
-            self.cycle.keep_alive = False
-
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._idle_close is not None:
-            self._idle_close.cancel()
+        for timer in (self._idle_close, self._head_timer):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(exc)

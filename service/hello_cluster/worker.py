@@ -31,7 +31,7 @@ from hello_cluster import channel as ch
 from hello_cluster import logs
 from hello_cluster.config import Config
 from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, AppLoadError, ResourceError
-from hello_cluster.protocol import DrainingProtocol
+from hello_cluster.protocol import WorkerProtocol
 
 log = logging.getLogger("hello_cluster.worker")
 
@@ -47,6 +47,21 @@ class WorkerSpec:
     sockets: Sequence[socket.socket]
     channel_fd: int
     close_fds: Sequence[int]
+
+
+def preload_engine() -> None:
+    """Import the engine in the master, once, before any fork.
+
+    Every worker then starts with uvloop, httptools and uvicorn's protocol and lifespan
+    modules already in memory: a respawn costs a fork, not a re-import, and a worker that
+    dropped privileges never needs to read the interpreter's files again. Importing spawns
+    no thread, so the master stays single-threaded.
+    """
+    import concurrent.futures.thread  # noqa: F401  (uvloop imports it lazily at loop start)
+
+    import uvicorn.lifespan.on  # noqa: F401
+    import uvicorn.loops.uvloop  # noqa: F401
+    import uvloop  # noqa: F401
 
 
 def load_app(spec: str) -> Any:
@@ -188,7 +203,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
     uv_config = uvicorn.Config(
         app,
         loop="uvloop",
-        http=DrainingProtocol,
+        http=WorkerProtocol,
         lifespan="auto",
         log_config=None,
         access_log=False,
