@@ -1,0 +1,128 @@
+"""Chaos soak: load on the app port while a driver kills, stops, reloads and rescales.
+
+CI runs 30 s; `make soak` runs it for HC_SOAK_SECONDS (300 by default there).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Load, alive, children, wait_for
+
+SECONDS = float(os.environ.get("HC_SOAK_SECONDS", "30"))
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def zombies(pid: int) -> list[int]:
+    out = []
+    for child in children(pid):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z":
+            out.append(child)
+    return out
+
+
+@pytest.mark.slow
+def test_chaos_soak(cluster) -> None:  # type: ignore[no-untyped-def]
+    c = cluster("--workers", "3", "--worker-timeout", "2s", "--backoff-max", "500ms",
+                "--graceful-timeout", "5s", workers=3)
+    for _ in range(50):  # warm up: the first scrapes and requests allocate for good
+        c.get("/")
+        c.metrics_get("/metrics")
+    fds0, rss0 = fd_count(c.pid), rss_kb(c.pid)
+    rng = random.Random(2026)
+    kills: list[tuple[float, int]] = []  # (when, pid) of every SIGKILL the driver sent
+    stopped_for_good: list[tuple[float, int]] = []
+    actions = {"kill": 0, "stop-cont": 0, "stop-hang": 0, "hup": 0, "ttin": 0, "ttou": 0}
+    with Load(c.port, max_seconds=SECONDS + 60) as load:
+        end = time.monotonic() + SECONDS
+        desired = 3
+        while time.monotonic() < end:
+            time.sleep(rng.uniform(0.1, 0.4))
+            action = rng.choices(list(actions), weights=[6, 2, 1, 1, 1, 1])[0]
+            workers = [p for p in c.workers() if alive(p)]
+            if action in ("kill", "stop-cont", "stop-hang") and not workers:
+                continue
+            actions[action] += 1
+            if action == "kill":
+                victim = rng.choice(workers)
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                    kills.append((time.monotonic(), victim))
+                except ProcessLookupError:
+                    actions[action] -= 1
+            elif action == "stop-cont":
+                victim = rng.choice(workers)
+                try:
+                    os.kill(victim, signal.SIGSTOP)
+                    time.sleep(0.3)  # well under --worker-timeout: must not be killed
+                    os.kill(victim, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            elif action == "stop-hang":
+                victim = rng.choice(workers)
+                try:
+                    os.kill(victim, signal.SIGSTOP)  # never continued: a hang
+                    stopped_for_good.append((time.monotonic(), victim))
+                except ProcessLookupError:
+                    pass
+            elif action == "hup":
+                c.signal(signal.SIGHUP)
+            elif action == "ttin" and desired < 5:
+                desired += 1
+                c.signal(signal.SIGTTIN)
+                time.sleep(0.2)  # the kernel merges a pending duplicate signal
+            elif action == "ttou" and desired > 1:
+                desired -= 1
+                c.signal(signal.SIGTTOU)
+                time.sleep(0.2)
+        wait_for(lambda: c.metric("hello_cluster_workers_desired") == desired
+                 and c.metric("hello_cluster_workers_ready") == desired
+                 and len(c.workers()) == desired, 20, what="the pool to converge")
+    time.sleep(0.5)
+    assert c.proc.poll() is None, "the master died"
+    assert not zombies(c.pid)
+    log = c.log
+    unplanned_kills = [pid for _, pid in kills
+                       if re.search(rf"pid {pid} signal, killed by SIGKILL", log)]
+    planned_kills = [pid for _, pid in kills
+                     if re.search(rf"pid {pid} ended \([a-z-]+, killed by SIGKILL\)", log)]
+    assert len(unplanned_kills) + len(planned_kills) == len(kills), "a kill went unrecorded"
+    assert c.metric('hello_cluster_worker_restarts_total{reason="signal"}') == len(
+        unplanned_kills)
+    hung = [pid for _, pid in stopped_for_good if re.search(rf"pid {pid} timeout", log)]
+    assert c.metric('hello_cluster_worker_restarts_total{reason="timeout"}') == len(hung)
+    assert c.metric('hello_cluster_worker_restarts_total{reason="exit"}') == 0
+    # No leak per respawn: the master's fds and memory return to where they started.
+    assert fd_count(c.pid) <= fds0 + 2
+    assert rss_kb(c.pid) <= rss0 + 8 * 1024, (rss0, rss_kb(c.pid))
+    total = load.ok + len(load.failures)
+    rate = len(load.failures) / max(1, total)
+    print(f"\nchaos: {actions}; requests {total}, failed {len(load.failures)} "
+          f"({rate:.3%}); kills {len(kills)} ({len(unplanned_kills)} unplanned), "
+          f"hangs {len(stopped_for_good)}")
+    # Every failed request is explained by a kill or hang that landed on its worker: a
+    # SIGKILL loses what that worker had accepted, a frozen worker's connections time out.
+    deaths = len(kills) + len(stopped_for_good)
+    assert len(load.failures) <= 3 * deaths, load.failures[:10]
+    assert not any("Refused" in f for f in load.failures), load.failures[:10]
