@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import BIN, ROOT, need_command
 
 UNITS = ROOT / "deploy" / "systemd"

@@ -38,6 +38,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     elif path == "/orphan":  # leave a grandchild whose parent exits at once
         subprocess.run(["sh", "-c", "sleep 0.2 &"], check=True)
         await _reply(send, b"orphan made\n")
+    elif path == "/hog":  # touch this many MiB: meant to meet a cgroup memory limit
+        query = parse_qs(scope.get("query_string", b"").decode())
+        hog = b"\x01" * (int(query.get("mb", ["64"])[0]) * 1024 * 1024)
+        await _reply(send, str(len(hog)).encode())
     elif path == "/env":  # which LISTEN_* variables the worker still sees
         names = sorted(k for k in os.environ if k.startswith("LISTEN_"))
         await _reply(send, ",".join(names).encode())
