@@ -147,3 +147,18 @@ def test_demo_exit_after_seed_experiment(cluster) -> None:  # type: ignore[no-un
     wait_for(lambda: c.log.count("exit status 1") >= 3 and c.log.count("ready in") >= 5, 10,
              what="deaths and respawns in the log")
     assert c.log.count("respawn in") >= 3
+
+
+def test_json_logs_and_auto_workers(cluster) -> None:  # type: ignore[no-untyped-def]
+    """--log-format json: every line is one object; auto sizing says what it decided and why."""
+    import json
+
+    c = cluster("--log-format", "json")
+    c.signal(signal.SIGTERM)
+    assert c.wait_exit(15) == 0
+    entries = [json.loads(line) for line in c.log.splitlines() if line.strip()]
+    assert entries and all({"time", "level", "pid", "role", "message"} <= set(e)
+                           for e in entries)
+    decision = next(e for e in entries if e["message"].startswith("workers: "))
+    assert "auto: " in decision["message"] and "CPUs" in decision["message"]
+    assert {e["role"] for e in entries} >= {"master"}
