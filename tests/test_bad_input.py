@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import BIN, clean_env, run_cli
 
 BASE = ("--bind", "127.0.0.1:0", "--metrics-bind", "off")
@@ -65,7 +66,8 @@ def test_bad_option(args: tuple[str, ...], env: dict[str, str], code: int, words
     assert words in lines[0], lines[0]
 
 
-def run_with_fd3(make_fd3: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def run_with_fd3(make_fd3: str, env: dict[str, str],
+                 *args: str) -> subprocess.CompletedProcess[str]:
     """exec hello-cluster with fd 3 prepared by a snippet and LISTEN_* naming that pid."""
     listen = ";".join(f"os.environ[{k!r}]={v!r}" for k, v in env.items())
     script = (
@@ -130,13 +132,19 @@ def test_metrics_port_in_use() -> None:
 
 @pytest.mark.parametrize("where", ["missing", "file"])
 def test_runtime_dir_not_writable(tmp_path: Path, where: str) -> None:
-    path = tmp_path / "nope"
+    path = tmp_path / "no-such-parent" / "nope"
     if where == "file":
+        path = tmp_path / "nope"
         path.write_text("not a dir")
     proc = run_cli(*BASE[:2], "--runtime-dir", str(path))
     assert proc.returncode == 6, proc.stderr
     assert "--runtime-dir" in proc.stderr and "not a writable directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_runtime_dir_is_created_when_missing(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    c = cluster("--workers", "1", "--runtime-dir", str(tmp_path / "rt"), workers=1)
+    assert (tmp_path / "rt" / f"metrics-{c.pid}").is_dir()
 
 
 def test_fd_limit_too_low_for_workers() -> None:
@@ -159,4 +167,3 @@ def test_exit_codes_are_documented() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for code in range(7):
         assert f"| {code} |" in readme
-    del os

@@ -154,8 +154,9 @@ def build_wheels(source: Path, out: Path) -> list[Path]:
     """
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
     shutil.copytree(ROOT / "service", source / "service", ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, source / name)
+    for name in ("pyproject.toml", "README.md"):  # the readme: pyproject's `readme =`
+        if (ROOT / name).exists():
+            shutil.copy2(ROOT / name, source / name)
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet",
                              "--wheel-dir", str(out), str(source)],
                             capture_output=True, text=True, timeout=600)

@@ -52,6 +52,9 @@ def prepare_runtime_dir(cfg: Config) -> RuntimeDir:
             raise ResourceError(f"cannot create a runtime dir in {tempfile.gettempdir()} "
                                 f"({err.strerror}); set --runtime-dir to a writable dir"
                                 ) from None
+    if not os.path.exists(chosen):
+        with suppress(OSError):
+            os.mkdir(chosen, 0o700)  # only the last component: a typo'd parent stays an error
     if not os.path.isdir(chosen) or not os.access(chosen, os.W_OK | os.X_OK):
         raise ResourceError(f"--runtime-dir {chosen}: not a writable directory; create it or "
                             "point --runtime-dir (or RUNTIME_DIRECTORY) elsewhere")
