@@ -1,9 +1,11 @@
 """The shipped units under a real systemd: activation, READY=1, reload, restarts, stop, CPUQuota.
 
 systemd boots as PID 1 of fresh pid/mount/uts/ipc/net namespaces: a container without an image,
-seeing the host's files with its own /run, /tmp, processes and loopback. The tests drive it with
-`nsenter ... systemctl`/`journalctl` and speak HTTP to it from threads that joined its network
-namespace (still 127.0.0.1). SIGKILL to that PID 1 ends every process in the namespace.
+seeing the host's files with its own /run, /tmp, /var/tmp, processes and loopback, in a cgroup
+subtree of its own, and loading only the units the test puts in its /run/systemd/system.
+The tests drive it with `nsenter ... systemctl`/`journalctl` and speak HTTP to it from threads
+that joined its network namespace (still 127.0.0.1). SIGKILL to that PID 1 ends every
+process in the namespace.
 
 The tests are steps of one story on one systemd (booted once per module) and run in file order;
 each asserts its own starting state rather than trusting the previous step.
@@ -48,16 +50,29 @@ HOLD_FILE = f"{APP_DIR}/hold-startup"
 HOME_DIRS = ("/root", "/home", "/run/user")
 CLONE_NEWNET = 0x40000000
 
+# Only what is listed under /run/systemd/system exists for this systemd (SYSTEMD_UNIT_PATH):
+# the host's units are not loaded, so nothing of a real boot (sysinit.target's tmpfiles,
+# journal flush, utmp, /dev/log, ...) runs against the host's /, /var or /dev. sysinit,
+# basic and sockets targets are empty stand-ins for the services' default dependencies;
+# the journal stays in the private /run.
 BOOT_SCRIPT = """set -e
 for procs in {cgroup_procs}; do {{ echo 0 > "$procs"; }} 2>/dev/null || true; done
 mount -t proc proc /proc
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
-mkdir -p /run/systemd/system
-printf '[Unit]\\nDescription=hello-cluster e2e\\nWants=systemd-journald.socket\\n' \\
-    > /run/systemd/system/{target}
+mount -t tmpfs tmpfs /var/tmp
+mkdir -p /run/systemd/system /run/systemd/journald.conf.d
+cd /run/systemd/system
+printf '[Unit]\\nDescription=hello-cluster e2e\\nWants=systemd-journald.socket\\n' > {target}
+for stub in sysinit.target basic.target sockets.target; do
+    printf '[Unit]\\nDescription=%s (empty in this test systemd)\\n' $stub > $stub
+done
+cp {units}/systemd-journald.service {units}/systemd-journald.socket .
+printf '[Journal]\\nStorage=volatile\\nReadKMsg=no\\n' > /run/systemd/journald.conf.d/e2e.conf
+cd /
 ip link set lo up
-exec env container=hello-cluster-e2e {systemd} --system --unit={target}
+exec env container=hello-cluster-e2e SYSTEMD_UNIT_PATH=/run/systemd/system \\
+    {systemd} --system --unit={target}
 """
 
 # Workers import the app; this one can hold that open so start-up is slow enough to watch.
@@ -321,6 +336,10 @@ def make_dropin() -> str:
         f"ExecStart={BIN} --workers {WORKERS}",
         f"Environment=PYTHONPATH={APP_DIR}:{TEST_APPS} HELLO_CLUSTER_APP=hc_e2e_app:app",
     ]
+    for path in _needed_paths():
+        need(not any(path == d or path.startswith(d + "/") for d in ("/tmp", "/var/tmp", "/run")),
+             f"{path} is under /tmp, /var/tmp or /run, which the test's systemd (and the unit's "
+             "PrivateTmp=) replace with empty ones: keep the checkout and venv elsewhere")
     home = [p for p in _needed_paths() if _under_home(p)]
     for path in _needed_paths():
         if not _under_home(path):
@@ -387,13 +406,16 @@ def sd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NsSystemd]:
     systemd = next((p for p in ("/usr/lib/systemd/systemd", "/lib/systemd/systemd")
                     if os.access(p, os.X_OK)), None)
     need(systemd is not None, "needs systemd: apt-get install systemd")
+    units = next((d for d in ("/usr/lib/systemd/system", "/lib/systemd/system")
+                  if os.path.exists(f"{d}/systemd-journald.socket")), None)
+    need(units is not None, "needs systemd-journald's units: apt-get install systemd")
     need(not Path("/run/systemd/system").exists(),
          "the host itself runs systemd: a nested one without a cgroup namespace would share "
          "its cgroup tree; run this in a VM or container without systemd (as CI does)")
     dropin = make_dropin()
     log_path = tmp_path_factory.mktemp("systemd") / "systemd.log"
     groups = own_cgroups(f"hello-cluster-e2e-{os.getpid()}")
-    script = BOOT_SCRIPT.format(target=TARGET, systemd=systemd,
+    script = BOOT_SCRIPT.format(target=TARGET, systemd=systemd, units=units,
                                 cgroup_procs=" ".join(f"{g}/cgroup.procs" for g in groups))
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

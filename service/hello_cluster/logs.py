@@ -40,16 +40,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class JournalFormatter(logging.Formatter):
+    """Under journald: it adds time and unit[pid] itself, and reads the level from a
+    `<N>` syslog prefix (SyslogLevelPrefix=yes), so `journalctl -p err` works."""
+
+    PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+
+
 def setup(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RoleFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
+    elif os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(role)s pid %(process)d: %(message)s"))
     else:
-        # Under journald the timestamp is added for us; elsewhere it is worth having.
-        stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
         handler.setFormatter(logging.Formatter(
-            stamp + "hello-cluster[%(process)d] %(role)s %(levelname)s %(message)s"))
+            "%(asctime)s hello-cluster[%(process)d] %(role)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
