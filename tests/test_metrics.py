@@ -6,6 +6,7 @@ that keeps going) when every worker is down or clients misbehave.
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+
 from conftest import Cluster, http_get, wait_for
 
 Samples = list[Sample]
@@ -27,7 +29,15 @@ REASONS = ("exit", "signal", "timeout", "oom")
 
 
 def scrape(c: Cluster) -> Samples:
-    status, _, body = c.metrics_get("/metrics", timeout=5)
+    try:
+        status, _, body = c.metrics_get("/metrics", timeout=5)
+    except (OSError, http.client.HTTPException):
+        if c.proc.poll() is None:
+            time.sleep(0.2)  # a dying master closes the socket a moment before it exits
+        if c.proc.poll() is not None:
+            raise AssertionError(f"hello-cluster exited {c.proc.returncode} during a scrape:"
+                                 f"\n{c.log[-6000:]}") from None
+        raise
     assert status == 200, body
     return [s for family in text_string_to_metric_families(body.decode())
             for s in family.samples]
@@ -431,3 +441,28 @@ def test_multiprocess_dir_is_private_and_removed_at_stop(
     assert not dir_a.exists(), f"left behind: {sorted(p.name for p in dir_a.iterdir())}"
     assert runtime.is_dir(), "the runtime dir was given to us: not ours to remove"
     assert dir_b.is_dir(), "stopping one instance must not touch another's files"
+
+
+def test_scrape_survives_an_empty_worker_metric_file(
+        cluster: Callable[..., Cluster], tmp_path: Path) -> None:
+    """prometheus-client creates a worker's .db file first and sizes it after, so a scrape can
+    find it empty (a worker SIGKILLed in that window leaves it empty for good). Such a file
+    must cost at most that worker's numbers: never the scrape, and never the master."""
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    c = cluster("--workers", "2", "--runtime-dir", str(runtime), workers=2)
+    victim = min(c.workers())
+    os.kill(victim, signal.SIGKILL)
+    wait_pool(c, 15, "the respawn", workers_ready=2, worker_spawns_total=3)
+    # The victim served nothing, so it had no counter file yet (request counters are created
+    # at a worker's first request); this is what it leaves when killed while creating one.
+    planted = runtime / f"metrics-{c.pid}" / f"counter_{victim}.db"
+    assert not planted.exists()
+    planted.touch()
+    for _ in range(3):
+        assert c.get("/")[0] == 200
+
+    samples = scrape(c)
+    assert value(samples, "hello_cluster_workers_ready") == 2
+    assert value(samples, "hello_cluster_http_requests_total") == 3
+    assert c.metrics_get("/livez")[0] == 200

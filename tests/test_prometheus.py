@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from conftest import ROOT, Cluster, free_port, need_command, wait_for
 
 RULES_DIR = ROOT / "deploy" / "prometheus"

@@ -8,13 +8,17 @@ slot until its deadline; supervision never waits on it.
 
 from __future__ import annotations
 
+import logging
 import selectors
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 import h11
+
+log = logging.getLogger("hello_cluster.endpoint")
 
 MAX_REQUEST_BYTES = 8192
 REQUEST_TIMEOUT = 5.0
@@ -116,7 +120,11 @@ class Endpoint:
             if method not in ("GET", "HEAD"):
                 response = Response(405, b"method not allowed\n")
             else:
-                response = self.handler(method, target, accept)
+                try:
+                    response = self.handler(method, target, accept)
+                except Exception:  # the endpoint is a guest in the supervision loop
+                    log.exception("metrics endpoint handler failed")
+                    response = Response(500, b"internal error\n")
             self._respond(conn, response, "HEAD" if method == "HEAD" else "GET")
         else:
             self._drop(conn)
@@ -132,7 +140,9 @@ class Endpoint:
         # may be in an error state: a fresh one, shown the same method, renders the bytes.
         writer.receive_data(f"{method} / HTTP/1.1\r\nhost: x\r\n\r\n".encode())
         writer.next_event()
-        out = writer.send(h11.Response(status_code=response.status, headers=headers)) or b""
+        reason = HTTPStatus(response.status).phrase.encode()
+        out = writer.send(h11.Response(status_code=response.status, headers=headers,
+                                       reason=reason)) or b""
         if method != "HEAD":
             out += writer.send(h11.Data(data=response.body)) or b""
         out += writer.send(h11.EndOfMessage()) or b""

@@ -514,7 +514,11 @@ class Master:
 
     def answer(self, registry: Any, path: str, accept: str) -> Response:
         if path == "/metrics":
-            body, content_type = render(registry, accept)
+            try:
+                body, content_type = render(registry, accept)
+            except Exception:  # a scrape must never take supervision down
+                log.exception("collecting metrics failed")
+                return Response(500, b"collecting metrics failed; see the log\n")
             return Response(200, body, content_type)
         if path == "/livez":
             return Response(200, b"ok: master loop turning\n")

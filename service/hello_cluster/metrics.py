@@ -11,6 +11,8 @@ CLI does before importing this module.
 
 from __future__ import annotations
 
+import glob
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -89,13 +91,32 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(f"{NAMESPACE}_{name}", doc, value=value)
 
 
+class WorkerFilesCollector(MultiProcessCollector):
+    """MultiProcessCollector that skips worker files it cannot read yet.
+
+    prometheus-client creates a .db file and sizes it a moment later, so a scrape can find it
+    empty, and a worker killed in that instant leaves it empty for good (client_python
+    issue 1199). Such a file holds nothing recorded: skip it rather than fail the scrape.
+    """
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.path.getsize(path) >= 8:
+                    files.append(path)
+            except OSError:
+                continue
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]
+
+
 def master_registry(stats: Callable[[], PoolStats], multiproc_dir: str | None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PoolCollector(stats))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     if multiproc_dir is not None:
-        MultiProcessCollector(registry, path=multiproc_dir)
+        WorkerFilesCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
     return registry
 
 

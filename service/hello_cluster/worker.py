@@ -36,6 +36,10 @@ from hello_cluster.protocol import WorkerProtocol
 log = logging.getLogger("hello_cluster.worker")
 
 PR_SET_PDEATHSIG = 1
+UVICORN_STARTUP_FAILURE = 3  # uvicorn's exit when the app's lifespan startup fails
+# A worker's own exit statuses (seen in the master's log, never the master's exit code):
+# 0 drained, 1 crashed (or the demo), 4 app import failed, 6 resource, 70 app startup failed.
+EXIT_APP_STARTUP = 70
 TICK = 0.1  # uvicorn's main loop period
 
 
@@ -215,7 +219,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
     beat_ticks = max(1, int(min(1.0, cfg.worker_timeout / 4) / TICK))
     server = WorkerServer(uv_config, channel, beat_ticks, max_requests)
     server.run(sockets=list(spec.sockets))
-    return server.exit_code if server.started else 3
+    return server.exit_code if server.started else EXIT_APP_STARTUP
 
 
 def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
@@ -250,6 +254,8 @@ def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
             code = EXIT_RESOURCE
         except SystemExit as err:
             code = err.code if isinstance(err.code, int) else 1
+            if code == UVICORN_STARTUP_FAILURE:
+                code = EXIT_APP_STARTUP
     except BaseException:
         log.exception("worker crashed")
         code = 1
