@@ -17,6 +17,7 @@ import ctypes
 import http.client
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -59,8 +60,10 @@ BOOT_SCRIPT = """set -e
 for procs in {cgroup_procs}; do {{ echo 0 > "$procs"; }} 2>/dev/null || true; done
 mount -t proc proc /proc
 mount -t tmpfs tmpfs /run
+{keep_before}
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /var/tmp
+{keep_after}
 mkdir -p /run/systemd/system /run/systemd/journald.conf.d
 cd /run/systemd/system
 printf '[Unit]\\nDescription=hello-cluster e2e\\nWants=systemd-journald.socket\\n' > {target}
@@ -310,6 +313,26 @@ def _under_home(path: str) -> bool:
     return any(path == h or path.startswith(h + "/") for h in HOME_DIRS)
 
 
+def _under(path: str, dirs: tuple[str, ...]) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in dirs)
+
+
+def _kept_paths() -> list[str]:
+    """Needed paths that the namespace's fresh /tmp and /var/tmp would hide."""
+    return [p for p in _needed_paths() if _under(p, ("/tmp", "/var/tmp"))]
+
+
+def keep_snippets() -> tuple[str, str]:
+    """Shell that stashes kept paths in the private /run, then binds them back over tmpfs."""
+    before, after = [], []
+    for i, path in enumerate(_kept_paths()):
+        stash = f"/run/hc-e2e-keep/{i}"
+        before.append(f"mkdir -p {stash} && mount --bind {shlex.quote(path)} {stash}")
+        after.append(f"mkdir -p {shlex.quote(path)} && mount --bind {stash} "
+                     f"{shlex.quote(path)}")
+    return "\n".join(before), "\n".join(after)
+
+
 def _needed_paths() -> list[str]:
     """What the DynamicUser must read: the interpreter install, the venv, the checkout."""
     paths = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix),
@@ -337,9 +360,17 @@ def make_dropin() -> str:
         f"Environment=PYTHONPATH={APP_DIR}:{TEST_APPS} HELLO_CLUSTER_APP=hc_e2e_app:app",
     ]
     for path in _needed_paths():
-        need(not any(path == d or path.startswith(d + "/") for d in ("/tmp", "/var/tmp", "/run")),
-             f"{path} is under /tmp, /var/tmp or /run, which the test's systemd (and the unit's "
-             "PrivateTmp=) replace with empty ones: keep the checkout and venv elsewhere")
+        need(not _under(path, ("/run",)),
+             f"{path} is under /run, which the test's systemd replaces with an empty one: "
+             "keep the checkout and venv elsewhere")
+    kept = _kept_paths()
+    if kept:
+        lines += [
+            "# Test only: the checkout or venv lives under /tmp or /var/tmp (a CI clone, say).",
+            "# The test's systemd re-binds it into its own /tmp; PrivateTmp= would hide it",
+            "# again from the service, so show exactly these paths, read-only, on top.",
+            "BindReadOnlyPaths=" + " ".join(kept),
+        ]
     home = [p for p in _needed_paths() if _under_home(p)]
     for path in _needed_paths():
         if not _under_home(path):
@@ -415,7 +446,9 @@ def sd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NsSystemd]:
     dropin = make_dropin()
     log_path = tmp_path_factory.mktemp("systemd") / "systemd.log"
     groups = own_cgroups(f"hello-cluster-e2e-{os.getpid()}")
+    keep_before, keep_after = keep_snippets()
     script = BOOT_SCRIPT.format(target=TARGET, systemd=systemd, units=units,
+                                keep_before=keep_before, keep_after=keep_after,
                                 cgroup_procs=" ".join(f"{g}/cgroup.procs" for g in groups))
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
