@@ -7,8 +7,10 @@ and all its workers) and killed as a group; every wait has a deadline.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import selectors
 import signal
 import socket
 import subprocess
@@ -18,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 PID_RE = re.compile(rb"\r\nx-worker-pid:\s*(\d+)", re.IGNORECASE)
@@ -35,6 +38,7 @@ class Proc:
     """A contender's supervisor in its own process group; `stop()` leaves nothing behind."""
 
     def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(log_path, "ab")  # noqa: SIM115 -- closed in stop()
         self.started = time.monotonic()
         self.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
@@ -93,8 +97,9 @@ def rss_mb(pid: int) -> float | None:
 class NotifySocket:
     """An AF_UNIX datagram socket standing in for systemd's; records (time, message)."""
 
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="hc-bench-")
+    def __init__(self, parent: Path) -> None:
+        parent.mkdir(parents=True, exist_ok=True)
+        self.dir = tempfile.mkdtemp(prefix="notify-", dir=parent)
         self.path = os.path.join(self.dir, "notify")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
@@ -168,23 +173,82 @@ def probe(port: int, k: int = 4, timeout: float = 1.0) -> list[int]:
 
 
 def wait_for_pids(port: int, count: int, deadline: float, seen: set[int] | None = None,
-                  new_only: bool = False) -> tuple[float | None, set[int]]:
-    """Poll until `count` distinct pids (or one pid not in `seen`) answered; (when, pids)."""
-    pids: set[int] = set()
+                  new_only: bool = False, parallel: int = 8, interval: float = 0.002,
+                  conn_timeout: float = 2.0) -> tuple[float | None, set[int]]:
+    """Race fresh connections until `count` distinct pids (or one pid not in `seen`) answered.
+
+    Returns (when, pids): `when` is the monotonic time the deciding response arrived (None
+    on timeout). Connections are opened every `interval` s, up to `parallel` in flight, each
+    `GET /` with `Connection: close`; a connection that hangs (Node's primary can hand one
+    to a worker that just died) only occupies a slot, it never delays detection.
+    """
     seen = set() if seen is None else seen
-    while time.monotonic() < deadline:
-        got = probe(port)
-        now = time.monotonic()
-        pids.update(got)
-        if new_only:
-            fresh = set(got) - seen
-            if fresh:
-                return now, fresh
-        elif len(pids) >= count:
-            return now, pids
-        if not got:
-            time.sleep(0.002)
-    return None, pids
+    pids: set[int] = set()
+    sel = selectors.DefaultSelector()
+    inflight: dict[socket.socket, list[Any]] = {}  # sock -> [opened_at, buffer, sent]
+    next_open = 0.0
+
+    def drop(s: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(s)
+        inflight.pop(s, None)
+        s.close()
+
+    try:
+        while (now := time.monotonic()) < deadline:
+            if len(inflight) < parallel and now >= next_open:
+                next_open = now + interval
+                s = socket.socket()
+                s.setblocking(False)
+                if s.connect_ex(("127.0.0.1", port)) not in (0, errno.EINPROGRESS):
+                    s.close()
+                else:
+                    inflight[s] = [now, b"", False]
+                    sel.register(s, selectors.EVENT_WRITE)
+            for key, _ in sel.select(timeout=interval):
+                s = key.fileobj  # type: ignore[assignment]
+                state = inflight[s]
+                if not state[2]:
+                    if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                        drop(s)
+                        continue
+                    try:
+                        s.send(REQUEST)
+                    except OSError:
+                        drop(s)
+                        continue
+                    state[2] = True
+                    sel.modify(s, selectors.EVENT_READ)
+                    continue
+                try:
+                    chunk = s.recv(4096)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    chunk = b""
+                state[1] += chunk
+                if chunk and b"\r\n\r\n" not in state[1]:
+                    continue
+                data = state[1]
+                drop(s)
+                m = PID_RE.search(data)
+                if not (m and data.startswith(b"HTTP/1.1 200")):
+                    continue
+                pid = int(m.group(1))
+                pids.add(pid)
+                when = time.monotonic()
+                if new_only and pid not in seen:
+                    return when, {pid}
+                if not new_only and len(pids) >= count:
+                    return when, pids
+            for s, state in list(inflight.items()):
+                if now - state[0] > conn_timeout:
+                    drop(s)
+        return None, (set() if new_only else pids)
+    finally:
+        for s in list(inflight):
+            drop(s)
+        sel.close()
 
 
 # ---- wrk ---------------------------------------------------------------------------------

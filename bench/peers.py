@@ -18,6 +18,9 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 BENCH_VENV = BENCH / ".venv"
 BENCH_BIN = BENCH_VENV / "bin"
+# Scratch space (logs, notify sockets, profiles): inside the git-ignored bench venv, not
+# /tmp, which other jobs on a shared machine may clean while a run is in progress.
+WORK = BENCH_VENV / "work"
 MAIN_BIN = ROOT / ".venv" / "bin"
 PEER_PACKAGES = ["gunicorn", "uvicorn[standard]", "uvicorn-worker", "granian", "py-spy"]
 BASELINE = "uvicorn"

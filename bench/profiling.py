@@ -74,17 +74,17 @@ def analyse(stacks: Counter[tuple[str, ...]], total: int) -> dict[str, Any]:
 def profile_one(c: peers.Contender, port: int, args: argparse.Namespace, env: dict[str, str],
                 logs: Path) -> dict[str, Any]:
     proc = h.Proc(c.argv, {**env, **c.env}, logs / f"{c.name}-profile.log")
-    out = Path(f"/tmp/hc-bench-profile-{c.name}.txt")
+    out = peers.WORK / f"profile-{c.name}.txt"
     try:
         when, pids = h.wait_for_pids(port, args.workers, time.monotonic() + 30)
         if when is None:
             return {"error": "workers did not start"}
-        seconds = max(2, round(args.duration))
+        seconds = max(5, round(args.duration * 2))
         with h.wrk_background(port, seconds + 2) as box:
             time.sleep(1)
             spy = subprocess.run(
                 [str(peers.BENCH_BIN / "py-spy"), "record", "-p", str(min(pids)), "-d",
-                 str(seconds), "-o", str(out), "--format", "raw", "--nonblocking"],
+                 str(seconds), "-o", str(out), "--format", "raw", "--nonblocking", "--rate", "250"],
                 capture_output=True, text=True, timeout=seconds + 30)
         if spy.returncode != 0 or not out.exists():
             return {"error": (spy.stderr or spy.stdout).strip()[-300:]}

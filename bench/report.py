@@ -52,16 +52,26 @@ def summarize(field: list[peers.Contender], records: dict[str, dict[str, Any]]
         row["errors"] = list(r["errors"])
         rows[c.name] = row
     base = rows.get(peers.BASELINE, {})
-    for row in rows.values():
-        for key in ("ka_rps", "close_rps", "startup_ms", "respawn_ms", "rss_mb"):
+    for name, row in rows.items():
+        for key in ("startup_ms", "respawn_ms", "rss_mb"):
             row[f"{key}_vs_uvicorn"] = _ratio(row.get(key), base.get(key))
-    hc, hc_off = rows.get("hc", {}), rows.get("hc-nometrics", {})
+        for mode in ("ka", "close"):
+            row[f"{mode}_rps_vs_uvicorn"] = paired(records, name, peers.BASELINE, mode)
     extra = {
-        "metrics_cost_ratio": _ratio(hc.get("ka_rps"), hc_off.get("ka_rps")),
-        "metrics_cost_ratio_close": _ratio(hc.get("close_rps"), hc_off.get("close_rps")),
-        "hc_vs_ceiling": _ratio(hc_off.get("ka_rps"), rows.get("ceiling", {}).get("ka_rps")),
+        "metrics_cost_ratio": paired(records, "hc", "hc-nometrics", "ka"),
+        "metrics_cost_ratio_close": paired(records, "hc", "hc-nometrics", "close"),
+        "hc_vs_ceiling": paired(records, "hc-nometrics", "ceiling", "ka"),
     }
     return {"rows": rows, "derived": extra, "targets": targets(rows)}
+
+
+def paired(records: dict[str, dict[str, Any]], a: str, b: str, mode: str) -> float | None:
+    """Median over rounds of a's throughput / b's in the same round (same background load)."""
+    if a not in records or b not in records:
+        return None
+    first = {x.get("round"): x["rps"] for x in records[a][mode]}
+    second = {x.get("round"): x["rps"] for x in records[b][mode]}
+    return med([first[k] / second[k] for k in first if second.get(k)])
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -122,12 +132,14 @@ def markdown(doc: dict[str, Any], field: list[peers.Contender]) -> str:
         f"- date: {doc['date']}",
         f"- machine: {m['cores']} cores ({m['cores_usable']} usable), {m['cpu']}, "
         f"Linux {m['kernel']}, Python {m['python']}, node {m['node']}, {m['wrk']}",
-        f"- peers: " + ", ".join(f"{k} {v}" for k, v in sorted(m["peers"].items())),
+        "- peers: " + ", ".join(f"{k} {v}" for k, v in sorted(m["peers"].items())),
         f"- command: `{doc['command']}`",
         f"- {doc['workers']} workers each, {doc['reps']} repetitions (medians), "
         f"{doc['duration_s']:g} s wrk runs (`wrk -t1 -c64 --latency`), "
         f"run took {doc['elapsed_s']} s",
-        "- ratios in parentheses are against `uvicorn --workers` measured in this run",
+        "- ratios in parentheses are against `uvicorn --workers` measured in this run; "
+        "throughput ratios are medians of per-round ratios (all contenders measured in each "
+        "round, back to back)",
         "",
         "## Throughput and latency",
         "",
@@ -192,6 +204,13 @@ def markdown(doc: dict[str, Any], field: list[peers.Contender]) -> str:
         f"- hello-cluster (metrics off) / Python ceiling, keep-alive: "
         f"{_n(d['hc_vs_ceiling'], 3)}",
     ]
+    if d.get("micro"):
+        mm = d["micro"]
+        lines.append(f"- RequestMetrics in-process cost (bench/micro_metrics.py): "
+                     f"{mm['request_metrics_us']:.2f} us per request on top of the app's "
+                     f"{mm['app_us']:.2f} us")
+    lines.append(f"- load average (1 min) at start / end: {d.get('loadavg_at_start', 0):.2f} / "
+                 f"{m.get('loadavg_at_end', 0):.2f} (other work on the machine skews results)")
     errors = [(rows[c.name]["label"], e) for c in field for e in rows[c.name]["errors"]]
     if errors:
         lines += ["", "## Problems during the run", ""]

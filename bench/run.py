@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ import profiling  # noqa: E402
 import report  # noqa: E402
 
 RESULTS = peers.BENCH / "results"
-LOGS = RESULTS / "logs"
+LOGS = peers.WORK / "logs"
 STARTUP_TIMEOUT = 30.0
 RESPAWN_TIMEOUT = 15.0
 
@@ -66,7 +65,7 @@ class Session:
 
     def __init__(self, c: peers.Contender, port: int, workers: int, log_name: str) -> None:
         self.c, self.port, self.workers = c, port, workers
-        self.notify = h.NotifySocket() if c.notify else None
+        self.notify = h.NotifySocket(peers.WORK) if c.notify else None
         env = {**base_env(), **c.env}
         if self.notify is not None:
             env["NOTIFY_SOCKET"] = self.notify.path
@@ -122,9 +121,46 @@ def measure_respawn(s: Session, pid: int) -> float | None:
     return None if when is None else (when - t) * 1000
 
 
+def throughput_phase(field: list[peers.Contender], ports: dict[str, int],
+                     args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> None:
+    """All contenders up at once (idle ones cost no CPU); wrk visits them round-robin.
+
+    Each round measures every contender within a minute or so, so background load on a
+    shared machine hits a round's contenders alike; ratios are taken per round and the
+    median reported. After the last round: one /metrics scrape (hello-cluster) and the
+    supervisor's RSS after load.
+    """
+    sessions: dict[str, Session] = {}
+    try:
+        for c in field:
+            s = Session(c, ports[c.name], args.workers, f"{c.name}-throughput.log")
+            sessions[c.name] = s
+            if not s.wait_started():
+                records[c.name]["errors"].append("throughput phase: start-up failed")
+        live = [c for c in field if sessions[c.name].startup_pids_ms is not None]
+        for c in live:
+            h.wrk(ports[c.name], 1, close=False)  # warm-up, discarded
+        for rnd in range(args.reps):
+            order = live[rnd % len(live):] + live[: rnd % len(live)]
+            print(f"[throughput round {rnd + 1}/{args.reps}]", flush=True)
+            for c in order:
+                for mode, close in (("ka", False), ("close", True)):
+                    r = h.wrk(ports[c.name], args.duration, close=close)
+                    records[c.name][mode].append({**summary(r), "round": rnd})
+                    print(f"    {c.name:16} {mode:5} {r.rps:9.0f} req/s  p50 {fmt(r.p50_ms)} ms"
+                          f"  p99 {fmt(r.p99_ms)} ms  failed {r.failed}", flush=True)
+        for c in live:
+            if c.kind == "subject":
+                scrape(c)
+            records[c.name]["rss_mb"].append(h.rss_mb(sessions[c.name].proc.pid))
+    finally:
+        for s in sessions.values():
+            s.stop()
+
+
 def session_a(c: peers.Contender, port: int, args: argparse.Namespace, rec: dict[str, Any],
               tag: str) -> None:
-    """Start-up, idle RSS, throughput and latency in both modes, RSS, respawn x workers."""
+    """Start-up, idle RSS, and respawn after SIGKILL of each original worker."""
     s = Session(c, port, args.workers, f"{c.name}-{tag}-a.log")
     try:
         if not s.wait_started():
@@ -133,16 +169,8 @@ def session_a(c: peers.Contender, port: int, args: argparse.Namespace, rec: dict
         rec["startup_ms"].append(s.startup_pids_ms)
         if s.startup_ready_ms is not None:
             rec["startup_ready_ms"].append(s.startup_ready_ms)
+        time.sleep(0.2)
         rec["rss_idle_mb"].append(h.rss_mb(s.proc.pid))
-        h.wrk(port, 1, close=False)  # warm-up, discarded
-        for mode, close in (("ka", False), ("close", True)):
-            r = h.wrk(port, args.duration, close=close)
-            rec[mode].append(summary(r))
-            print(f"    {mode:5} {r.rps:9.0f} req/s  p50 {fmt(r.p50_ms)} ms  "
-                  f"p99 {fmt(r.p99_ms)} ms  failed {r.failed}", flush=True)
-        if c.kind == "subject":
-            scrape(c)
-        rec["rss_mb"].append(h.rss_mb(s.proc.pid))
         if c.respawns:
             for pid in sorted(s.pids)[: args.workers]:
                 ms = measure_respawn(s, pid)
@@ -203,9 +231,9 @@ def session_b(c: peers.Contender, port: int, args: argparse.Namespace, rec: dict
 def scrape(c: peers.Contender) -> None:
     """One Prometheus scrape of hello-cluster's master, as production would have."""
     port = c.argv[c.argv.index("--metrics-bind") + 1].rsplit(":", 1)[1]
-    with contextlib.suppress(OSError):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            resp.read()
+    with contextlib.suppress(OSError), urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        resp.read()
 
 
 def summary(r: h.WrkResult) -> dict[str, Any]:
@@ -249,6 +277,7 @@ def machine() -> dict[str, Any]:
     versions = {p["name"].lower(): p["version"] for p in json.loads(pkgs.stdout or "[]")
                 if p["name"].lower() in wanted}
     return {
+        "loadavg_at_end": os.getloadavg()[0],
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)),
         "cpu": model,
@@ -259,6 +288,18 @@ def machine() -> dict[str, Any]:
         "peers": versions,
         "hello_cluster": version([str(peers.MAIN_BIN / "hello-cluster"), "--version"]),
     }
+
+
+def micro_metrics() -> dict[str, Any] | None:
+    """RequestMetrics' in-process cost per request (noise-free complement to the load test)."""
+    try:
+        out = subprocess.run([str(peers.MAIN_BIN / "python"),
+                              str(peers.BENCH / "micro_metrics.py")],
+                             env={**base_env(), "PYTHONPATH": str(peers.ROOT / "service")},
+                             capture_output=True, text=True, timeout=120)
+        return dict(json.loads(out.stdout))
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,8 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         field = [c for c in field if c.name in keep]
     records = {c.name: new_record() for c in field}
     started = dt.datetime.now()
+    load_at_start = os.getloadavg()[0]
     print(f"bench: {len(field)} contenders x {args.reps} reps, {args.workers} workers, "
           f"{args.duration:g}s wrk runs, {os.cpu_count()} cores", flush=True)
+    throughput_phase(field, ports, args, records)
     for rep in range(args.reps):
         order = field[rep % len(field):] + field[: rep % len(field)]  # rotate against drift
         for c in order:
@@ -303,11 +346,15 @@ def main(argv: list[str] | None = None) -> int:
                 rec["errors"].append(f"r{rep + 1}: {type(err).__name__}: {err}")
                 print(f"    ! {c.name}: {type(err).__name__}: {err}", flush=True)
     summ = report.summarize(field, records)
+    summ["derived"]["micro"] = micro_metrics()
+    summ["derived"]["loadavg_at_start"] = load_at_start
     profile: dict[str, Any] | None = None
     if args.profile == "always" or (args.profile == "auto" and report.needs_profile(summ)):
-        print("bench: profiling a hello-cluster worker under load with py-spy", flush=True)
+        print("bench: profiling one worker each of hello-cluster and uvicorn under load "
+              "with py-spy", flush=True)
         profile = profiling.profile_all(
-            [c for c in field if c.kind == "subject"], ports, args, base_env(), LOGS)
+            [c for c in field if c.kind == "subject" or c.name == peers.BASELINE], ports, args,
+            base_env(), LOGS)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y-%m-%d")
@@ -327,5 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # so every `finally` stops its contender's process group
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench: interrupted; contenders stopped", file=sys.stderr)
+        sys.exit(130)

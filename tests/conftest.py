@@ -77,7 +77,7 @@ def wait_for(check: Callable[[], bool], timeout: float, interval: float = 0.05,
         try:
             if check():
                 return
-        except OSError:
+        except (OSError, KeyError):  # not answering yet, or the metric not there yet
             pass
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -37,7 +37,8 @@ def test_malformed_and_oversized_requests(cluster) -> None:  # type: ignore[no-u
     assert raw(c.port, many).startswith(b"HTTP/1.1 431")
     assert c.get("/")[0] == 200
     assert set(c.workers()) == workers  # nobody died
-    assert c.metric('hello_cluster_http_requests_total{method="GET",status="200"}') >= 1
+    wait_for(lambda: c.metric('hello_cluster_http_requests_total{method="GET",status="200"}')
+             >= 1, 3, what="the good request counted")
 
 
 def test_slowloris_does_not_starve_others(cluster) -> None:  # type: ignore[no-untyped-def]

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -56,6 +57,7 @@ def test_scrape_passes_promtool_check_metrics(cluster: Callable[..., Cluster]) -
     c = cluster("--workers", "2")
     for _ in range(5):
         assert c.get("/")[0] == 200
+    time.sleep(0.5)  # workers flush request counts every 0.1 s
     status, headers, body = c.metrics_get("/metrics")
     assert status == 200
     assert b"hello_cluster_http_requests_total" in body

@@ -353,8 +353,8 @@ class Master:
         reason = self.classify(w, status)
         slot_alive = any(o.slot == w.slot for o in self.workers.values())
         if self.exit_code is not None or w.slot >= self.desired:
-            log.warning("worker %d pid %d died (%s, %s) after %.1fs while stopping",
-                        w.slot + 1, w.pid, reason, how, lifetime)
+            log.warning("worker %d died: pid %d %s, %s, lived %.1fs; not respawned "
+                        "(stopping or scaled down)", w.slot + 1, w.pid, reason, how, lifetime)
             return
         if (w.error is not None and not self.ever_ready and os.WIFEXITED(status)
                 and os.WEXITSTATUS(status) == EXIT_APP):
@@ -380,8 +380,8 @@ class Master:
             return
         if slot_alive:
             # A replacement is already running (recycling or reload): nothing to schedule.
-            log.warning("worker %d pid %d died (%s, %s) after %.1fs", w.slot + 1, w.pid,
-                        reason, how, lifetime)
+            log.warning("worker %d died: pid %d %s, %s, lived %.1fs; its replacement is "
+                        "already starting", w.slot + 1, w.pid, reason, how, lifetime)
             return
         self.schedule_respawn(w.slot, now, f"pid {w.pid} {reason}, {how}, lived {lifetime:.1f}s")
 

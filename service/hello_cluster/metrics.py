@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import os
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from hello_cluster import __version__
 
 NAMESPACE = "hello_cluster"
+INF = float("inf")
 RESTART_REASONS = ("exit", "signal", "timeout", "oom")
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0)
@@ -127,10 +129,15 @@ def render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
 
 
 class RequestMetrics:
-    """ASGI middleware recording each request in the worker's multiprocess metric files.
+    """ASGI middleware counting requests in plain Python, flushed to the metric files.
 
-    Label children are cached per (method, status) so the hot path is a dict lookup and
-    three mmap writes.
+    Writing each request straight into prometheus-client's multiprocess values costs five
+    locked mmap writes per request (in-progress up and down, the counter, a bucket, the sum):
+    about 6 us, a third of a hello-page request. Here a request costs two dict/list
+    increments; `flush()`, called from the worker's loop every tick (0.1 s) and once more
+    when it drains, moves the totals into the library's values. A worker SIGKILLed between
+    ticks loses at most that last tenth of a second of counts; nothing else changes for
+    the scraper.
     """
 
     def __init__(self, app: Any) -> None:
@@ -144,6 +151,15 @@ class RequestMetrics:
                                  "HTTP requests being served now (live workers only).",
                                  multiprocess_mode="livesum")
         self._children: dict[tuple[str, int], Any] = {}
+        self._counts: dict[tuple[str, int], int] = {}
+        self._bounds = list(DURATION_BUCKETS)  # bisect_left gives the bucket Histogram uses
+        self._buckets = [0] * (len(self._bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self._pending: list[float] = []
+        # Bulk-adding bucket counts needs the histogram's values (no public API does it).
+        self._bulk = (getattr(self.duration, "_upper_bounds", None) == [*self._bounds, INF]
+                      and hasattr(self.duration, "_buckets") and hasattr(self.duration, "_sum"))
+        self.in_flight = 0
 
     def _child(self, method: str, status: int) -> Any:
         key = (method, status)
@@ -167,10 +183,36 @@ class RequestMetrics:
                 status = message["status"]
             await send(message)
 
-        self.in_progress.inc()
+        self.in_flight += 1
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.in_progress.dec()
-            self._child(scope["method"], status).inc()
-            self.duration.observe(time.perf_counter() - start)
+            self.in_flight -= 1
+            elapsed = time.perf_counter() - start
+            key = (scope["method"], status)
+            self._counts[key] = self._counts.get(key, 0) + 1
+            if self._bulk:
+                self._buckets[bisect_left(self._bounds, elapsed)] += 1
+                self._sum += elapsed
+            else:
+                self._pending.append(elapsed)
+
+    def flush(self) -> None:
+        """Move what was counted since the last flush into the multiprocess metric files."""
+        counts, self._counts = self._counts, {}
+        for (method, status), n in counts.items():
+            self._child(method, status).inc(n)
+        if self._bulk:
+            buckets = self.duration._buckets  # noqa: SLF001
+            for i, n in enumerate(self._buckets):
+                if n:
+                    buckets[i].inc(n)
+                    self._buckets[i] = 0
+            if self._sum:
+                self.duration._sum.inc(self._sum)  # noqa: SLF001
+                self._sum = 0.0
+        else:
+            pending, self._pending = self._pending, []
+            for elapsed in pending:
+                self.duration.observe(elapsed)
+        self.in_progress.set(self.in_flight)

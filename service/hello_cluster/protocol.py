@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 from asyncio import TimerHandle
+from collections.abc import Iterable
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -29,44 +31,48 @@ _431 = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
 _408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
+def expire_slow_heads(connections: Iterable[Any], now: float) -> None:
+    """Called from the worker's loop once a second: a timestamp per request and one sweep
+    cost less than arming and cancelling a timer for every request."""
+    for conn in list(connections):
+        if isinstance(conn, WorkerProtocol) and conn.awaiting_head \
+                and now - conn.head_since > HEAD_TIMEOUT:
+            conn.head_too_slow()
+
+
 class WorkerProtocol(HttpToolsProtocol):
     draining = False
     _idle_close: TimerHandle | None = None
-    _head_timer: TimerHandle | None = None
     _head_bytes = 0
-    _awaiting_head = True
+    awaiting_head = True
+    head_since = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._start_head_clock()
 
     def _start_head_clock(self) -> None:
-        self._awaiting_head, self._head_bytes = True, 0
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_too_slow)
+        self.awaiting_head, self._head_bytes = True, 0
+        self.head_since = self.loop.time()
 
-    def _head_too_slow(self) -> None:
-        if self._awaiting_head and not self.transport.is_closing():
+    def head_too_slow(self) -> None:
+        if self.awaiting_head and not self.transport.is_closing():
             if self._head_bytes:
                 self.transport.write(_408)
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self._awaiting_head:
+        if self.awaiting_head:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
-                self._awaiting_head = False
+                self.awaiting_head = False
                 self.transport.write(_431)
                 self.transport.close()
                 return
         super().data_received(data)
 
     def on_headers_complete(self) -> None:
-        self._awaiting_head = False
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self.awaiting_head = False
         super().on_headers_complete()
         if self.draining and self.cycle is not None:
             self.cycle.keep_alive = False
@@ -89,7 +95,6 @@ class WorkerProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._idle_close, self._head_timer):
-            if timer is not None:
-                timer.cancel()
+        if self._idle_close is not None:
+            self._idle_close.cancel()
         super().connection_lost(exc)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import grp
 import importlib
 import logging
@@ -31,7 +30,7 @@ from hello_cluster import channel as ch
 from hello_cluster import logs
 from hello_cluster.config import Config
 from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, AppLoadError, ResourceError
-from hello_cluster.protocol import WorkerProtocol
+from hello_cluster.protocol import WorkerProtocol, expire_slow_heads
 
 log = logging.getLogger("hello_cluster.worker")
 
@@ -65,6 +64,7 @@ def preload_engine() -> None:
 
     import uvicorn.lifespan.on  # noqa: F401
     import uvicorn.loops.uvloop  # noqa: F401
+    import uvicorn.protocols.websockets.auto  # noqa: F401  (websockets and its metadata)
     import uvloop  # noqa: F401
 
 
@@ -97,10 +97,13 @@ def load_app(spec: str) -> Any:
     return app
 
 
+# Resolved once in the master: find_library() costs milliseconds a worker should not pay.
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
 def _die_with_master(master_pid: int) -> None:
     """The kernel SIGKILLs us when the master dies, so no worker lingers after a crash."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != master_pid:  # the master died before prctl took effect
         os._exit(1)
 
@@ -128,8 +131,9 @@ class WorkerServer(uvicorn.Server):
     """uvicorn's server with the master's protocol: ready, heartbeat, recycle requests."""
 
     def __init__(self, config: uvicorn.Config, channel: ch.WorkerChannel,
-                 beat_ticks: int, max_requests: int) -> None:
+                 beat_ticks: int, max_requests: int, metrics: Any = None) -> None:
         super().__init__(config)
+        self.metrics = metrics  # a RequestMetrics to flush each tick, or None
         self.channel = channel
         self.beat_ticks = beat_ticks
         self.max_requests = max_requests
@@ -144,14 +148,23 @@ class WorkerServer(uvicorn.Server):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         yield
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.metrics is not None:
+            self.metrics.flush()  # the last requests count too
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and not self.should_exit:
             self.channel.send(ch.READY)
 
     async def on_tick(self, counter: int) -> bool:
+        if self.metrics is not None:
+            self.metrics.flush()
         if counter % self.beat_ticks == 0:
             self.channel.send(ch.BEAT)
+        if counter % 10 == 0:
+            expire_slow_heads(self.server_state.connections, asyncio.get_running_loop().time())
         if (self.max_requests and not self.recycle_asked
                 and self.server_state.total_requests >= self.max_requests):
             self.recycle_asked = True
@@ -187,19 +200,21 @@ class DemoExit:
             self.due = asyncio.get_running_loop().time() + self.seconds
 
 
-def build_app(cfg: Config) -> Any:
+def build_app(cfg: Config) -> tuple[Any, Any]:
+    """The app as served (with metrics and demo wrappers) and its RequestMetrics, if any."""
     app = load_app(cfg.app)
+    metrics = None
     if cfg.request_metrics and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from hello_cluster.metrics import RequestMetrics
 
-        app = RequestMetrics(app)
+        app = metrics = RequestMetrics(app)
     if cfg.demo_exit_after is not None:
         app = DemoExit(app, cfg.demo_exit_after)
-    return app
+    return app, metrics
 
 
 def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
-    app = build_app(cfg)
+    app, metrics = build_app(cfg)
     max_requests = 0
     if cfg.max_requests:
         max_requests = cfg.max_requests + (
@@ -217,7 +232,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
         limit_concurrency=cfg.limit_concurrency,
     )
     beat_ticks = max(1, int(min(1.0, cfg.worker_timeout / 4) / TICK))
-    server = WorkerServer(uv_config, channel, beat_ticks, max_requests)
+    server = WorkerServer(uv_config, channel, beat_ticks, max_requests, metrics)
     server.run(sockets=list(spec.sockets))
     return server.exit_code if server.started else EXIT_APP_STARTUP
 

@@ -1,0 +1,56 @@
+"""In-process cost of hello_cluster.metrics.RequestMetrics per request, in microseconds.
+
+Load tests on a small shared machine are noisy; this isolates the middleware: the same
+ASGI app called directly, with and without RequestMetrics, in multiprocess mode as the
+workers run it. Run with hello-cluster's venv: `.venv/bin/python bench/micro_metrics.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+N = 50_000
+
+
+async def _loop(app: Any, n: int) -> float:
+    scope = {"type": "http", "method": "GET", "path": "/"}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request"}
+
+    t = time.perf_counter()
+    for _ in range(n):
+        await app(scope, receive, send)
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def main() -> None:
+    tmp = tempfile.mkdtemp(prefix="hc-bench-micro-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tmp  # before prometheus_client is imported
+    try:
+        from hello_cluster.app import app
+        from hello_cluster.metrics import RequestMetrics
+
+        wrapped = RequestMetrics(app)
+        bare, metered = [], []
+        for _ in range(3):
+            bare.append(asyncio.run(_loop(app, N)))
+            metered.append(asyncio.run(_loop(wrapped, N)))
+        b, m = sorted(bare)[1], sorted(metered)[1]
+        print(json.dumps({"app_us": round(b, 2), "with_metrics_us": round(m, 2),
+                          "request_metrics_us": round(m - b, 2)}))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
