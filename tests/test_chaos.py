@@ -96,6 +96,11 @@ def test_chaos_soak(cluster) -> None:  # type: ignore[no-untyped-def]
                 desired -= 1
                 c.signal(signal.SIGTTOU)
                 time.sleep(0.2)
+        # A worker stopped for good in the last seconds is caught by --worker-timeout (2 s)
+        # plus the kill grace (2 s): wait for every process the driver hit to be gone.
+        hit_pids = [pid for _, pid in kills + stopped_for_good]
+        wait_for(lambda: not any(alive(p) for p in hit_pids), 15,
+                 what="every process the driver hit to be reaped")
         wait_for(lambda: c.metric("hello_cluster_workers_desired") == desired
                  and c.metric("hello_cluster_workers_ready") == desired
                  and len(c.workers()) == desired, 20, what="the pool to converge")
