@@ -99,8 +99,20 @@ def test_chaos_soak(cluster) -> None:  # type: ignore[no-untyped-def]
         # A worker stopped for good in the last seconds is caught by --worker-timeout (2 s)
         # plus the kill grace (2 s): wait for every process the driver hit to be gone.
         hit_pids = [pid for _, pid in kills + stopped_for_good]
-        wait_for(lambda: not any(alive(p) for p in hit_pids), 15,
-                 what="every process the driver hit to be reaped")
+        try:
+            wait_for(lambda: not any(alive(p) for p in hit_pids), 15,
+                     what="every process the driver hit to be reaped")
+        except AssertionError:
+            left = {p: Path(f"/proc/{p}/stat").read_text() for p in hit_pids if alive(p)}
+            master = Path(f"/proc/{c.pid}/stat").read_text()
+            import shutil
+            import subprocess
+            spy = shutil.which("py-spy") or "/work/main/bench/.venv/bin/py-spy"
+            if Path(spy).exists():
+                master += subprocess.run([spy, "dump", "--pid", str(c.pid)],
+                                         capture_output=True, text=True).stdout
+            raise AssertionError(f"still alive: {left}; master: {master}; stopped: "
+                                 f"{stopped_for_good}; log tail: {c.log[-1500:]}") from None
         wait_for(lambda: c.metric("hello_cluster_workers_desired") == desired
                  and c.metric("hello_cluster_workers_ready") == desired
                  and len(c.workers()) == desired, 20, what="the pool to converge")

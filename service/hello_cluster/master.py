@@ -132,7 +132,8 @@ class Master:
         self.selector.register(self._wake_r, selectors.EVENT_READ, self.read_wakeups)
 
     def wait_for_events(self) -> None:
-        timeout = max(0.0, min(self.deadlines(), default=MAX_TIMEOUT) - time.monotonic())
+        now = time.monotonic()
+        timeout = max(0.0, min(self.deadlines(), default=now + MAX_TIMEOUT) - now)
         for key, _ in self.selector.select(min(timeout, MAX_TIMEOUT)):
             key.data()
         if self.endpoint is not None:
