@@ -158,17 +158,24 @@ def throughput_phase(field: list[peers.Contender], ports: dict[str, int],
             s.stop()
 
 
+def started(s: Session, rec: dict[str, Any], error: str) -> bool:
+    """Wait for the contender's start-up and record its times; False (noted) if it failed."""
+    if not s.wait_started():
+        rec["errors"].append(error)
+        return False
+    rec["startup_ms"].append(s.startup_pids_ms)
+    if s.startup_ready_ms is not None:
+        rec["startup_ready_ms"].append(s.startup_ready_ms)
+    return True
+
+
 def session_a(c: peers.Contender, port: int, args: argparse.Namespace, rec: dict[str, Any],
               tag: str) -> None:
     """Start-up, idle RSS, and respawn after SIGKILL of each original worker."""
     s = Session(c, port, args.workers, f"{c.name}-{tag}-a.log")
     try:
-        if not s.wait_started():
-            rec["errors"].append(f"{tag}: start-up failed")
+        if not started(s, rec, f"{tag}: start-up failed"):
             return
-        rec["startup_ms"].append(s.startup_pids_ms)
-        if s.startup_ready_ms is not None:
-            rec["startup_ready_ms"].append(s.startup_ready_ms)
         time.sleep(0.2)
         rec["rss_idle_mb"].append(h.rss_mb(s.proc.pid))
         if c.respawns:
@@ -185,12 +192,8 @@ def session_b(c: peers.Contender, port: int, args: argparse.Namespace, rec: dict
     """Requests failed while a worker is SIGKILLed under load, then while reloading (HUP)."""
     s = Session(c, port, args.workers, f"{c.name}-{tag}-b.log")
     try:
-        if not s.wait_started():
-            rec["errors"].append(f"{tag}: start-up (session b) failed")
+        if not started(s, rec, f"{tag}: start-up (session b) failed"):
             return
-        rec["startup_ms"].append(s.startup_pids_ms)
-        if s.startup_ready_ms is not None:
-            rec["startup_ready_ms"].append(s.startup_ready_ms)
         victim = min(s.pids)
         with h.wrk_background(port, args.duration) as box:
             time.sleep(args.duration * 0.3)

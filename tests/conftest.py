@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import shutil
@@ -261,3 +262,30 @@ class Load:
                 self.pids.add(int(headers.get("x-worker-pid", "0")))
             else:
                 self.failures.append(f"HTTP {status}")
+
+
+@contextlib.contextmanager
+def v1_cgroup(controller: str, settings: dict[str, str]) -> Iterator[Callable[[], None]]:
+    """A fresh cgroup v1 group with `settings`; yields a preexec_fn that enters it.
+
+    Entering in the child before exec means the limit applies from the first instruction.
+    The group is removed afterwards, once its processes are gone (bounded wait).
+    """
+    need_root()
+    base = Path(f"/sys/fs/cgroup/{controller}")
+    need(base.is_dir() and os.access(base, os.W_OK),
+         f"needs a writable cgroup v1 {controller} hierarchy at {base}")
+    group = base / f"hello-cluster-test-{os.getpid()}-{time.monotonic_ns()}"
+    group.mkdir()
+    try:
+        for name, value in settings.items():
+            (group / name).write_text(value)
+        procs = group / "cgroup.procs"
+        yield lambda: procs.write_text(str(os.getpid()))
+    finally:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)

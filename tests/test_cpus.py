@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import time
-import uuid
 from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import need, need_root
+from conftest import v1_cgroup
 from hello_cluster.cpus import (
     cgroup_cpu_limit,
     decide_workers,
@@ -112,29 +109,10 @@ def test_parsers_never_raise(text: str) -> None:
 
 def test_real_v1_cpu_cgroup_gives_one_worker(cluster) -> None:  # type: ignore[no-untyped-def]
     """A real cgroup v1 CPU quota of half a CPU: `--workers auto` forks one worker."""
-    need_root()
-    base = Path("/sys/fs/cgroup/cpu")
-    need(base.is_dir() and os.access(base, os.W_OK),
-         "needs a writable cgroup v1 cpu hierarchy at /sys/fs/cgroup/cpu")
-    group = base / f"hello-cluster-test-{uuid.uuid4().hex[:8]}"
-    group.mkdir()
-    try:
-        (group / "cpu.cfs_period_us").write_text("100000")
-        (group / "cpu.cfs_quota_us").write_text("50000")
-        procs = group / "cgroup.procs"
-
-        def enter_cgroup() -> None:  # runs in the child before exec: limited from the start
-            procs.write_text(str(os.getpid()))
-
-        c = cluster("--workers", "auto", preexec_fn=enter_cgroup)
+    quota = {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "50000"}
+    with v1_cgroup("cpu", quota) as enter:
+        c = cluster("--workers", "auto", preexec_fn=enter)
         assert "workers: 1 (auto: cgroup CPU quota 0.5" in c.log
         assert c.metric("hello_cluster_workers_desired") == 1
         assert len(c.workers()) == 1
         c.kill_all()
-    finally:
-        for _ in range(50):  # removable once its processes are gone
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)

@@ -8,10 +8,8 @@ import re
 import signal
 import threading
 import time
-import uuid
-from pathlib import Path
 
-from conftest import Load, need, need_root, run_cli, wait_for
+from conftest import Load, run_cli, v1_cgroup, wait_for
 
 
 def cpu_seconds(pid: int) -> float:
@@ -149,19 +147,8 @@ def test_max_requests_recycles_without_failed_requests(cluster) -> None:  # type
 
 def test_oom_kill_is_classified(cluster) -> None:  # type: ignore[no-untyped-def]
     """A worker the kernel's OOM killer ends is counted as `oom`, not a plain signal."""
-    need_root()
-    base = Path("/sys/fs/cgroup/memory")
-    need(base.is_dir() and os.access(base, os.W_OK),
-         "needs a writable cgroup v1 memory hierarchy at /sys/fs/cgroup/memory")
-    group = base / f"hello-cluster-oom-{uuid.uuid4().hex[:8]}"
-    group.mkdir()
-    try:
-        (group / "memory.limit_in_bytes").write_text(str(256 * 1024 * 1024))
-        procs = group / "cgroup.procs"
-
-        def enter() -> None:
-            procs.write_text(str(os.getpid()))
-
+    limit = {"memory.limit_in_bytes": str(256 * 1024 * 1024)}
+    with v1_cgroup("memory", limit) as enter:
         c = cluster("--workers", "1", "--app", "hc_testapp:app", preexec_fn=enter, workers=1)
         try:
             c.get("/hog?mb=400", timeout=10)
@@ -173,10 +160,3 @@ def test_oom_kill_is_classified(cluster) -> None:  # type: ignore[no-untyped-def
         assert re.search(r"pid \d+ oom, killed by SIGKILL", c.log)
         wait_for(lambda: c.metric("hello_cluster_workers_ready") == 1, 5, what="respawn")
         c.kill_all()
-    finally:
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
