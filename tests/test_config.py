@@ -109,3 +109,11 @@ def test_load_config_raises_only_config_error(argv: list[str]) -> None:
         load_config(argv, {})
     except ConfigError:
         pass
+
+
+def test_unicode_digits_are_not_numbers() -> None:
+    """'²'.isdigit() is True but int('²') fails: found by hypothesis on the LISTEN_* parser."""
+    for parse, text in ((parse_workers, "²"), (parse_bind, "127.0.0.1:²"),
+                        (parse_duration, "²s")):
+        with pytest.raises(ConfigError):
+            parse(text)

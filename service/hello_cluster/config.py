@@ -29,6 +29,11 @@ DEFAULT_APP = "hello_cluster.app:app"
 ALL_INTERFACES = "0.0.0.0"  # nosec B104
 
 
+def is_decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²', which int() then refuses."""
+    return re.fullmatch(r"[0-9]+", text) is not None
+
+
 @dataclass(frozen=True)
 class BindAddress:
     """One listener: TCP (`host`, `port`) or a unix socket (`path`)."""
@@ -54,7 +59,7 @@ _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
 
 def _parse_port(text: str, spec: str) -> int:
-    if not text.isdigit():
+    if not is_decimal(text):
         raise ConfigError(f"bind address {spec!r}: port {text!r} is not a number; use HOST:PORT")
     port = int(text)
     if port > 65535:
@@ -135,7 +140,7 @@ def parse_workers(text: str) -> int | None:
     text = text.strip()
     if text.lower() == "auto":
         return None
-    if not text.isdigit():
+    if not is_decimal(text):
         raise ConfigError(f"{text!r} is not a worker count; use auto or 1..{MAX_WORKERS}")
     count = int(text)
     if not 1 <= count <= MAX_WORKERS:
@@ -146,7 +151,7 @@ def parse_workers(text: str) -> int | None:
 def parse_int(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         text = text.strip()
-        if not re.fullmatch(r"[0-9]+", text):
+        if not is_decimal(text):
             raise ConfigError(f"{text!r} is not a whole number from {low} to {high}")
         value = int(text)
         if not low <= value <= high:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hello_cluster.config import is_decimal
 from hello_cluster.cpus import parse_mountinfo, parse_proc_cgroup
 
 
@@ -17,7 +18,7 @@ def parse_oom_kills(text: str) -> int | None:
     """The `oom_kill N` line of memory.events or memory.oom_control."""
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) == 2 and parts[0] == "oom_kill" and parts[1].isdigit():
+        if len(parts) == 2 and parts[0] == "oom_kill" and is_decimal(parts[1]):
             return int(parts[1])
     return None
 

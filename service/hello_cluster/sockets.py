@@ -13,7 +13,7 @@ import stat
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 
-from hello_cluster.config import BindAddress
+from hello_cluster.config import BindAddress, is_decimal
 from hello_cluster.errors import ListenerError
 
 SD_LISTEN_FDS_START = 3
@@ -37,13 +37,13 @@ def parse_listen_env(env: Mapping[str, str], pid: int) -> Activation | None:
     listen_pid = env.get("LISTEN_PID")
     if listen_pid is None or "LISTEN_FDS" not in env:
         return None
-    if not listen_pid.strip().isdigit():
+    if not is_decimal(listen_pid.strip()):
         raise ListenerError(f"LISTEN_PID={listen_pid!r} is not a process id; fix the unit "
                             "or unset LISTEN_PID")
     if int(listen_pid) != pid:
         return None
     raw = env["LISTEN_FDS"].strip()
-    if not raw.isdigit():
+    if not is_decimal(raw):
         raise ListenerError(f"LISTEN_FDS={env['LISTEN_FDS']!r} is not a count; socket "
                             "activation must pass a number of fds")
     count = int(raw)
