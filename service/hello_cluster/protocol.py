@@ -32,8 +32,8 @@ _408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\
 
 
 def expire_slow_heads(connections: Iterable[Any], now: float) -> None:
-    """Called from the worker's loop once a second: a timestamp per request and one sweep
-    cost less than arming and cancelling a timer for every request."""
+    """Called from the worker's loop once a second: a timestamp per request head and one
+    sweep cost less than arming and cancelling a timer for every request."""
     for conn in list(connections):
         if isinstance(conn, WorkerProtocol) and conn.awaiting_head \
                 and now - conn.head_since > HEAD_TIMEOUT:
@@ -41,46 +41,51 @@ def expire_slow_heads(connections: Iterable[Any], now: float) -> None:
 
 
 class WorkerProtocol(HttpToolsProtocol):
+    """Only `data_received` is on the per-request path; everything else is derived.
+
+    A head is being read while there is no cycle or the last one is complete, and bytes
+    have arrived since (or, on a fresh connection, since it was accepted). `_head_of` is
+    the cycle the head being read follows, so a new head is noticed without a hook in
+    `on_headers_complete` or `on_response_complete`.
+    """
+
     draining = False
     _idle_close: TimerHandle | None = None
     _head_bytes = 0
-    awaiting_head = True
+    _head_of: Any = None
     head_since = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._start_head_clock()
+        self.head_since = self.loop.time()  # a silent new connection counts from here
 
-    def _start_head_clock(self) -> None:
-        self.awaiting_head, self._head_bytes = True, 0
-        self.head_since = self.loop.time()
+    @property
+    def awaiting_head(self) -> bool:
+        cycle = self.cycle
+        return (cycle is None or cycle.response_complete) and self._head_of is cycle
 
     def head_too_slow(self) -> None:
-        if self.awaiting_head and not self.transport.is_closing():
+        if not self.transport.is_closing():
             if self._head_bytes:
                 self.transport.write(_408)
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.awaiting_head:
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:  # these bytes belong to a head
+            if self._head_of is not cycle:  # the first bytes of the next request
+                self._head_of, self._head_bytes = cycle, 0
+                self.head_since = self.loop.time()
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
-                self.awaiting_head = False
                 self.transport.write(_431)
                 self.transport.close()
                 return
         super().data_received(data)
-
-    def on_headers_complete(self) -> None:
-        self.awaiting_head = False
-        super().on_headers_complete()
-        if self.draining and self.cycle is not None:
+        if self.draining and self.cycle is not cycle and self.cycle is not None:
+            # A request that came in after the drain began: answer it, then close. The
+            # app's task has not run yet, so the response will carry `connection: close`.
             self.cycle.keep_alive = False
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._start_head_clock()
 
     def shutdown(self) -> None:
         self.draining = True
