@@ -140,8 +140,10 @@ class Master:
             self.endpoint.expire(time.monotonic())
 
     def deadlines(self) -> list[float]:
-        times = [s.respawn_at for i, s in enumerate(self.slots)
-                 if s.respawn_at and not self._slot_workers(i)]
+        times: list[float] = []
+        if self.state != "stopping":  # an empty slot is due at its respawn time (0: now)
+            times += [s.respawn_at for i, s in enumerate(self.slots)
+                      if not self._slot_workers(i)]
         for w in self.workers.values():
             times.append(w.kill_at if w.kill_at is not None
                          else w.last_beat + self.cfg.worker_timeout)
