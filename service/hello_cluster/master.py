@@ -50,7 +50,6 @@ class Worker:
     last_beat: float
     ready_at: float | None = None
     retiring: str | None = None  # why we are stopping it: a planned end, never backed off
-    term_at: float | None = None
     kill_at: float | None = None
     hung: bool = False
     wants_recycle: bool = False
@@ -62,7 +61,6 @@ class Worker:
 class Slot:
     failures: int = 0
     respawn_at: float = 0.0
-    ceiling: float = 0.0
 
 
 @dataclass
@@ -319,7 +317,7 @@ class Master:
         """A planned end: SIGTERM now (drain), SIGKILL after the graceful timeout."""
         if w.retiring is not None:
             return
-        w.retiring, w.term_at = why, now
+        w.retiring = why
         w.kill_at = now + self.cfg.graceful_timeout + KILL_GRACE
         log.info("worker %d pid %d: draining (%s)", w.slot + 1, w.pid, why)
         _kill(w.pid, signal.SIGTERM)
@@ -390,12 +388,11 @@ class Master:
 
     def schedule_respawn(self, index: int, now: float, what: str) -> None:
         slot = self.slots[index]
-        slot.ceiling = backoff.ceiling(self.policy, slot.failures)
+        ceiling = backoff.ceiling(self.policy, slot.failures)
         wait = backoff.delay(self.policy, slot.failures, random.random)
         slot.respawn_at = now + wait
         log.warning("worker %d died: %s; failure %d in a row, respawn in %.3fs "
-                    "(backoff ceiling %.3fs)", index + 1, what, slot.failures, wait,
-                    slot.ceiling)
+                    "(backoff ceiling %.3fs)", index + 1, what, slot.failures, wait, ceiling)
 
     def abort_reload(self, w: Worker) -> bool:
         """A new-generation worker died before ready while old ones still serve: keep them."""
@@ -437,7 +434,7 @@ class Master:
                 continue
             if now - w.last_beat > self.cfg.worker_timeout:
                 w.hung = True
-                w.term_at, w.kill_at = now, now + KILL_GRACE
+                w.kill_at = now + KILL_GRACE
                 log.error("worker %d pid %d silent for %.1fs (--worker-timeout); killing it",
                           w.slot + 1, w.pid, now - w.last_beat)
                 _kill(w.pid, signal.SIGTERM)
