@@ -27,7 +27,7 @@ from hello_cluster.sockets import open_listeners
 
 log = logging.getLogger("hello_cluster")
 
-FDS_PER_WORKER = 4  # channel pipe, its worker's connections are the worker's own fds
+FDS_PER_WORKER = 5  # in the master: a listening socket and a channel pipe per worker, and slack
 
 
 @dataclass
@@ -110,12 +110,13 @@ def decide_pool(cfg: Config) -> int:
 
 def run(cfg: Config) -> int:
     notifier = Notifier()
-    listeners = open_listeners(cfg.binds, cfg.metrics_bind, os.environ, os.getpid())
+    desired = decide_pool(cfg)
+    check_fd_limit(desired)
+    listeners = open_listeners(cfg.binds, cfg.metrics_bind, os.environ, os.getpid(),
+                               slots=desired, reuse_port=cfg.reuse_port)
     runtime: RuntimeDir | None = None
     metrics_dir: str | None = None
     try:
-        desired = decide_pool(cfg)
-        check_fd_limit(desired)
         runtime = prepare_runtime_dir(cfg)
         if listeners.metrics is not None:
             metrics_dir = make_metrics_dir(runtime, cfg)

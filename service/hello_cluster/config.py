@@ -229,6 +229,7 @@ class Config:
 
     binds: tuple[BindAddress, ...] = (BindAddress(ALL_INTERFACES, 8085),)
     workers: int | None = None
+    reuse_port: str = "auto"
     app: str = DEFAULT_APP
     graceful_timeout: float = 30.0
     shutdown_delay: float = 0.0
@@ -283,6 +284,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", parse_workers, "auto",
            "worker processes: a count, or auto = usable CPUs after affinity and cgroup quota",
            "N|auto"),
+    Option("reuse-port", parse_choice("auto", "on", "off"), "auto",
+           "auto/on: a TCP --bind becomes one SO_REUSEPORT socket per worker, steered to the "
+           "ready workers (auto falls back to a shared socket if the kernel refuses); off: "
+           "one socket shared by all workers", "auto|on|off"),
     Option("app", parse_app, DEFAULT_APP, "the ASGI application to serve", "MODULE:ATTR"),
     Option("graceful-timeout", parse_duration, "30s",
            "how long a stopping worker may finish in-flight requests before it is killed",

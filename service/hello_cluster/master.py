@@ -36,6 +36,9 @@ log = logging.getLogger("hello_cluster.master")
 
 KILL_GRACE = 2.0  # a hung worker gets this long after SIGTERM before SIGKILL
 MAX_TIMEOUT = 1.0  # the loop turns at least this often (watchdog, status, deadlines)
+# A steered worker silent this long (three of its 0.1 s beats) gets no new connections
+# until it beats again: its event loop is blocked, so it could not accept them.
+STALL = 0.3
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
            signal.SIGTTIN, signal.SIGTTOU)
 
@@ -52,6 +55,7 @@ class Worker:
     retiring: str | None = None  # why we are stopping it: a planned end, never backed off
     kill_at: float | None = None
     hung: bool = False
+    stalled: bool = False  # silent past STALL: left out of the steering
     wants_recycle: bool = False
     buffer: bytes = b""
     error: str | None = None
@@ -93,6 +97,7 @@ class Master:
         self.watchdog_next = 0.0
         self.extend_next = 0.0
         self.endpoint: Endpoint | None = None
+        self.steered: frozenset[int] | None = None  # the slots new connections go to
         self._wake_r, self._wake_w = os.pipe()
 
     # ---- life of the master -------------------------------------------------------------
@@ -138,6 +143,7 @@ class Master:
             self.endpoint.expire(time.monotonic())
 
     def deadlines(self) -> list[float]:
+        now = time.monotonic()
         times: list[float] = []
         if self.state != "stopping":  # an empty slot is due at its respawn time (0: now)
             times += [s.respawn_at for i, s in enumerate(self.slots)
@@ -145,6 +151,8 @@ class Master:
         for w in self.workers.values():
             times.append(w.kill_at if w.kill_at is not None
                          else w.last_beat + self.cfg.worker_timeout)
+            if self.steered and w.slot in self.steered and w.last_beat + STALL > now:
+                times.append(w.last_beat + STALL)
         for t in (self.drain_at, self.drain_deadline,
                   self.watchdog_next if self.watchdog_every else None,
                   self.endpoint.next_deadline() if self.endpoint else None):
@@ -249,15 +257,17 @@ class Master:
     # ---- the life of workers ------------------------------------------------------------
 
     def spawn_worker(self, slot: int, now: float) -> None:
+        self.listeners.grow(slot + 1)  # a slot added by SIGTTIN needs its own socket
         read_fd, write_fd = os.pipe()
         close_fds = [read_fd, self._wake_r, self._wake_w, self.selector.fileno(),
-                     *(w.fd for w in self.workers.values())]
+                     *(w.fd for w in self.workers.values()), *self.listeners.not_for_slot(slot)]
         if self.endpoint is not None:
             close_fds.append(self.endpoint.sock.fileno())
             close_fds.extend(self.endpoint.conns)
         spec = worker.WorkerSpec(slot=slot, generation=self.generation, master_pid=self.pid,
-                                 sockets=self.listeners.app, channel_fd=write_fd,
-                                 close_fds=close_fds)
+                                 sockets=self.listeners.for_slot(slot), channel_fd=write_fd,
+                                 close_fds=close_fds,
+                                 listen_grace=worker.LISTEN_GRACE if self.listeners.groups else 0)
         for handler in logging.getLogger().handlers:
             handler.flush()
         # Block our signals across fork(): a signal landing in the child before it has reset
@@ -320,6 +330,7 @@ class Master:
         w.retiring = why
         w.kill_at = now + self.cfg.graceful_timeout + KILL_GRACE
         log.info("worker %d pid %d: draining (%s)", w.slot + 1, w.pid, why)
+        self.steer()  # no new connection for it from here on
         _kill(w.pid, signal.SIGTERM)
 
     def reap_workers(self) -> None:
@@ -462,7 +473,37 @@ class Master:
                         self.retire(w, "max-requests" if w.wants_recycle else "reload", now)
         self.update_state()
 
+    def steer(self) -> None:
+        """Point the SO_REUSEPORT groups at the slots whose worker is ready and staying.
+
+        Called every turn and before any SIGTERM; it costs a setsockopt only when the set
+        changed. A slot left out keeps its socket (held here), so what was queued on it
+        waits for the slot's next worker.
+        """
+        if not self.listeners.groups:
+            return
+        now = time.monotonic()
+        ready: set[int] = set()
+        for w in self.workers.values():
+            if w.ready_at is None or w.retiring is not None or w.hung or w.slot >= self.desired:
+                continue
+            stalled = now - w.last_beat > STALL
+            if stalled and not w.stalled:
+                self.stats.stalls += 1
+                log.debug("worker %d pid %d: no beat for %.1fs, its loop is blocked; no new "
+                          "connections for it until it beats", w.slot + 1, w.pid,
+                          now - w.last_beat)
+            w.stalled = stalled
+            if not stalled:
+                ready.add(w.slot)
+        if frozenset(ready) != self.steered:
+            self.steered = frozenset(ready)
+            self.listeners.steer(ready)
+            log.debug("steering new connections to slots %s",
+                      ", ".join(str(s + 1) for s in sorted(ready)) or "(none: kernel hash)")
+
     def update_state(self) -> None:
+        self.steer()
         ready = self.ready_count()
         if self.state == "starting" and ready >= self.desired:
             self.state = "running"
@@ -497,6 +538,7 @@ class Master:
         s.desired = self.desired
         s.running = len(self.workers)
         s.ready = self.ready_count()
+        s.steered = len(self.steered) if self.steered is not None else s.ready
         s.backoff_seconds = max((sl.respawn_at - now for i, sl in enumerate(self.slots)
                                  if sl.respawn_at > now and not self._slot_workers(i)),
                                 default=0.0)

@@ -53,6 +53,8 @@ class PoolStats:
     backoff_seconds: float = 0.0
     crash_loop: bool = False
     reloads: int = 0
+    steered: int = 0
+    stalls: int = 0
 
 
 class PoolCollector:
@@ -66,6 +68,13 @@ class PoolCollector:
         yield _gauge("workers_desired", "Worker processes the master wants running.", s.desired)
         yield _gauge("workers_running", "Worker processes alive now.", s.running)
         yield _gauge("workers_ready", "Worker processes accepting connections now.", s.ready)
+        yield _gauge("workers_steered",
+                     "Worker slots new connections are sent to now (ready, loop turning).",
+                     s.steered)
+        yield _counter("worker_stalls",
+                       "Times a worker's event loop went silent for 0.3 s and new connections "
+                       "were steered away from it (blocking code in async handlers).",
+                       s.stalls)
         yield _counter("worker_spawns", "Worker processes forked.", s.spawns)
         restarts = CounterMetricFamily(
             f"{NAMESPACE}_worker_restarts",

@@ -1,20 +1,26 @@
 """Listening sockets: taken over from systemd socket activation, or bound by us.
 
-The master owns the listeners and every worker inherits them across fork(), so the kernel
-spreads connections over the workers and a respawned worker serves the same socket at once.
+The master owns the listeners and the workers inherit them across fork(). A socket systemd
+passed (or a unix socket) is one socket every worker serves. A TCP address we bind
+ourselves is, by default, a SO_REUSEPORT group with one socket per worker slot, steered by
+`balance` so that new connections spread evenly over the ready workers.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 
+from hello_cluster import balance
 from hello_cluster.config import BindAddress, is_decimal
 from hello_cluster.errors import ListenerError
+
+log = logging.getLogger("hello_cluster.sockets")
 
 SD_LISTEN_FDS_START = 3
 METRICS_NAME = "metrics"
@@ -90,7 +96,7 @@ def adopt_fd(fd: int, name: str) -> socket.socket:
     return sock
 
 
-def bind(address: BindAddress, what: str = "--bind") -> socket.socket:
+def bind(address: BindAddress, what: str = "--bind", reuse_port: bool = False) -> socket.socket:
     """Bind and listen, turning the kernel's refusals into messages an operator can act on."""
     if address.path is not None:
         return _bind_unix(address.path, what)
@@ -104,6 +110,8 @@ def bind(address: BindAddress, what: str = "--bind") -> socket.socket:
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
@@ -155,18 +163,82 @@ def _bind_message(what: str, address: str, err: OSError) -> str:
 
 
 @dataclass
+class PortGroup:
+    """One TCP address as a SO_REUSEPORT group: socket i belongs to worker slot i.
+
+    The kernel numbers a group's sockets in the order they started listening and renumbers
+    only when one closes; the master keeps all of them open until it stops, so position i
+    in `socks` is index i for the steering program.
+    """
+
+    address: BindAddress
+    socks: list[socket.socket]
+
+    @classmethod
+    def bind(cls, address: BindAddress, slots: int) -> PortGroup:
+        # A plain bind first: SO_REUSEPORT would silently share a port another process of
+        # this user already listens on with it, and split the traffic with a stranger.
+        bind(address).close()
+        first = bind(address, reuse_port=True)
+        group = cls(BindAddress(address.host, first.getsockname()[1]), [first])
+        try:
+            group.grow(slots)
+            group.steer(range(slots))
+        except (ListenerError, OSError):
+            group.close()
+            raise
+        return group
+
+    def grow(self, slots: int) -> None:
+        while len(self.socks) < slots:
+            self.socks.append(bind(self.address, reuse_port=True))
+
+    def steer(self, slots: Iterable[int]) -> None:
+        balance.attach(self.socks[0], balance.program(sorted(slots)))
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()
+        self.socks = []
+
+
+@dataclass
 class Listeners:
-    app: list[socket.socket] = field(default_factory=list)
+    app: list[socket.socket] = field(default_factory=list)  # served by every worker
+    groups: list[PortGroup] = field(default_factory=list)  # one socket per worker slot
     metrics: socket.socket | None = None
     activated: bool = False
+
+    def for_slot(self, slot: int) -> list[socket.socket]:
+        """What a worker in `slot` serves: the shared sockets and its own in each group."""
+        return [*self.app, *(g.socks[slot] for g in self.groups)]
+
+    def not_for_slot(self, slot: int) -> list[int]:
+        """Other slots' sockets, which a worker closes so it never holds them open."""
+        return [s.fileno() for g in self.groups for i, s in enumerate(g.socks) if i != slot]
+
+    def grow(self, slots: int) -> None:
+        for group in self.groups:
+            group.grow(slots)
+
+    def steer(self, slots: Iterable[int]) -> None:
+        """Send new connections only to these slots (the ones with a ready worker)."""
+        chosen = sorted(slots)
+        for group in self.groups:
+            if group.socks:
+                group.steer(chosen)
 
     def close_app(self) -> None:
         for sock in self.app:
             sock.close()
         self.app = []
+        for group in self.groups:
+            group.close()
 
     def describe(self) -> str:
-        return ", ".join(_describe(s) for s in self.app)
+        return ", ".join([*(_describe(s) for s in self.app),
+                          *(f"{_describe(g.socks[0])} (SO_REUSEPORT, {len(g.socks)} sockets)"
+                            for g in self.groups if g.socks)])
 
 
 def _describe(sock: socket.socket) -> str:
@@ -178,8 +250,15 @@ def _describe(sock: socket.socket) -> str:
 
 
 def open_listeners(binds: tuple[BindAddress, ...], metrics_bind: BindAddress | None,
-                   env: MutableMapping[str, str], pid: int) -> Listeners:
-    """Socket activation when systemd passed fds to this pid, else bind --bind ourselves."""
+                   env: MutableMapping[str, str], pid: int, slots: int = 1,
+                   reuse_port: str = "off") -> Listeners:
+    """Socket activation when systemd passed fds to this pid, else bind --bind ourselves.
+
+    `reuse_port` (`--reuse-port`): "auto" makes each TCP address we bind a steered
+    SO_REUSEPORT group when there are several workers, and falls back to one shared socket
+    (with a warning) where the kernel refuses the steering program; "on" insists; "off"
+    always shares one socket. Unix sockets and systemd's sockets are always shared.
+    """
     activation = parse_listen_env(env, pid)
     clear_listen_env(env)
     listeners = Listeners()
@@ -196,7 +275,14 @@ def open_listeners(binds: tuple[BindAddress, ...], metrics_bind: BindAddress | N
                 raise ListenerError("socket activation passed only a 'metrics' socket; name "
                                     "the app socket FileDescriptorName=http")
         else:
-            listeners.app = [bind(address) for address in binds]
+            for address in binds:
+                group = None
+                if address.path is None and reuse_port != "off" and slots > 1:
+                    group = _steered_group(address, slots, reuse_port == "on")
+                if group is not None:
+                    listeners.groups.append(group)
+                else:
+                    listeners.app.append(bind(address))
         if listeners.metrics is None and metrics_bind is not None:
             listeners.metrics = bind(metrics_bind, "--metrics-bind")
     except ListenerError:
@@ -205,3 +291,17 @@ def open_listeners(binds: tuple[BindAddress, ...], metrics_bind: BindAddress | N
             listeners.metrics.close()
         raise
     return listeners
+
+
+def _steered_group(address: BindAddress, slots: int, insist: bool) -> PortGroup | None:
+    """The group, or None (shared socket) where the kernel refuses steering and we may."""
+    try:
+        return PortGroup.bind(address, slots)
+    except OSError as err:  # the steering program was refused (ListenerError passes by)
+        if insist:
+            raise ListenerError(f"--bind {address}: --reuse-port on, but the kernel refused "
+                                f"the steering program ({err.strerror or err}); use "
+                                "--reuse-port off") from None
+        log.warning("--bind %s: the kernel refused SO_REUSEPORT steering (%s); all workers "
+                    "share one socket", address, err.strerror or err)
+        return None

@@ -40,6 +40,10 @@ UVICORN_STARTUP_FAILURE = 3  # uvicorn's exit when the app's lifespan startup fa
 # 0 drained, 1 crashed (or the demo), 4 app import failed, 6 resource, 70 app startup failed.
 EXIT_APP_STARTUP = 70
 TICK = 0.1  # uvicorn's main loop period
+# With a socket of its own (a SO_REUSEPORT group), a draining worker keeps accepting this
+# long: the master has already steered new connections away, but a handshake begun just
+# before that completes one round trip later, into this worker's socket.
+LISTEN_GRACE = 0.25
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class WorkerSpec:
     sockets: Sequence[socket.socket]
     channel_fd: int
     close_fds: Sequence[int]
+    listen_grace: float = 0.0
 
 
 def preload_engine() -> None:
@@ -131,8 +136,10 @@ class WorkerServer(uvicorn.Server):
     """uvicorn's server with the master's protocol: ready, heartbeat, recycle requests."""
 
     def __init__(self, config: uvicorn.Config, channel: ch.WorkerChannel,
-                 beat_ticks: int, max_requests: int, metrics: Any = None) -> None:
+                 beat_ticks: int, max_requests: int, metrics: Any = None,
+                 listen_grace: float = 0.0) -> None:
         super().__init__(config)
+        self.listen_grace = listen_grace
         self.metrics = metrics  # a RequestMetrics to flush each tick, or None
         self.channel = channel
         self.beat_ticks = beat_ticks
@@ -149,6 +156,8 @@ class WorkerServer(uvicorn.Server):
         yield
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.listen_grace:
+            await asyncio.sleep(self.listen_grace)  # still accepting: see LISTEN_GRACE
         await super().shutdown(sockets)
         if self.metrics is not None:
             self.metrics.flush()  # the last requests count too
@@ -231,8 +240,12 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
         timeout_keep_alive=max(1, int(cfg.keep_alive_timeout)),
         limit_concurrency=cfg.limit_concurrency,
     )
-    beat_ticks = max(1, int(min(1.0, cfg.worker_timeout / 4) / TICK))
-    server = WorkerServer(uv_config, channel, beat_ticks, max_requests, metrics)
+    # A worker with a socket of its own beats every tick: the master takes a worker whose
+    # loop stalls out of the steering within STALL (master.py), or half the new
+    # connections would queue behind a blocking call.
+    beat_ticks = 1 if spec.listen_grace else max(1, int(min(1.0, cfg.worker_timeout / 4) / TICK))
+    server = WorkerServer(uv_config, channel, beat_ticks, max_requests, metrics,
+                          spec.listen_grace)
     server.run(sockets=list(spec.sockets))
     return server.exit_code if server.started else EXIT_APP_STARTUP
 
