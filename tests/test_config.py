@@ -11,6 +11,7 @@ from hello_cluster.config import (
     load_config,
     parse_bind,
     parse_duration,
+    parse_forwarded,
     parse_workers,
 )
 from hello_cluster.errors import ConfigError
@@ -117,3 +118,11 @@ def test_unicode_digits_are_not_numbers() -> None:
                         (parse_duration, "²s")):
         with pytest.raises(ConfigError):
             parse(text)
+
+
+def test_forwarded_allow_ips() -> None:
+    assert parse_forwarded("none") == () and parse_forwarded("") == ()
+    assert parse_forwarded("*") == ("*",)
+    assert parse_forwarded("127.0.0.1, 10.0.0.0/8,::1") == ("127.0.0.1", "10.0.0.0/8", "::1")
+    with pytest.raises(ConfigError, match="'proxy.local' is not an IP address or network"):
+        parse_forwarded("127.0.0.1,proxy.local")

@@ -162,3 +162,16 @@ def test_json_logs_and_auto_workers(cluster) -> None:  # type: ignore[no-untyped
     decision = next(e for e in entries if e["message"].startswith("workers: "))
     assert "auto: " in decision["message"] and "CPUs" in decision["message"]
     assert {e["role"] for e in entries} >= {"master"}
+
+
+def test_forwarded_headers_only_from_trusted_proxies(cluster) -> None:  # type: ignore[no-untyped-def]
+    """By default X-Forwarded-* are not believed; --forwarded-allow-ips names who may set them."""
+    forged = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+    plain = cluster("--workers", "1", "--app", "hc_testapp:app", metrics=False)
+    assert plain.get("/client", headers=forged)[2] == b"127.0.0.1 http"
+    trusting = cluster("--workers", "1", "--app", "hc_testapp:app", "--forwarded-allow-ips",
+                       "127.0.0.1", metrics=False)
+    assert trusting.get("/client", headers=forged)[2] == b"203.0.113.7 https"
+    others = cluster("--workers", "1", "--app", "hc_testapp:app", "--forwarded-allow-ips",
+                     "10.0.0.0/8", metrics=False)
+    assert others.get("/client", headers=forged)[2] == b"127.0.0.1 http"

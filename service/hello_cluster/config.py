@@ -205,6 +205,23 @@ def parse_app(text: str) -> str:
     return text
 
 
+def parse_forwarded(text: str) -> tuple[str, ...]:
+    """Who may set X-Forwarded-For/-Proto: none, *, or a comma-separated list of IPs/CIDRs."""
+    lowered = text.strip().lower()
+    if lowered in ("", "none", "off"):
+        return ()
+    if lowered == "*":
+        return ("*",)
+    items = tuple(item.strip() for item in text.split(","))
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"{item!r} is not an IP address or network; use e.g. "
+                              "127.0.0.1,10.0.0.0/8, * or none") from None
+    return items
+
+
 def parse_metrics_bind(text: str) -> BindAddress | None:
     if text.strip().lower() == "off":
         return None
@@ -246,6 +263,7 @@ class Config:
     max_requests: int = 0
     max_requests_jitter: int = 0
     keep_alive_timeout: float = 5.0
+    forwarded_allow_ips: tuple[str, ...] = ()
     limit_concurrency: int = 1000
     runtime_dir: str | None = None
     user: str | None = None
@@ -319,6 +337,9 @@ OPTIONS: tuple[Option, ...] = (
            "add up to this many requests at random to --max-requests per worker", "N"),
     Option("keep-alive-timeout", parse_duration, "5s",
            "close idle keep-alive connections after this long", "DURATION"),
+    Option("forwarded-allow-ips", parse_forwarded, "none",
+           "proxies trusted to set X-Forwarded-For/-Proto (the app then sees the client's "
+           "address and scheme): none, *, or IPs/CIDRs, comma-separated", "IPS|*|none"),
     Option("limit-concurrency", parse_int(1, 1_000_000), "1000",
            "max concurrent connections per worker; beyond it new requests get 503", "N"),
     Option("runtime-dir", parse_path, None,

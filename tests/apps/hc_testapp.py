@@ -45,6 +45,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     elif path == "/env":  # which LISTEN_* variables the worker still sees
         names = sorted(k for k in os.environ if k.startswith("LISTEN_"))
         await _reply(send, ",".join(names).encode())
+    elif path == "/client":  # the client address and scheme the app sees
+        await _reply(send, f"{scope['client'][0]} {scope['scheme']}".encode())
     elif path == "/status":
         await _reply(send, b"teapot\n", 418)
     else:
