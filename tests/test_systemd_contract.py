@@ -179,10 +179,14 @@ def test_socket_activation_with_metrics_fd(tmp_path: Path) -> None:
 def test_socket_activation_several_app_sockets(tmp_path: Path) -> None:
     p4, p6 = free_port(), free_port()
     proc = activate(tmp_path, f"127.0.0.1:{p4}", f"[::1]:{p6}", names="http:http",
-                    args=("--workers", "1", "--metrics-bind", "off"))
+                    args=("--workers", "1", "--metrics-bind", "off", "--reuse-port", "on"))
     try:
         wait_for(lambda: http_get(p4, "/", timeout=1)[0] == 200, 15, what="IPv4 socket")
         assert http_get(p6, "/", host="::1")[0] == 200
+        # systemd's sockets are shared by all workers; asking for more is said, not fatal.
+        log = (tmp_path / "activate.log").read_text()
+        assert "--reuse-port on: systemd passed the listening sockets" in log
+        assert "SO_REUSEPORT" not in log.split("master ready to fork")[1].splitlines()[0]
     finally:
         stop(proc)
 

@@ -451,6 +451,7 @@ class Master:
                 _kill(w.pid, signal.SIGTERM)
 
     def manage_workers(self) -> None:
+        self.steer()
         now = time.monotonic()
         if self.state == "stopping":
             if self.drain_at is not None and now >= self.drain_at:
@@ -476,9 +477,10 @@ class Master:
     def steer(self) -> None:
         """Point the SO_REUSEPORT groups at the slots whose worker is ready and staying.
 
-        Called every turn and before any SIGTERM; it costs a setsockopt only when the set
-        changed. A slot left out keeps its socket (held here), so what was queued on it
-        waits for the slot's next worker.
+        Called every turn (a death, a READY or a missed beat each end a wait) and before
+        any SIGTERM; it costs a setsockopt only when the set changed. A slot left out
+        keeps its socket (held here), so what was queued on it waits for the slot's next
+        worker.
         """
         if not self.listeners.groups:
             return
@@ -503,7 +505,6 @@ class Master:
                       ", ".join(str(s + 1) for s in sorted(ready)) or "(none: kernel hash)")
 
     def update_state(self) -> None:
-        self.steer()
         ready = self.ready_count()
         if self.state == "starting" and ready >= self.desired:
             self.state = "running"

@@ -15,7 +15,7 @@ import glob
 import os
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,11 +186,12 @@ class RequestMetrics:
         start = time.perf_counter()
         status = 500
 
-        async def send_status(message: dict[str, Any]) -> None:
+        def send_status(message: dict[str, Any]) -> Awaitable[None]:
+            # Not a coroutine: it hands back send's own awaitable, one frame less per send.
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            return send(message)  # type: ignore[no-any-return]
 
         self.in_flight += 1
         try:

@@ -255,9 +255,9 @@ def open_listeners(binds: tuple[BindAddress, ...], metrics_bind: BindAddress | N
     """Socket activation when systemd passed fds to this pid, else bind --bind ourselves.
 
     `reuse_port` (`--reuse-port`): "auto" makes each TCP address we bind a steered
-    SO_REUSEPORT group when there are several workers, and falls back to one shared socket
-    (with a warning) where the kernel refuses the steering program; "on" insists; "off"
-    always shares one socket. Unix sockets and systemd's sockets are always shared.
+    SO_REUSEPORT group (one socket per worker slot; SIGTTIN adds more), and falls back to
+    one shared socket (with a warning) where the kernel refuses the steering program; "on"
+    insists; "off" always shares one socket. Unix sockets and systemd's sockets are always shared.
     """
     activation = parse_listen_env(env, pid)
     clear_listen_env(env)
@@ -265,6 +265,10 @@ def open_listeners(binds: tuple[BindAddress, ...], metrics_bind: BindAddress | N
     try:
         if activation is not None:
             listeners.activated = True
+            if reuse_port == "on":
+                log.warning("--reuse-port on: systemd passed the listening sockets, so all "
+                            "workers share them; bind them ourselves (no .socket unit) to "
+                            "get one socket per worker")
             for fd, name in activation.fds:
                 sock = adopt_fd(fd, name)
                 if name == METRICS_NAME:
@@ -277,7 +281,7 @@ def open_listeners(binds: tuple[BindAddress, ...], metrics_bind: BindAddress | N
         else:
             for address in binds:
                 group = None
-                if address.path is None and reuse_port != "off" and slots > 1:
+                if address.path is None and reuse_port != "off":
                     group = _steered_group(address, slots, reuse_port == "on")
                 if group is not None:
                     listeners.groups.append(group)
