@@ -473,3 +473,35 @@ def test_scrape_survives_an_empty_worker_metric_file(
     assert value(samples, "hello_cluster_workers_ready") == 2
     assert value(samples, "hello_cluster_http_requests_total") == 3
     assert c.metrics_get("/livez")[0] == 200
+
+
+def test_dead_workers_files_fold_into_one_archive(
+        cluster: Callable[..., Cluster], tmp_path: Path) -> None:
+    """Every dead worker's counters and histograms are summed into one archive file per
+    kind, so the files a scrape reads stay as many as the live workers, and nothing that
+    was counted is lost."""
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    c = cluster("--workers", "2", "--runtime-dir", str(runtime), "--backoff-max", "200ms",
+                workers=2)
+    directory = runtime / f"metrics-{c.pid}"
+    sent, spawns = 0, 2
+    for _ in range(3):
+        for _ in range(10):
+            assert c.get("/")[0] == 200
+            sent += 1
+        wait_for(lambda n=sent: value(scrape(c), "hello_cluster_http_requests_total") == n,
+                 5, what="the requests counted")
+        for pid in c.workers():
+            os.kill(pid, signal.SIGKILL)
+        spawns += 2
+        wait_pool(c, 15, "the respawns", workers_ready=2, worker_spawns_total=spawns)
+    live = set(c.workers())
+    for kind in ("counter", "histogram"):
+        owners = {p.name[len(kind) + 1:-3] for p in directory.glob(f"{kind}_*.db")}
+        assert owners <= {"archive", *map(str, live)}, owners
+        assert "archive" in owners
+    samples = scrape(c)
+    assert value(samples, "hello_cluster_http_requests_total") == sent
+    assert value(samples, "hello_cluster_http_request_duration_seconds_count") == sent
+    assert value(samples, "hello_cluster_http_request_duration_seconds_bucket", le="+Inf") == sent

@@ -355,7 +355,13 @@ class Master:
         if self.multiproc_dir is not None:
             from prometheus_client import multiprocess
 
+            from hello_cluster.metrics import archive_dead_worker
+
             multiprocess.mark_process_dead(w.pid, self.multiproc_dir)
+            try:
+                archive_dead_worker(self.multiproc_dir, w.pid)
+            except Exception as err:  # bookkeeping must never take supervision down
+                log.warning("could not archive the metric files of pid %d: %s", w.pid, err)
         lifetime = now - w.spawned_at
         how = _describe_status(status)
         if w.retiring is not None:

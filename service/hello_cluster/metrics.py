@@ -29,6 +29,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from hello_cluster import __version__
@@ -226,3 +227,35 @@ class RequestMetrics:
             for elapsed in pending:
                 self.duration.observe(elapsed)
         self.in_progress.set(self.in_flight)
+
+
+ARCHIVED_KINDS = ("counter", "histogram")  # values that only add up; gauges are left alone
+
+
+def archive_dead_worker(directory: str, pid: int) -> None:
+    """Fold a dead worker's counter and histogram files into one archive file per kind.
+
+    Without this, every worker that ever died leaves its files behind and every scrape
+    merges all of them: after months of recycling (--max-requests) or crashes, thousands of
+    files read in the master's loop. Summing them into `counter_archive.db` and
+    `histogram_archive.db` keeps a scrape's cost proportional to the live workers, and the
+    totals unchanged. The master is the only writer of the archive, and scrapes run in the
+    same thread, so nothing reads it half-written.
+    """
+    for kind in ARCHIVED_KINDS:
+        dead = os.path.join(directory, f"{kind}_{pid}.db")
+        try:
+            size = os.path.getsize(dead)
+        except FileNotFoundError:
+            continue
+        if size >= 8:  # an empty file (killed at creation) holds nothing: just remove it
+            values = MmapedDict.read_all_values_from_file(dead)
+            archive = MmapedDict(os.path.join(directory, f"{kind}_archive.db"))
+            try:
+                totals = {key: value for key, value, _ in archive.read_all_values()}
+                for key, value, timestamp, _ in values:
+                    totals[key] = totals.get(key, 0.0) + value
+                    archive.write_value(key, totals[key], timestamp)
+            finally:
+                archive.close()
+        os.unlink(dead)
