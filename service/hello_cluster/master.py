@@ -60,6 +60,11 @@ class Worker:
     buffer: bytes = b""
     error: str | None = None
 
+    @property
+    def serving(self) -> bool:
+        """Ready, and neither draining nor hung: it accepts connections."""
+        return self.ready_at is not None and self.retiring is None and not self.hung
+
 
 @dataclass
 class Slot:
@@ -266,8 +271,7 @@ class Master:
             close_fds.extend(self.endpoint.conns)
         spec = worker.WorkerSpec(slot=slot, generation=self.generation, master_pid=self.pid,
                                  sockets=self.listeners.for_slot(slot), channel_fd=write_fd,
-                                 close_fds=close_fds,
-                                 listen_grace=worker.LISTEN_GRACE if self.listeners.groups else 0)
+                                 close_fds=close_fds, own_socket=bool(self.listeners.groups))
         for handler in logging.getLogger().handlers:
             handler.flush()
         # Block our signals across fork(): a signal landing in the child before it has reset
@@ -493,7 +497,7 @@ class Master:
         now = time.monotonic()
         ready: set[int] = set()
         for w in self.workers.values():
-            if w.ready_at is None or w.retiring is not None or w.hung or w.slot >= self.desired:
+            if not w.serving or w.slot >= self.desired:
                 continue
             stalled = now - w.last_beat > STALL
             if stalled and not w.stalled:
@@ -532,8 +536,7 @@ class Master:
     # ---- what others see ----------------------------------------------------------------
 
     def ready_count(self) -> int:
-        return sum(1 for w in self.workers.values()
-                   if w.ready_at is not None and w.retiring is None and not w.hung)
+        return sum(1 for w in self.workers.values() if w.serving)
 
     def status_line(self) -> str:
         restarts = sum(self.stats.restarts.values())

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
 from hello_cluster import balance
@@ -183,7 +183,7 @@ class PortGroup:
         group = cls(BindAddress(address.host, first.getsockname()[1]), [first])
         try:
             group.grow(slots)
-            group.steer(range(slots))
+            group.steer(list(range(slots)))
         except (ListenerError, OSError):
             group.close()
             raise
@@ -193,8 +193,9 @@ class PortGroup:
         while len(self.socks) < slots:
             self.socks.append(bind(self.address, reuse_port=True))
 
-    def steer(self, slots: Iterable[int]) -> None:
-        balance.attach(self.socks[0], balance.program(sorted(slots)))
+    def steer(self, slots: Sequence[int]) -> None:
+        """`slots` sorted: the program's shape then depends on the set alone."""
+        balance.attach(self.socks[0], balance.program(slots))
 
     def close(self) -> None:
         for sock in self.socks:
@@ -225,8 +226,7 @@ class Listeners:
         """Send new connections only to these slots (the ones with a ready worker)."""
         chosen = sorted(slots)
         for group in self.groups:
-            if group.socks:
-                group.steer(chosen)
+            group.steer(chosen)
 
     def close_app(self) -> None:
         for sock in self.app:
@@ -234,11 +234,12 @@ class Listeners:
         self.app = []
         for group in self.groups:
             group.close()
+        self.groups = []
 
     def describe(self) -> str:
         return ", ".join([*(_describe(s) for s in self.app),
                           *(f"{_describe(g.socks[0])} (SO_REUSEPORT, {len(g.socks)} sockets)"
-                            for g in self.groups if g.socks)])
+                            for g in self.groups)])
 
 
 def _describe(sock: socket.socket) -> str:

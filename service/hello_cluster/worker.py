@@ -54,7 +54,7 @@ class WorkerSpec:
     sockets: Sequence[socket.socket]
     channel_fd: int
     close_fds: Sequence[int]
-    listen_grace: float = 0.0
+    own_socket: bool = False  # its slot's socket of a steered SO_REUSEPORT group
 
 
 def preload_engine() -> None:
@@ -247,9 +247,9 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
     # A worker with a socket of its own beats every tick: the master takes a worker whose
     # loop stalls out of the steering within STALL (master.py), or half the new
     # connections would queue behind a blocking call.
-    beat_ticks = 1 if spec.listen_grace else max(1, int(min(1.0, cfg.worker_timeout / 4) / TICK))
+    beat_ticks = 1 if spec.own_socket else max(1, int(min(1.0, cfg.worker_timeout / 4) / TICK))
     server = WorkerServer(uv_config, channel, beat_ticks, max_requests, metrics,
-                          spec.listen_grace)
+                          LISTEN_GRACE if spec.own_socket else 0.0)
     server.run(sockets=list(spec.sockets))
     return server.exit_code if server.started else EXIT_APP_STARTUP
 
