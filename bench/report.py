@@ -209,6 +209,10 @@ def markdown(doc: dict[str, Any], field: list[peers.Contender]) -> str:
         lines.append(f"- RequestMetrics in-process cost (bench/micro_metrics.py): "
                      f"{mm['request_metrics_us']:.2f} us per request on top of the app's "
                      f"{mm['app_us']:.2f} us")
+        if "proxy_headers_us" in mm:
+            lines.append(f"- uvicorn's ProxyHeadersMiddleware (on in uvicorn for 127.0.0.1 by "
+                         f"default; in hello-cluster only with --forwarded-allow-ips): "
+                         f"{mm['proxy_headers_us']:.2f} us per request")
     lines.append(f"- load average (1 min) at start / end: {d.get('loadavg_at_start', 0):.2f} / "
                  f"{m.get('loadavg_at_end', 0):.2f} (other work on the machine skews results)")
     errors = [(rows[c.name]["label"], e) for c in field for e in rows[c.name]["errors"]]
