@@ -56,6 +56,7 @@ class PoolStats:
     reloads: int = 0
     steered: int = 0
     stalls: int = 0
+    wakeups: int = 0
 
 
 class PoolCollector:
@@ -77,6 +78,10 @@ class PoolCollector:
                        "were steered away from it (blocking code in async handlers).",
                        s.stalls)
         yield _counter("worker_spawns", "Worker processes forked.", s.spawns)
+        yield _counter("master_wakeups",
+                       "Turns of the master's loop (signals, worker messages, scrapes, "
+                       "timers): about 10 a second when idle, whatever the pool size.",
+                       s.wakeups)
         restarts = CounterMetricFamily(
             f"{NAMESPACE}_worker_restarts",
             "Unplanned worker deaths that led to a respawn, by reason.", labels=["reason"])
