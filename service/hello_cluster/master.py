@@ -31,6 +31,7 @@ from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK
 from hello_cluster.metrics import PoolStats, master_registry, render
 from hello_cluster.notify import Notifier, watchdog_interval
 from hello_cluster.oom import OomWatch
+from hello_cluster.recycling import Recycler
 from hello_cluster.sockets import Listeners
 
 log = logging.getLogger("hello_cluster.master")
@@ -57,7 +58,7 @@ class Worker:
     kill_at: float | None = None
     hung: bool = False
     stalled: bool = False  # silent past STALL: left out of the steering
-    wants_recycle: bool = False
+    recycle: str | None = None  # a planned replacement asked for: max-requests, memory, lifetime
     buffer: bytes = b""
     error: str | None = None
     cell: int | None = None  # its beat cell in the shared table (None: beats by pipe)
@@ -111,6 +112,7 @@ class Master:
         self.scanned_at = 0.0  # when the beats were last read: silences are measured here
         self.next_respawn: float | None = None  # the earliest respawn due (manage_workers)
         self.last_status = ""
+        self.recycler = Recycler(self.cfg.max_worker_memory, self.cfg.max_worker_lifetime or 0.0)
         self._wake_r, self._wake_w = os.pipe()
 
     # ---- life of the master -------------------------------------------------------------
@@ -133,6 +135,7 @@ class Master:
                 break
             self.read_beats()
             self.murder_workers()
+            self.recycle_workers()
             self.manage_workers()
             self.tell_systemd()
         self.shutdown()
@@ -338,8 +341,8 @@ class Master:
         for event in events:
             if event == ch.READY and w.ready_at is None:
                 self.worker_ready(w, now)
-            elif event == ch.RECYCLE and not w.wants_recycle and w.retiring is None:
-                w.wants_recycle = True
+            elif event == ch.RECYCLE and w.recycle is None and w.retiring is None:
+                self.begin_recycle(w, "max-requests", "served --max-requests")
 
     def worker_ready(self, w: Worker, now: float) -> None:
         w.ready_at = now
@@ -347,6 +350,30 @@ class Master:
         self.breaker = self.breaker.worker_ready()
         log.info("worker %d pid %d ready in %.0f ms", w.slot + 1, w.pid,
                  (now - w.spawned_at) * 1000)
+
+    def recycle_workers(self) -> None:
+        """--max-worker-memory and --max-worker-lifetime: one planned replacement at a time,
+        chosen by the recycling policy; manage_workers forks the replacement."""
+        if not self.recycler.enabled or self.state != "running":
+            return
+        serving, in_flight = [], False
+        for w in self.workers.values():
+            if w.recycle in ("memory", "lifetime"):
+                in_flight = True
+            elif w.recycle is None and w.serving:
+                serving.append(w)
+        decision = self.recycler.due(serving, time.monotonic(), self.desired, in_flight)
+        if decision is not None:
+            chosen = self.workers[decision.worker.pid]
+            self.begin_recycle(chosen, decision.reason, decision.detail)
+
+    def begin_recycle(self, w: Worker, reason: str, detail: str) -> None:
+        """A planned replacement: counted now, the worker drains once its successor is ready."""
+        w.recycle = reason
+        self.recycler.forget(w.pid)
+        self.stats.recycles[reason.replace("-", "_")] += 1
+        log.info("worker %d pid %d: recycling (%s); its replacement starts first",
+                 w.slot + 1, w.pid, detail)
 
     def retire(self, batch: list[tuple[Worker, str]], now: float) -> None:
         """Planned ends: steered away from, then SIGTERM (drain), SIGKILL after the
@@ -381,6 +408,7 @@ class Master:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(w.fd)
         os.close(w.fd)
+        self.recycler.forget(w.pid)
         self.beats.release(w.cell)  # nobody writes it any more: free for the next worker
         if self.multiproc_dir is not None:
             from prometheus_client import multiprocess
@@ -502,7 +530,7 @@ class Master:
         for index, slot in enumerate(self.slots):
             live = staying.get(index, ())
             current = [w for w in live if w.generation == self.generation
-                       and not w.wants_recycle]
+                       and w.recycle is None]
             if not current:
                 if now >= slot.respawn_at:
                     slot.respawn_at = 0.0
@@ -512,7 +540,7 @@ class Master:
                     self.next_respawn = slot.respawn_at
                 continue
             if any(w.ready_at is not None for w in current):
-                leaving += [(w, "max-requests" if w.wants_recycle else "reload")
+                leaving += [(w, w.recycle or "reload")
                             for w in live if w not in current]
         self.retire(leaving, now)
         self.update_state()
