@@ -60,3 +60,17 @@ def test_idle_master_wakeups_do_not_grow_with_the_pool(cluster) -> None:  # type
     bound = 2 / SCAN  # twice the scan rate: room for scrapes and a late timer
     assert all(rate <= bound for rate in rates.values()), rates
     assert rates[24] <= rates[2] * 1.5 + 2, rates
+
+
+def test_the_first_workers_are_forked_at_once(cluster) -> None:  # type: ignore[no-untyped-def]
+    """The loop's first turn forks: no one-second timer stands between start and the
+    workers (a regression the bench caught twice). The log's clock, with a wide margin."""
+    c = cluster("--workers", "2", "--log-level", "debug", workers=2)
+    stamps = {}
+    for line in c.log.splitlines():
+        for mark in ("master ready to fork", "spawned worker"):
+            if mark in line and mark not in stamps:
+                clock = line.split()[1]  # HH:MM:SS,mmm
+                h, m, rest = clock.split(":")
+                stamps[mark] = int(h) * 3600 + int(m) * 60 + float(rest.replace(",", "."))
+    assert stamps["spawned worker"] - stamps["master ready to fork"] < 0.7, stamps

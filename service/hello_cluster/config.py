@@ -288,6 +288,7 @@ class Config:
     demo_exit_after: float | None = None
     max_worker_memory: int = 0
     max_worker_lifetime: float | None = None
+    preload: bool = False
 
 
 @dataclass(frozen=True)
@@ -376,6 +377,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-worker-lifetime", parse_duration, None,
            "recycle a worker after this age, staggered over the pool, e.g. 12h (unset = off)",
            "DURATION"),
+    Option("preload", parse_bool, "false",
+           "import the app once in a template process and fork workers from it, sharing its "
+           "memory copy-on-write; a reload starts a new template (new code)", "BOOL"),
 )
 
 

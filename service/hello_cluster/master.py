@@ -33,6 +33,7 @@ from hello_cluster.notify import Notifier, watchdog_interval
 from hello_cluster.oom import OomWatch
 from hello_cluster.recycling import Recycler
 from hello_cluster.sockets import Listeners
+from hello_cluster.template import Template, Templates, become_subreaper
 
 log = logging.getLogger("hello_cluster.master")
 
@@ -110,15 +111,22 @@ class Master:
         self.beats = BeatTable(4 * MAX_WORKERS)
         self.next_scan = 0.0
         self.scanned_at = 0.0  # when the beats were last read: silences are measured here
-        self.next_respawn: float | None = None  # the earliest respawn due (manage_workers)
+        self.next_respawn: float | None = 0.0  # the earliest respawn due: at start, now
         self.last_status = ""
         self.recycler = Recycler(self.cfg.max_worker_memory, self.cfg.max_worker_lifetime or 0.0)
+        self.templates: Templates | None = None  # --preload
+        self.template_due = 0.0
+        self.template_failures = 0
         self._wake_r, self._wake_w = os.pipe()
 
     # ---- life of the master -------------------------------------------------------------
 
     def run(self) -> int:
         self.install_signals()
+        if self.cfg.preload:
+            become_subreaper()
+            self.templates = Templates(self.cfg, self.pid, self.beats.view, self.selector,
+                                       on_news=lambda: None)
         if self.listeners.metrics is not None:
             registry = master_registry(self.pool_stats, self.multiproc_dir)
             self.endpoint = Endpoint(self.listeners.metrics, self.selector,
@@ -226,6 +234,8 @@ class Master:
             self.exit_code, self.stop_reason, self.state = EXIT_OK, "SIGQUIT", "stopping"
             self.notifier.stopping("stopping immediately")
         self.listeners.close_app()
+        if self.templates is not None:
+            self.templates.stop_all()
         for w in self.workers.values():
             w.retiring = w.retiring or "shutdown"
             _kill(w.pid, signal.SIGKILL)
@@ -236,6 +246,8 @@ class Master:
         self.drain_at = None
         self.drain_deadline = now + self.cfg.graceful_timeout + KILL_GRACE
         self.listeners.close_app()
+        if self.templates is not None:
+            self.templates.stop_all()
         self.retire([(w, "shutdown") for w in self.workers.values()], now)
 
     def reload(self) -> None:
@@ -269,14 +281,42 @@ class Master:
     # ---- the life of workers ------------------------------------------------------------
 
     def spawn_worker(self, slot: int, now: float) -> None:
+        template = None
+        if self.templates is not None:
+            template = self.templates.current(self.generation)
+            if template is None or not template.ready:
+                return  # the template is still importing the app; its READY wakes us
         self.listeners.grow(slot + 1)  # a slot added by SIGTTIN needs its own socket
         read_fd, write_fd = os.pipe()
-        close_fds = [read_fd, self._wake_r, self._wake_w, self.selector.fileno(),
-                     *(w.fd for w in self.workers.values()), *self.listeners.not_for_slot(slot)]
-        if self.endpoint is not None:
-            close_fds.append(self.endpoint.sock.fileno())
-            close_fds.extend(self.endpoint.conns)
         cell = self.beats.allocate(now)
+        if template is not None:
+            pid = template.spawn({"slot": slot, "generation": self.generation, "cell": cell,
+                                  "own_socket": bool(self.listeners.groups)},
+                                 [write_fd, *(s.fileno() for s in self.listeners.for_slot(slot))])
+            error = "" if pid else f"the --preload template pid {template.pid} did not answer"
+            if pid is None:
+                assert self.templates is not None
+                self.templates.stop(template)  # a new one starts on the next turn
+        else:
+            pid, error = self.fork_worker(slot, read_fd, write_fd, cell)
+        os.close(write_fd)
+        if pid is None:
+            os.close(read_fd)
+            self.beats.release(cell)
+            self.slots[slot].failures += 1
+            self.schedule_respawn(slot, now, error)
+            return
+        os.set_blocking(read_fd, False)
+        w = Worker(pid=pid, slot=slot, generation=self.generation, fd=read_fd, spawned_at=now,
+                   last_beat=now, cell=cell)
+        self.workers[pid] = w
+        self.selector.register(read_fd, selectors.EVENT_READ, lambda: self.read_channel(w))
+        self.stats.spawns += 1
+        log.debug("spawned worker %d pid %d (generation %d)", slot + 1, pid, self.generation)
+
+    def fork_worker(self, slot: int, read_fd: int, write_fd: int, cell: int | None
+                    ) -> tuple[int | None, str]:
+        close_fds = [read_fd, *self.fds_not_for_children(), *self.listeners.not_for_slot(slot)]
         spec = worker.WorkerSpec(slot=slot, generation=self.generation, master_pid=self.pid,
                                  sockets=self.listeners.for_slot(slot), channel_fd=write_fd,
                                  close_fds=close_fds, own_socket=bool(self.listeners.groups),
@@ -292,23 +332,49 @@ class Master:
             pid = os.fork()
         except OSError as err:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            os.close(read_fd)
-            os.close(write_fd)
-            self.beats.release(cell)
-            self.slots[slot].failures += 1
-            self.schedule_respawn(slot, now, f"fork failed: {err.strerror}")
-            return
+            return None, f"fork failed: {err.strerror}"
         if pid == 0:
             worker.run(self.cfg, spec, unblock=blocked)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        os.close(write_fd)
-        os.set_blocking(read_fd, False)
-        w = Worker(pid=pid, slot=slot, generation=self.generation, fd=read_fd, spawned_at=now,
-                   last_beat=now, cell=cell)
-        self.workers[pid] = w
-        self.selector.register(read_fd, selectors.EVENT_READ, lambda: self.read_channel(w))
-        self.stats.spawns += 1
-        log.debug("spawned worker %d pid %d (generation %d)", slot + 1, pid, self.generation)
+        return pid, ""
+
+    def fds_not_for_children(self) -> list[int]:
+        """The master's own fds, which a forked worker or template closes at once."""
+        fds = [self._wake_r, self._wake_w, self.selector.fileno(),
+               *(w.fd for w in self.workers.values())]
+        if self.endpoint is not None:
+            fds.append(self.endpoint.sock.fileno())
+            fds.extend(self.endpoint.conns)
+        if self.templates is not None:
+            fds.extend(self.templates.fds())
+        return fds
+
+    # ---- --preload: the template that imports the app once ------------------------------
+
+    def manage_template(self, now: float) -> None:
+        """Keep a template for the current generation (a reload makes a new generation)."""
+        assert self.templates is not None
+        if self.templates.current(self.generation) is None and now >= self.template_due:
+            self.templates.start(self.generation, [
+                *self.fds_not_for_children(), *self.listeners.not_for_slot(-1),
+                *(sock.fileno() for sock in self.listeners.app)])
+
+    def template_died(self, t: Template, status: int, now: float) -> None:
+        how = _describe_status(status)
+        if not t.ready:  # it could not import the app
+            why = t.error or f"the --preload template {how} before importing the app"
+            if self.state == "reloading" and t.generation == self.generation \
+                    and self.abort_reload(f"the new code could not be loaded: {why}"):
+                return
+            if not self.ever_ready and self.exit_code is None:
+                self.begin_stop(EXIT_APP, why)
+            return
+        if self.exit_code is not None or t.generation != self.generation:
+            return
+        self.template_failures += 1
+        wait = backoff.delay(self.policy, self.template_failures, random.random)
+        self.template_due = now + wait
+        log.warning("template pid %d %s; a new one imports the app in %.3fs", t.pid, how, wait)
 
     def read_beats(self) -> None:
         """Every SCAN: take each worker's last stamp from the shared table, O(workers)."""
@@ -398,6 +464,10 @@ class Master:
             if pid == 0:
                 return
             w = self.workers.pop(pid, None)
+            t = self.templates.reaped(pid) if w is None and self.templates else None
+            if t is not None:
+                self.template_died(t, status, time.monotonic())
+                continue
             if w is None:
                 # As PID 1 we inherit orphans; reaping them is the whole job.
                 log.debug("reaped orphan pid %d (status %#x)", pid, status)
@@ -439,7 +509,9 @@ class Master:
             return
         ready_for = None if w.ready_at is None else now - w.ready_at
         if w.ready_at is None and w.generation == self.generation and self.generation > 0 \
-                and self.state == "reloading" and self.abort_reload(w):
+                and self.state == "reloading" and self.abort_reload(
+                    f"new worker pid {w.pid} died before becoming ready"
+                    + (f": {w.error}" if w.error else "")):
             return
         self.breaker = self.breaker.worker_died(w.ready_at is not None, planned=False)
         slot = self.slots[w.slot]
@@ -469,18 +541,19 @@ class Master:
         log.warning("worker %d died: %s; failure %d in a row, respawn in %.3fs "
                     "(backoff ceiling %.3fs)", index + 1, what, slot.failures, wait, ceiling)
 
-    def abort_reload(self, w: Worker) -> bool:
-        """A new-generation worker died before ready while old ones still serve: keep them."""
+    def abort_reload(self, why: str) -> bool:
+        """The new generation cannot start while old workers still serve: keep them."""
         old = [o for o in self.workers.values() if o.generation < self.generation
                and o.retiring is None]
         if not old:
             return False
-        log.error("reload failed: new worker pid %d died before becoming ready%s; keeping "
-                  "%d workers of the previous generation", w.pid,
-                  f": {w.error}" if w.error else "", len(old))
+        log.error("reload failed: %s; keeping %d workers of the previous generation", why,
+                  len(old))
         self.retire([(o, "reload-aborted") for o in self.workers.values()
                      if o.generation == self.generation], time.monotonic())
         self.generation = max(o.generation for o in old)
+        if self.templates is not None:
+            self.templates.stop_others(self.generation)
         self.state = "running"
         self.reload_pending = False
         self.notifier.ready(self.status_line() + " (reload failed)")
@@ -524,6 +597,8 @@ class Master:
             if self.drain_deadline is not None:
                 self.extend_systemd_timeout(now)
             return
+        if self.templates is not None:
+            self.manage_template(now)
         staying = self.staying_by_slot()
         leaving: list[tuple[Worker, str]] = []
         self.next_respawn = None
@@ -586,6 +661,8 @@ class Master:
                 for w in self.workers.values()) and ready >= self.desired:
             self.state = "running"
             log.info("reload complete: %d workers of generation %d", ready, self.generation)
+            if self.templates is not None:
+                self.templates.stop_others(self.generation)
             self.notifier.ready(self.status_line())
             if self.reload_pending:
                 self.reload_pending = False

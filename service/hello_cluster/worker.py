@@ -18,6 +18,7 @@ import pwd
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ class WorkerSpec:
     own_socket: bool = False  # its slot's socket of a steered SO_REUSEPORT group
     beats: memoryview[float] | None = None  # the master's shared beat table (beats.py), if any
     beat_cell: int = 0  # this worker's cell in it
+    app: Any = None  # the app as the --preload template imported it
+    reparented: bool = False  # forked by the template, adopted by the master
 
 
 def preload_engine() -> None:
@@ -109,8 +112,18 @@ def load_app(spec: str) -> Any:
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
-def _die_with_master(master_pid: int) -> None:
-    """The kernel SIGKILLs us when the master dies, so no worker lingers after a crash."""
+def die_with_master(master_pid: int, reparented: bool = False) -> None:
+    """The kernel SIGKILLs us when the master dies, so no worker lingers after a crash.
+
+    A worker forked by the --preload template (`reparented`) is first the child of a
+    middle process that exits at once; the death signal follows the parent, so it is set
+    only once the master (a child subreaper) has become ours.
+    """
+    if reparented:
+        for _ in range(2000):  # the middle process exits right after forking us
+            if os.getppid() == master_pid:
+                break
+            time.sleep(0.001)
     _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != master_pid:  # the master died before prctl took effect
         os._exit(1)
@@ -215,9 +228,9 @@ class DemoExit:
             self.due = asyncio.get_running_loop().time() + self.seconds
 
 
-def build_app(cfg: Config) -> tuple[Any, Any]:
+def build_app(cfg: Config, preloaded: Any = None) -> tuple[Any, Any]:
     """The app as served (with metrics and demo wrappers) and its RequestMetrics, if any."""
-    app = load_app(cfg.app)
+    app = load_app(cfg.app) if preloaded is None else preloaded
     metrics = None
     if cfg.request_metrics and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from hello_cluster.metrics import RequestMetrics
@@ -229,7 +242,7 @@ def build_app(cfg: Config) -> tuple[Any, Any]:
 
 
 def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
-    app, metrics = build_app(cfg)
+    app, metrics = build_app(cfg, spec.app)
     max_requests = 0
     if cfg.max_requests:
         max_requests = cfg.max_requests + (
@@ -277,7 +290,7 @@ def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, unblock)
-        _die_with_master(spec.master_pid)
+        die_with_master(spec.master_pid, spec.reparented)
         for fd in spec.close_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
