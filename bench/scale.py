@@ -1,13 +1,14 @@
 """Scale sweep: what the master costs as the pool grows, 1 to 256 workers on this machine.
 
     .venv/bin/python bench/scale.py [--workers 1,8,32,128,256] [--hc PATH] [--out DIR]
-                                    [--label before]
+                                    [--label before] [--reps 3] [--idle-seconds 5] [--no-chart]
     .venv/bin/python bench/scale.py --chart before.json [after.json] [--out DIR]
 
 For each pool size N one hello-cluster is started (request metrics on, a private
 NOTIFY_SOCKET, logs at info) and taken through one life: start to all ready, traffic that
 reaches every worker, the master's idle CPU, /metrics scrapes, a SIGHUP reload, SIGKILLed
-workers' respawns, the master's RSS and fds, and a clean stop. Every wait has a deadline
+workers' respawns, the master's RSS and fds, and a clean stop; the whole sweep is repeated
+`--reps` times (pool sizes in turn) and the table shows medians. Every wait has a deadline
 that grows with N; a phase that runs out of time is recorded as a timeout and the sweep
 goes on. Writes <out>/<label>-<date>.json (every sample), .md (the table, PASS/FAIL against
 issue 13's targets, the machine's conditions) and .png (drawn by bench/scale_chart.py in
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +46,12 @@ from run import base_env  # noqa: E402
 RESULTS = peers.BENCH / "results" / "scale"
 LOGS = peers.WORK / "logs" / "scale"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-IDLE_WINDOW = 5.0
 SCRAPES = 10
 RESPAWN_KILLS = 3
+SETTLE_BETWEEN = 3.0  # s after a pool stopped: its exits and freed memory settle
 WORKER_MIB_ESTIMATE = 45  # per worker, with headroom (a worker is 25-35 MiB)
 READY_LINE = re.compile(r"worker (\d+) pid (\d+) ready in (\d+) ms")
+FAILURE = re.compile(r"failure (\d+) in a row, respawn in ([\d.]+)s")
 READYZ = re.compile(rb"ready: (\d+)/(\d+) workers")
 
 # (key in a row, what, threshold, workers it applies to)
@@ -126,6 +129,7 @@ def children(pid: int) -> set[int]:
 
 
 def status_kib(pid: int, key: str) -> int | None:
+    """One integer field of /proc/PID/status (kB for the Vm* ones)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(key + ":"):
@@ -298,17 +302,32 @@ def phase_start(p: Pool, timeout: float) -> dict[str, Any]:
     return out
 
 
-def phase_idle(p: Pool, settle: float) -> dict[str, Any]:
-    """Master (and all workers') CPU over IDLE_WINDOW s with no client connected."""
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores from /proc/stat: what else the machine was doing."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def phase_idle(p: Pool, settle: float, window: float) -> dict[str, Any]:
+    """Master (and all workers') CPU over `window` s with no client connected.
+
+    The whole machine's busy share over the same window is recorded too: on a shared
+    machine it says how much of the rest was other people's work.
+    """
     time.sleep(settle)
     kids = children(p.proc.pid)
+    busy0 = machine_busy()
     m0, ns0 = cpu_ticks(p.proc.pid), cpu_ns(p.proc.pid)
+    sw0 = status_kib(p.proc.pid, "voluntary_ctxt_switches")
     w0 = {k: cpu_ticks(k) for k in kids}
     t0 = time.monotonic()
-    time.sleep(IDLE_WINDOW)
+    time.sleep(window)
     m1, ns1 = cpu_ticks(p.proc.pid), cpu_ns(p.proc.pid)
+    sw1 = status_kib(p.proc.pid, "voluntary_ctxt_switches")
     w1 = {k: cpu_ticks(k) for k in kids}
     span = time.monotonic() - t0
+    busy1 = machine_busy()
     if m0 is None or m1 is None:
         raise Timeout("idle: master vanished")
     workers_ticks = sum((w1[k] or 0) - (w0[k] or 0) for k in kids
@@ -318,7 +337,13 @@ def phase_idle(p: Pool, settle: float) -> dict[str, Any]:
             "master_cpu_pct_schedstat": (100 * (ns1 - ns0) / 1e9 / span
                                          if ns0 is not None and ns1 is not None else None),
             "workers_cpu_pct_total": 100 * workers_ticks / CLK_TCK / span,
-            "workers_sampled": len(kids)}
+            "workers_sampled": len(kids),
+            # A single-threaded loop sleeps only in select(): voluntary context switches
+            # are its wake-ups (plus the odd blocking read). A saturated loop finds events
+            # waiting and never sleeps, so read this with the CPU figure.
+            "master_wakes_per_s": (sw1 - sw0) / span if sw0 is not None and sw1 is not None
+            else None,
+            "machine_busy_pct": 100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1])}
 
 
 def phase_scrape(p: Pool) -> dict[str, Any]:
@@ -366,14 +391,17 @@ def phase_reload(p: Pool, timeout: float) -> dict[str, Any]:
 
 
 def phase_respawn(p: Pool, timeout: float) -> dict[str, Any]:
-    """SIGKILL one worker (RESPAWN_KILLS times, different slots, first failures each).
+    """SIGKILL one worker (up to RESPAWN_KILLS times, each on another slot).
+
+    Other slots, so that each kill is its slot's first failure and respawns at once (a
+    second failure of one slot would add backoff): with fewer workers, fewer kills.
 
     Time from the kill until the master's log names a new pid ready *and* /readyz reports
     N/N again (polled every 5 ms); the log's own "ready in X ms" is spawn to ready.
     """
     samples: list[dict[str, Any]] = []
     killed: set[int] = set()
-    for _ in range(RESPAWN_KILLS):
+    for _ in range(min(RESPAWN_KILLS, p.n)):
         before = children(p.proc.pid)
         victim = min(before - killed)
         killed.add(victim)
@@ -392,7 +420,10 @@ def phase_respawn(p: Pool, timeout: float) -> dict[str, Any]:
             return time.monotonic(), fresh[0]
 
         when, line = wait_until("respawn to N/N ready", timeout, back, interval=0.005)
+        failure = FAILURE.search(p.log.since_mark())
         samples.append({"victim": victim, "ms": (when - t) * 1000,
+                        "failure_in_a_row": int(failure.group(1)) if failure else None,
+                        "backoff_s": float(failure.group(2)) if failure else None,
                         "slot": int(line.group(1)), "new_pid": int(line.group(2)),
                         "master_log_ready_ms": int(line.group(3))})
         time.sleep(0.5)
@@ -428,7 +459,7 @@ def phase_stop(p: Pool, timeout: float) -> dict[str, Any]:
             "left_behind": h._group_alive(p.proc.pid)}
 
 
-def measure(hc: str, n: int, tag: str) -> dict[str, Any]:
+def measure(hc: str, n: int, tag: str, idle_window: float) -> dict[str, Any]:
     """One pool's life; each phase's result or its error, in order."""
     rec: dict[str, Any] = {"workers": n, "loadavg_before": os.getloadavg(),
                            "mem_available_mib_before": mem_available_mib(), "errors": []}
@@ -441,10 +472,10 @@ def measure(hc: str, n: int, tag: str) -> dict[str, Any]:
     p = Pool(hc, n, tag)
     rec["argv"] = p.argv
     try:
-        phases = [
+        phases: list[tuple[str, Callable[[], dict[str, Any]]]] = [
             ("start", lambda: phase_start(p, 30 * scale)),
             ("traffic", lambda: traffic(p.port, children(p.proc.pid), 60 * scale)),
-            ("idle", lambda: phase_idle(p, settle=1.5)),
+            ("idle", lambda: phase_idle(p, settle=1.5, window=idle_window)),
             ("scrape", lambda: phase_scrape(p)),
             ("reload", lambda: phase_reload(p, 30 * scale)),
             ("respawn", lambda: phase_respawn(p, 10 * scale)),
@@ -471,7 +502,8 @@ def brief(name: str, r: dict[str, Any] | None) -> str:
     if not r:
         return "-"
     keys = {"start": ("notify_s", "readyz_s"), "traffic": ("requests_ok", "workers_served", "s"),
-            "idle": ("master_cpu_pct", "master_cpu_pct_schedstat", "workers_cpu_pct_total"),
+            "idle": ("master_cpu_pct", "master_wakes_per_s", "workers_cpu_pct_total",
+                     "machine_busy_pct"),
             "scrape": ("median_ms", "max_ms", "bytes"), "reload": ("ready_s", "old_gone_s"),
             "respawn": ("median_ms", "master_log_median_ms"),
             "resources": ("master_rss_mib", "master_fds", "workers_rss_total_mib"),
@@ -488,7 +520,7 @@ def fmt(v: Any) -> str:
 # ---- report --------------------------------------------------------------------------------
 
 def row(rec: dict[str, Any]) -> dict[str, Any]:
-    """The table's figures for one pool size (None where the phase failed)."""
+    """The table's figures for one run of one pool size (None where the phase failed)."""
     def get(phase: str, key: str) -> Any:
         return (rec.get(phase) or {}).get(key)
     return {"workers": rec["workers"], "ready_s": get("start", "notify_s"),
@@ -497,7 +529,24 @@ def row(rec: dict[str, Any]) -> dict[str, Any]:
             "scrape_kib": (get("scrape", "bytes") or 0) / 1024 or None,
             "reload_s": get("reload", "ready_s"), "respawn_ms": get("respawn", "median_ms"),
             "rss_mib": get("resources", "master_rss_mib"),
-            "fds": get("resources", "master_fds"), "stop_s": get("stop", "s")}
+            "fds": get("resources", "master_fds"), "stop_s": get("stop", "s"),
+            "wakes_per_s": get("idle", "master_wakes_per_s"), "rep": rec.get("rep", 1)}
+
+
+def median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per pool size: each figure the median over the repetitions that have it."""
+    out = []
+    for n in dict.fromkeys(r["workers"] for r in runs):
+        reps = [row(r) for r in runs if r["workers"] == n]
+        merged: dict[str, Any] = {"workers": n, "reps": len(reps)}
+        for key in reps[0]:
+            if key in ("workers", "rep"):
+                continue
+            xs = [r[key] for r in reps if r[key] is not None]
+            merged[key] = statistics.median(xs) if xs else None
+            merged[f"{key}_all"] = [r[key] for r in reps]
+        out.append(merged)
+    return out
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -516,7 +565,7 @@ def markdown(doc: dict[str, Any]) -> str:
     def c(v: Any, digits: int = 2) -> str:
         return "timeout/failed" if v is None else f"{v:.{digits}f}" if isinstance(v, float) \
             else str(v)
-    rows = [row(r) for r in doc["runs"]]
+    rows = doc["rows"]
     lines = [f"# Scale sweep `{doc['label']}`, {doc['date']}", "",
              f"Command: `{doc['command']}`  ", f"hello-cluster: `{doc['hc']}` "
              f"({doc['machine']['hello_cluster']}), git `{doc['machine']['git']}`  ",
@@ -525,30 +574,40 @@ def markdown(doc: dict[str, Any]) -> str:
              f"{doc['machine']['mem_total_mib']} MiB RAM; load average "
              f"{doc['loadavg_at_start']:.2f} at start, {doc['loadavg_at_end']:.2f} at end; "
              f"{doc['elapsed_s']} s in all.", "",
-             "| workers | start to READY=1 s | start to /readyz N/N s | idle master CPU % "
-             "| scrape ms (median / max) | scrape KiB | reload s | respawn ms | master RSS MiB "
-             "| master fds | stop s |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        lines.append(
-            f"| {r['workers']} | {c(r['ready_s'])} | {c(r['readyz_s'])} | "
-            f"{c(r['idle_cpu_pct'], 1)} | {c(r['scrape_ms'], 1)} / {c(r['scrape_max_ms'], 1)} | "
-            f"{c(r['scrape_kib'], 0)} | {c(r['reload_s'])} | {c(r['respawn_ms'], 0)} | "
-            f"{c(r['rss_mib'], 1)} | {c(r['fds'])} | {c(r['stop_s'])} |")
-    lines += ["", "| target (issue 13) | measured | verdict |", "| --- | ---: | --- |"]
+             f"Medians of {doc['reps']} repetitions (each pool size once per repetition, "
+             "in turn); every repetition is in the second table.", ""]
+    head = ("| workers | start to READY=1 s | start to /readyz N/N s | idle master CPU % "
+            "| master wakes/s | scrape ms (median / max) | scrape KiB | reload s | respawn ms "
+            "| master RSS MiB | master fds | stop s |")
+    rule = "| ---: " * 12 + "|"
+
+    def line(r: dict[str, Any], first: str) -> str:
+        return (f"| {first} | {c(r['ready_s'])} | {c(r['readyz_s'])} | "
+                f"{c(r['idle_cpu_pct'], 1)} | {c(r['wakes_per_s'], 0)} | "
+                f"{c(r['scrape_ms'], 1)} / {c(r['scrape_max_ms'], 1)} | "
+                f"{c(r['scrape_kib'], 0)} | {c(r['reload_s'])} | {c(r['respawn_ms'], 0)} | "
+                f"{c(r['rss_mib'], 1)} | {c(r['fds'], 0)} | {c(r['stop_s'])} |")
+    lines += [head, rule, *(line(r, str(r["workers"])) for r in rows)]
+    lines += ["", "| target (issue 13), on the medians | measured | verdict |",
+              "| --- | ---: | --- |"]
     lines += [f"| {w} | {v} | {x} |" for w, v, x in verdicts(rows)]
-    errors = [f"- {r['workers']} workers: {e}" for r in doc["runs"] for e in r["errors"]]
+    lines += ["", "Every repetition:", "", head.replace("| workers |", "| workers, rep |"),
+              rule, *(line(row(r), f"{r['workers']}, {r.get('rep', 1)}")
+                      for r in doc["runs"])]
+    errors = [f"- {r['workers']} workers, rep {r.get('rep', 1)}: {e}" for r in doc["runs"]
+              for e in r["errors"]]
     lines += ["", "Errors and timeouts:", "", *(errors or ["- none"]), "",
               "Per pool size, while it ran (traffic, idle workers' CPU, stop):", ""]
     for r in doc["runs"]:
         t, i, s = r.get("traffic") or {}, r.get("idle") or {}, r.get("stop") or {}
         res = r.get("resources") or {}
         lines.append(
-            f"- {r['workers']}: load {r['loadavg_before'][0]:.2f} -> "
+            f"- {r['workers']}, rep {r.get('rep', 1)}: load {r['loadavg_before'][0]:.2f} -> "
             f"{r.get('loadavg_after', [0])[0]:.2f}; {t.get('requests_ok', '-')} requests, "
             f"{t.get('workers_served', '-')}/{r['workers']} workers served, errors "
             f"{t.get('errors', '-')}; idle master {c(i.get('master_cpu_pct_schedstat'))}% by "
-            f"schedstat, all workers {c(i.get('workers_cpu_pct_total'), 1)}%; workers' RSS "
+            f"schedstat, all workers {c(i.get('workers_cpu_pct_total'), 1)}%, whole machine "
+            f"{c(i.get('machine_busy_pct'), 0)}% busy (of all cores); workers' RSS "
             f"{c(res.get('workers_rss_total_mib'), 0)} MiB in all; stop exit "
             f"{s.get('exit_code', '-')}, left behind: {s.get('left_behind', '-')}")
     lines += ["", "Method: bench/README.md, \"Scale sweep\". Every sample is in the JSON "
@@ -595,6 +654,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="the hello-cluster executable")
     ap.add_argument("--out", default=str(RESULTS), help="results directory")
     ap.add_argument("--label", default="run", help="names the files: <label>-<date>.*")
+    ap.add_argument("--reps", type=int, default=3,
+                    help="repetitions of the whole sweep; the table shows medians")
+    ap.add_argument("--idle-seconds", type=float, default=5.0,
+                    help="window over which the idle master's CPU is measured")
+    ap.add_argument("--no-chart", action="store_true", help="write the JSON and .md only")
     ap.add_argument("--chart", nargs="+", metavar="JSON", type=Path,
                     help="only draw the chart of one or two (before, after) result files")
     args = ap.parse_args(argv)
@@ -616,27 +680,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: scale sweep {sizes} with {args.hc}; {os.cpu_count()} cores, "
           f"{mem_available_mib()} MiB available, load {load_at_start:.2f}", flush=True)
     runs = []
-    for n in sizes:
-        print(f"[{n} workers]", flush=True)
-        runs.append(measure(args.hc, n, args.label))
+    for rep in range(1, args.reps + 1):  # pool sizes in turn, so drift hits them alike
+        for n in sizes:
+            print(f"[rep {rep}/{args.reps}: {n} workers]", flush=True)
+            runs.append({"rep": rep, **measure(args.hc, n, args.label, args.idle_seconds)})
+            time.sleep(SETTLE_BETWEEN)
     stamp = started.strftime("%Y-%m-%d")
     command = " ".join([".venv/bin/python", "bench/scale.py",
                         *(argv if argv is not None else sys.argv[1:])])
     doc = {"label": args.label, "date": started.isoformat(timespec="seconds"),
            "command": command, "hc": args.hc, "machine": machine(args.hc),
            "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg()[0],
+           "idle_seconds": args.idle_seconds, "reps": args.reps,
            "elapsed_s": round((dt.datetime.now(dt.UTC) - started).total_seconds()),
            "targets": [{"key": k, "what": w, "limit": lim, "workers": at}
                        for k, w, lim, at in TARGETS],
-           "rows": [row(r) for r in runs], "runs": runs}
+           "rows": median_rows(runs), "runs": runs}
     base = out_dir / f"{args.label}-{stamp}"
     base.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     md = markdown(doc)
     base.with_suffix(".md").write_text(md)
     print(md)
-    drawn = chart([base.with_suffix(".json")], base.with_suffix(".png"))
-    print(f"bench: wrote {base}.json, .md" + (", .png" if drawn else " (chart failed)"),
-          flush=True)
+    drawn = "" if args.no_chart else ", .png" if chart(
+        [base.with_suffix(".json")], base.with_suffix(".png")) else " (chart failed)"
+    print(f"bench: wrote {base}.json, .md{drawn}", flush=True)
     return 0
 
 

@@ -27,12 +27,12 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 PANELS: list[tuple[str, str, str, float | None]] = [
     ("ready_s", "start to all ready (READY=1), s", "log", 2.0),
     ("idle_cpu_pct", "idle master CPU, % of a core", "symlog", 1.0),
-    ("scrape_ms", "/metrics scrape, median ms", "log", 100.0),
+    ("scrape_ms", "/metrics scrape ms: median (line), max (dotted)", "log", 100.0),
     ("reload_s", "SIGHUP reload to all ready, s", "log", None),
     ("respawn_ms", "SIGKILL to N/N ready, median ms", "log", None),
     ("rss_mib", "master RSS, MiB", "linear", None),
     ("fds", "master open fds", "log", None),
-    ("scrape_kib", "/metrics body, KiB", "log", None),
+    ("wakes_per_s", "idle master wake-ups/s (voluntary ctx switches)", "log", None),
 ]
 STYLES = [{"color": "#c0392b", "marker": "o", "linestyle": "-"},
           {"color": "#2471a3", "marker": "s", "linestyle": "--"}]
@@ -52,11 +52,18 @@ def draw(docs: list[dict[str, Any]], out: Path) -> None:
     for ax, (key, title, yscale, target) in zip(axes.flat, PANELS, strict=True):
         for doc, style in zip(docs, STYLES, strict=False):
             xs, ys = series(doc, key)
-            ax.plot(xs, ys, label=f"{doc['label']} ({doc['date'][:10]})", **style)
+            reps = doc.get("reps", 1)
+            ax.plot(xs, ys, label=f"{doc['label']} ({doc['date'][:10]}, median of {reps})",
+                    **style)
+            every = [(r["workers"], v) for r in doc["rows"] for v in r.get(f"{key}_all", [])
+                     if v is not None]
+            if every:  # each repetition, faint, so the spread shows
+                ax.scatter(*zip(*every, strict=True), color=style["color"], s=10, alpha=0.35,
+                           zorder=1)
             if key == "scrape_ms":
                 _, top = series(doc, "scrape_max_ms")
                 ax.plot(xs, top, color=style["color"], marker="v", linestyle=":",
-                        linewidth=0.8, label=f"{doc['label']} max")
+                        linewidth=0.8)
         if target is not None:
             ax.axhline(target, color="red", linestyle=":", linewidth=1)
             ax.annotate(f"target at 128: {target:g}", (1, target), xytext=(2, -10),
@@ -66,6 +73,7 @@ def draw(docs: list[dict[str, Any]], out: Path) -> None:
         plain = FuncFormatter(lambda v, _: f"{v:g}")
         if yscale == "symlog":
             ax.set_yscale("symlog", linthresh=0.1)
+            ax.set_ylim(bottom=0)
         elif yscale == "log":
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -77,8 +85,6 @@ def draw(docs: list[dict[str, Any]], out: Path) -> None:
         ax.set_xlabel("workers", fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(True, which="major", alpha=0.3)
-        if key == "scrape_ms":
-            ax.legend(fontsize=7, loc="lower right")
     first = docs[0]
     machine = first["machine"]
     fig.suptitle(f"hello-cluster scale sweep: {' vs '.join(d['label'] for d in docs)} "
