@@ -549,6 +549,20 @@ def median_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def others_cpu_pct(rec: dict[str, Any], cores: int) -> float | None:
+    """CPU the rest of the machine used during the idle window, in % of one core.
+
+    The whole machine's busy share times the cores, minus this pool's master and workers
+    (the bench itself sleeps then). On a shared machine it says how contended a run was:
+    a master that wants more CPU than it gets shows less than it would use alone.
+    """
+    i = rec.get("idle") or {}
+    if i.get("machine_busy_pct") is None:
+        return None
+    return float(i["machine_busy_pct"] * cores - i["master_cpu_pct_schedstat"]
+                 - i["workers_cpu_pct_total"])
+
+
 def verdicts(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     out = []
     for key, what, limit, at in TARGETS:
@@ -596,7 +610,14 @@ def markdown(doc: dict[str, Any]) -> str:
                       for r in doc["runs"])]
     errors = [f"- {r['workers']} workers, rep {r.get('rep', 1)}: {e}" for r in doc["runs"]
               for e in r["errors"]]
+    cores = doc["machine"]["cores"]
+    busy = [f"{r['workers']} workers rep {r.get('rep', 1)} ({o:.0f}%)" for r in doc["runs"]
+            if (o := others_cpu_pct(r, cores)) is not None and o > 50]
     lines += ["", "Errors and timeouts:", "", *(errors or ["- none"]), "",
+              "Contention: other processes on this machine used more than half a core during "
+              "the idle window of " + (", ".join(busy) if busy else "no run") + ". Figures from "
+              "those runs are less reliable (a starved master shows less CPU and slower "
+              "start, reload and respawn); the medians damp them.", "",
               "Per pool size, while it ran (traffic, idle workers' CPU, stop):", ""]
     for r in doc["runs"]:
         t, i, s = r.get("traffic") or {}, r.get("idle") or {}, r.get("stop") or {}
@@ -607,7 +628,8 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{t.get('workers_served', '-')}/{r['workers']} workers served, errors "
             f"{t.get('errors', '-')}; idle master {c(i.get('master_cpu_pct_schedstat'))}% by "
             f"schedstat, all workers {c(i.get('workers_cpu_pct_total'), 1)}%, whole machine "
-            f"{c(i.get('machine_busy_pct'), 0)}% busy (of all cores); workers' RSS "
+            f"{c(i.get('machine_busy_pct'), 0)}% busy (of all cores), other processes "
+            f"{c(others_cpu_pct(r, cores), 0)}% of a core; workers' RSS "
             f"{c(res.get('workers_rss_total_mib'), 0)} MiB in all; stop exit "
             f"{s.get('exit_code', '-')}, left behind: {s.get('left_behind', '-')}")
     lines += ["", "Method: bench/README.md, \"Scale sweep\". Every sample is in the JSON "
@@ -659,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-seconds", type=float, default=5.0,
                     help="window over which the idle master's CPU is measured")
     ap.add_argument("--no-chart", action="store_true", help="write the JSON and .md only")
+    ap.add_argument("--report", type=Path, metavar="JSON",
+                    help="only rewrite the .md next to a result file from its JSON")
     ap.add_argument("--chart", nargs="+", metavar="JSON", type=Path,
                     help="only draw the chart of one or two (before, after) result files")
     args = ap.parse_args(argv)
@@ -670,6 +694,10 @@ def main(argv: list[str] | None = None) -> int:
         ok = chart(args.chart, png)
         print(f"bench: wrote {png}" if ok else "bench: drawing the chart failed", flush=True)
         return 0 if ok else 1
+    if args.report:
+        args.report.with_suffix(".md").write_text(markdown(json.loads(args.report.read_text())))
+        print(f"bench: wrote {args.report.with_suffix('.md')}", flush=True)
+        return 0
     if not Path(args.hc).exists():
         sys.exit(f"bench: {args.hc} is missing; run `make .venv/bin/hello-cluster`")
     sizes = [int(x) for x in args.workers.split(",")]

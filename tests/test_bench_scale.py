@@ -19,8 +19,8 @@ from conftest import BIN, ROOT, clean_env
 
 def run_sweep(out: Path) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, str(ROOT / "bench" / "scale.py"), "--workers", "2",
-            "--reps", "1", "--idle-seconds", "1", "--no-chart", "--label", "test", "--out", str(out),
-            "--hc", str(BIN)]
+            "--reps", "1", "--idle-seconds", "1", "--no-chart", "--label", "test",
+            "--out", str(out), "--hc", str(BIN)]
     proc = subprocess.Popen(argv, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
