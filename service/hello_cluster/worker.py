@@ -103,10 +103,14 @@ def drop_privileges(user: str | None, group: str | None) -> None:
         return
     try:
         uid = pwd.getpwnam(user).pw_uid if user else None
+    except KeyError:
+        raise ResourceError(f"--user {user}: no such user; create it or name another") from None
+    try:
         gid = grp.getgrnam(group).gr_gid if group else (
             pwd.getpwnam(user).pw_gid if user else None)
-    except KeyError as err:
-        raise ResourceError(f"--user/--group: no such user or group {err}") from None
+    except KeyError:
+        raise ResourceError(f"--group {group}: no such group; create it or name another"
+                            ) from None
     try:
         if gid is not None:
             os.setgroups([gid])
