@@ -202,3 +202,18 @@ def test_private_app_dir_is_read_by_the_worker_user(cluster, tmp_path: Path) -> 
     c = cluster("--workers", "1", "--user", "nobody", "--group", "nogroup", cwd=app_dir,
                 workers=1)
     assert c.get("/")[0] == 200
+
+
+def test_docs_and_deploy_say_where_the_app_lives() -> None:
+    """Every option has a README row; the unit and the image name the app's directory."""
+    from conftest import ROOT
+    from hello_cluster.config import OPTIONS
+
+    readme = (ROOT / "README.md").read_text()
+    for opt in OPTIONS:
+        assert f"`{opt.flag}" in readme or f"`--[no-]{opt.name}" in readme, opt.flag
+        assert f"`{opt.env}`" in readme, opt.env
+    unit = (ROOT / "deploy" / "systemd" / "hello-cluster.service").read_text()
+    assert "\nWorkingDirectory=-/srv/hello-cluster\n" in unit
+    image = (ROOT / "deploy" / "container" / "Containerfile").read_text()
+    assert "\nWORKDIR /app\n" in image

@@ -24,10 +24,11 @@ ENV_PREFIX = "HELLO_CLUSTER_"
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 MAX_WORKERS = 512
 DEFAULT_APP = "hello_cluster.app:app"
-# A WSGI view holds a thread for its whole request. 10 is what a2wsgi and uvicorn's WSGI
-# adapter ship, a Django worker then opens at most 10 database connections, and threads
-# beyond the GIL's reach add no throughput to CPU-bound views (README: "Your own app").
-DEFAULT_WSGI_THREADS = 10
+# A WSGI view holds a thread for its whole request, so the pool is how many views a worker
+# runs at once. 32: a view waiting 10 ms (a database call) got 3x the throughput of a2wsgi's
+# 10 and 64 added nothing, while an instant view was the same at 1..64 (bench/wsgi_threads.py);
+# FastAPI runs sync views in a pool of 40. Lower it if each thread holds a database connection.
+DEFAULT_WSGI_THREADS = 32
 # A server listens on all interfaces by default (as the issue and every peer do); operators
 # narrow it with --bind / --metrics-bind 127.0.0.1:PORT.
 ALL_INTERFACES = "0.0.0.0"  # nosec B104

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from hello_cluster.config import DEFAULT_WSGI_THREADS
 from hello_cluster.errors import AppLoadError
 
 log = logging.getLogger("hello_cluster.worker")
@@ -195,7 +196,7 @@ def wsgi_to_asgi(app: Any, threads: int) -> Any:
 
 
 def load(spec: str, app_dir: str | None = None, factory: bool = False,
-         interface: str = "auto", wsgi_threads: int = 10) -> LoadedApp:
+         interface: str = "auto", wsgi_threads: int = DEFAULT_WSGI_THREADS) -> LoadedApp:
     """Import, build (--factory), recognise (--interface) and adapt the app to ASGI 3."""
     app = import_app(spec, app_dir)
     if factory:
