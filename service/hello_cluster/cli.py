@@ -126,7 +126,7 @@ def run(cfg: Config) -> int:
         from hello_cluster.worker import preload_builtin_app, preload_engine
 
         preload_engine()
-        preload_builtin_app(cfg)
+        preload_builtin_app()
 
         setproctitle.setproctitle("hello-cluster: master")
         return run_master(cfg, listeners, desired, metrics_dir, notifier)

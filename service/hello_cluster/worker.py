@@ -73,15 +73,14 @@ def preload_engine() -> None:
     from a2wsgi import wsgi  # noqa: F401  (the WSGI adapter: stdlib only, starts no thread)
 
 
-def preload_builtin_app(cfg: Config) -> None:
+def preload_builtin_app() -> None:
     """Import hello-cluster's own app in the master, before any fork.
 
     It is our code, like the engine: a worker that dropped privileges may not be able to read
     the checkout it comes from (a clone in a mode-700 home). A user's app is still imported
     by each worker after the drop, so a reload loads new code and only the app's user reads it.
     """
-    if cfg.app == DEFAULT_APP:
-        importlib.import_module(DEFAULT_APP.partition(":")[0])
+    importlib.import_module(DEFAULT_APP.partition(":")[0])
 
 
 # Resolved once in the master: find_library() costs milliseconds a worker should not pay.
