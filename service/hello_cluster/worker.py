@@ -157,10 +157,13 @@ class WorkerServer(uvicorn.Server):
         uvicorn_log.addFilter(said)
         try:
             await super().startup(sockets)  # sys.exit(3) when the app's startup failed
-        finally:
-            uvicorn_log.removeFilter(said)
+        except SystemExit:
             if said.reason:
                 self.channel.error(f"the app's lifespan startup failed: {said.reason}")
+            raise
+        finally:
+            uvicorn_log.removeFilter(said)
+        said.replay(uvicorn_log)  # errors that did not stop the start are the app's to show
         if self.started and not self.should_exit:
             self.channel.send(ch.READY)
 
@@ -195,6 +198,7 @@ class StartupErrors(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.reason = ""
+        self.held: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
@@ -203,7 +207,16 @@ class StartupErrors(logging.Filter):
         if text != "Application startup failed. Exiting." and not self.reason:
             lines = [line.strip() for line in text.splitlines() if line.strip()]
             self.reason = lines[-1] if lines else text  # a traceback's last line says what
-        return logging.getLogger().isEnabledFor(logging.DEBUG)
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            return True
+        self.held.append(record)
+        return False
+
+    def replay(self, logger: logging.Logger) -> None:
+        """The start went on after all: log what was held back (the filter is off by now)."""
+        for record in self.held:
+            logger.handle(record)
+        self.held.clear()
 
 
 class DemoExit:
