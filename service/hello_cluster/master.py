@@ -441,6 +441,7 @@ class Master:
         log.error("reload failed: new worker pid %d died before becoming ready%s; keeping "
                   "%d workers of the previous generation", w.pid,
                   f": {w.error}" if w.error else "", len(old))
+        self.said_error = w.error  # its siblings of the same generation fail the same way
         for o in list(self.workers.values()):
             if o.generation == self.generation and o.retiring is None:
                 self.retire(o, "reload-aborted", time.monotonic())
