@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 import setproctitle
 
 from hello_cluster import channel as ch
-from hello_cluster import logs, worker
+from hello_cluster import loader, logs, worker
 from hello_cluster.config import Config
 from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, AppLoadError, ResourceError
 
@@ -215,7 +215,11 @@ def _run_template(cfg: Config, master_pid: int, generation: int, sock: socket.so
         try:
             worker.drop_privileges(cfg.user, cfg.group)
             gc.disable()  # no collection holes in the pages the workers will share
-            app = worker.load_app(cfg.app)
+            loaded = loader.load(cfg.app, cfg.app_dir, cfg.factory, cfg.interface,
+                                 cfg.wsgi_threads)
+            app = loaded.app  # a WSGI adapter's thread pool starts threads only when used
+            log.info("--app %s: %s (template for generation %d)", cfg.app, loaded.why,
+                     generation)
             gc.freeze()  # and no refcount-list writes to them from the workers' collectors
         except AppLoadError as err:
             channel.error(str(err))
