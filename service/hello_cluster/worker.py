@@ -17,6 +17,7 @@ import os
 import pwd
 import signal
 import socket
+import ssl
 import sys
 import traceback
 from collections.abc import Generator, Iterable, Sequence
@@ -27,9 +28,15 @@ import setproctitle
 import uvicorn
 
 from hello_cluster import channel as ch
-from hello_cluster import logs
+from hello_cluster import logs, tls
 from hello_cluster.config import Config
-from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, AppLoadError, ResourceError
+from hello_cluster.errors import (
+    EXIT_APP,
+    EXIT_RESOURCE,
+    EXIT_USAGE,
+    AppLoadError,
+    ResourceError,
+)
 from hello_cluster.protocol import WorkerProtocol, expire_slow_heads
 
 log = logging.getLogger("hello_cluster.worker")
@@ -37,7 +44,8 @@ log = logging.getLogger("hello_cluster.worker")
 PR_SET_PDEATHSIG = 1
 UVICORN_STARTUP_FAILURE = 3  # uvicorn's exit when the app's lifespan startup fails
 # A worker's own exit statuses (seen in the master's log, never the master's exit code):
-# 0 drained, 1 crashed (or the demo), 4 app import failed, 6 resource, 70 app startup failed.
+# 0 drained, 1 crashed (or the demo), 2 TLS files unusable, 4 app import failed, 6 resource,
+# 70 app startup failed.
 EXIT_APP_STARTUP = 70
 TICK = 0.1  # uvicorn's main loop period
 # With a socket of its own (a SO_REUSEPORT group), a draining worker keeps accepting this
@@ -222,8 +230,13 @@ def build_app(cfg: Config) -> tuple[Any, Any]:
     return app, metrics
 
 
-def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
+def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
+          ssl_context: ssl.SSLContext | None = None) -> int:
     app, metrics = build_app(cfg)
+    if cfg.access_log:  # off: not wrapped at all, nothing on the request path
+        from hello_cluster.accesslog import AccessLog
+
+        app = AccessLog(app, spec.slot + 1)
     max_requests = 0
     if cfg.max_requests:
         max_requests = cfg.max_requests + (
@@ -244,6 +257,8 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
         # (bench/micro_metrics.py).
         proxy_headers=bool(cfg.forwarded_allow_ips),
         forwarded_allow_ips=list(cfg.forwarded_allow_ips) or None,
+        # Built in run() before privileges are dropped (tls.py); uvicorn serves it as is.
+        ssl_context_factory=(lambda _config, _default: ssl_context) if ssl_context else None,
     )
     # A worker with a socket of its own beats every tick: the master takes a worker whose
     # loop stalls out of the steering within STALL (master.py), or half the new
@@ -277,8 +292,13 @@ def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
         setproctitle.setproctitle(f"hello-cluster: worker {spec.slot + 1}")
         channel = ch.WorkerChannel(spec.channel_fd)
         try:
+            # The key is read before dropping privileges: it may stay readable by root only.
+            ssl_context = tls.server_context(cfg) if tls.enabled(cfg) else None
             drop_privileges(cfg.user, cfg.group)
-            code = serve(cfg, spec, channel)
+            code = serve(cfg, spec, channel, ssl_context)
+        except tls.TlsError as err:
+            channel.error(str(err))
+            code = EXIT_USAGE
         except AppLoadError as err:
             channel.error(str(err))
             code = EXIT_APP
