@@ -89,3 +89,52 @@ def test_escaped_fields_are_one_printable_line(path: str, raw: bytes, query: byt
     for text in (target(scope), client(scope), escape(path)):
         assert "\n" not in text and "\r" not in text and '"' not in text
         assert not any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text)
+
+
+def test_lines_have_the_shape_of_the_rest_of_the_log() -> None:
+    """Written without `logging` (for speed), a line must still look like logs.py's."""
+    import asyncio
+    import logging
+    import os
+
+    from hello_cluster import logs
+    from hello_cluster.accesslog import AccessLog
+
+    record = logging.LogRecord("hello_cluster.worker", logging.INFO, __file__, 1, "served",
+                               None, None)
+    record.role = "worker 3"
+    scope = {"type": "http", "method": "GET", "path": "/p", "raw_path": b"/p",
+             "query_string": b"q=1", "http_version": "1.1", "client": ("::1", 5)}
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        return None
+
+    async def serve(log: AccessLog) -> None:
+        await log(scope, None, None)
+
+    for style, formatter in (("json", logs.JsonFormatter()),
+                             ("journal", logs.JournalFormatter("%(role)s pid %(process)d: "
+                                                               "%(message)s")),
+                             ("text", logging.Formatter("%(asctime)s hello-cluster"
+                                                        "[%(process)d] %(role)s "
+                                                        "%(levelname)s %(message)s"))):
+        log = AccessLog(app, 3, style)
+        asyncio.run(serve(log))
+        (line,) = log.lines
+        ours, theirs = line.rstrip("\n"), formatter.format(record)
+        if style == "json":
+            entry, reference = json.loads(ours), json.loads(theirs)
+            assert set(reference) <= set(entry)
+            assert {k: entry[k] for k in ("level", "pid", "role")} == {
+                "level": "info", "pid": os.getpid(), "role": "worker 3"}
+            assert len(entry["time"]) == len(reference["time"])
+            assert entry["message"] == '[::1]:5 "GET /p?q=1 HTTP/1.1" 500 0 ' + \
+                f'{entry["duration_ms"]:.1f}ms'
+        else:
+            prefix = theirs[: -len("served")]
+            head = ours[: len(prefix)]
+            if style == "journal":
+                assert head == prefix, (ours, theirs)
+            else:  # same shape, a different millisecond
+                assert re.sub(r"\d", "0", head) == re.sub(r"\d", "0", prefix), (ours, theirs)
+            assert ours[len(prefix):].startswith('[::1]:5 "GET /p?q=1 HTTP/1.1" 500 0 ')

@@ -233,10 +233,11 @@ def build_app(cfg: Config) -> tuple[Any, Any]:
 def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
           ssl_context: ssl.SSLContext | None = None) -> int:
     app, metrics = build_app(cfg)
+    access_log = None
     if cfg.access_log:  # off: not wrapped at all, nothing on the request path
         from hello_cluster.accesslog import AccessLog
 
-        app = AccessLog(app, spec.slot + 1)
+        app = access_log = AccessLog(app, spec.slot + 1)
     max_requests = 0
     if cfg.max_requests:
         max_requests = cfg.max_requests + (
@@ -267,6 +268,8 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
     server = WorkerServer(uv_config, channel, beat_ticks, max_requests, metrics,
                           LISTEN_GRACE if spec.own_socket else 0.0)
     server.run(sockets=list(spec.sockets))
+    if access_log is not None:
+        access_log.flush()  # the lines of the last tenth of a second
     return server.exit_code if server.started else EXIT_APP_STARTUP
 
 
