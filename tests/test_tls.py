@@ -9,6 +9,7 @@ SIGHUP rolling reload under a request loop that must see no failure.
 from __future__ import annotations
 
 import datetime
+import http.client
 import os
 import shutil
 import signal
@@ -124,13 +125,16 @@ class TlsLoop:
                 return
             try:
                 status, body, serial = https_get(self.port, self.ctx, timeout=10)
-            except (OSError, ssl.SSLError) as err:
-                self.failures.append(f"{type(err).__name__}: {err}")
+            except (OSError, ssl.SSLError, http.client.HTTPException, AssertionError) as err:
+                self.failures.append(f"{type(err).__name__}: {err!r} at {time.time():.3f}")
                 continue
             if status == 200 and body == HELLO:
                 self.serials.append(serial)
             else:
                 self.failures.append(f"HTTP {status}")
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop.set()
@@ -159,9 +163,11 @@ def test_sighup_rotates_the_certificate_without_failures(cluster, pki: Pki,  # t
         wait_for(lambda: "reload complete" in c.log, 30, what="the reload to complete")
         wait_for(lambda: not old_workers & set(c.workers()), 30, what="old workers to drain")
         seen = len(loop.serials)
-        wait_for(lambda: len(loop.serials) >= seen + 20, 20, what="requests after the reload")
+        wait_for(lambda: len(loop.serials) >= seen + 20 or not loop.running(), 30,
+                 what="requests after the reload")
     finally:
         loop.stop()
+    assert len(loop.serials) >= seen + 20, (loop.failures[:5], c.log[-3000:])
     assert loop.failures == []
     assert loop.serials[0] == 0x3001 and set(loop.serials[seen:]) == {0x3002}
     assert set(loop.serials) == {0x3001, 0x3002}

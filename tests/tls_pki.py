@@ -94,10 +94,11 @@ def https_get(port: int, ctx: ssl.SSLContext, path: str = "/", host: str = "127.
     conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=timeout)
     try:
         conn.request("GET", path)
+        assert conn.sock is not None
+        # Before the response: a `connection: close` answer (a draining worker) drops sock.
+        peer = conn.sock.getpeercert()  # empty when the client does not verify
         resp = conn.getresponse()
         body = resp.read()
-        assert conn.sock is not None
-        peer = conn.sock.getpeercert()  # empty when the client does not verify
         serial = int(str(peer["serialNumber"]), 16) if peer else -1
         return resp.status, body, serial
     finally:
