@@ -12,8 +12,9 @@ Contenders (N workers each, 127.0.0.1, the same hello page):
 uvicorn is the project venv's own (the engine hello-cluster's workers run), so the
 difference is the supervisor and its middleware, not the uvicorn version. Each round
 visits every contender back to back in a rotated order with `wrk -t1 -c64` keep-alive and,
-for the TLS pair, `Connection: close` (a full handshake per request). Ratios are taken
-within a round and the median over rounds is reported. Not part of the test suite.
+for the TLS pair, `Connection: close` (a full handshake per request); the order is rotated
+each round and reversed every other round. Ratios are taken within a round and the
+median over rounds is reported; every sample is in the JSON. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -126,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             wrk(ports[name], 1, "tls" in name, False)  # warm-up, discarded
         names = list(argvs)
         for rep in range(args.reps):
+            # Rotated each round and reversed every other round, so a machine getting
+            # busier or quieter during a round does not favour whoever comes later.
             order = names[rep % len(names):] + names[:rep % len(names)]
+            if rep % 2:
+                order.reverse()
             for name in order:
                 tls = "tls" in name
                 for mode in ("keepalive", "close") if tls else ("keepalive",):
@@ -138,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc in procs.values():
             proc.stop()
-        access_log_bytes = {n: (WORK / "logs" / f"{n}.log").stat().st_size
-                            for n in argvs if "access" in n}
+        access_log_bytes = {}
+        for n in argvs:
+            if "access" in n:  # tens of MB per run: keep the size, not the file
+                log = WORK / "logs" / f"{n}.log"
+                access_log_bytes[n] = log.stat().st_size
+                log.unlink()
     rows = []
     for subject, baseline in PAIRS:
         for mode in ("keepalive", "close"):
