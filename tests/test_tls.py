@@ -8,11 +8,13 @@ SIGHUP rolling reload under a request loop that must see no failure.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import http.client
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -73,6 +75,34 @@ def test_verified_clients_plain_http_refused_metrics_plain(cluster, pki: Pki,  #
     # The metrics port stays plain HTTP (Prometheus inside the network).
     assert c.metrics_get("/readyz")[0] == 200
     assert set(c.workers()) == workers, "a client's mistake cost a worker"
+
+
+def test_hostile_bytes_and_idle_connections_cost_nothing(cluster, pki: Pki,  # type: ignore[no-untyped-def]
+                                                         server: tuple[Path, Path]) -> None:
+    """Garbage, truncated and oversized TLS records, and connections that never shake
+    hands: each is dropped by the worker, nobody else waits, no worker is lost."""
+    c = cluster("--workers", "2", *tls_args(server), workers=2)
+    workers = set(c.workers())
+    hello = bytes.fromhex("16030100a5010000a10303") + os.urandom(32)  # a ClientHello's start
+    payloads = [os.urandom(4096), b"\x16\x03\x01\xff\xff" + os.urandom(100), hello,
+                b"\x16\x03\x03\x00\x05\x01\x00\x00\x01\x00", b"\x00" * 65536,
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]
+    for payload in payloads:
+        with socket.create_connection(("127.0.0.1", c.port), timeout=5) as sock, \
+                contextlib.suppress(OSError):
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):
+                pass
+    idle = [socket.create_connection(("127.0.0.1", c.port), timeout=5) for _ in range(200)]
+    try:
+        for _ in range(10):
+            assert https_get(c.port, client_context(pki), timeout=5)[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
+    assert set(c.workers()) == workers
+    assert "Traceback" not in c.log
 
 
 def test_mtls_required(cluster, pki: Pki, server: tuple[Path, Path]) -> None:  # type: ignore[no-untyped-def]
@@ -222,6 +252,8 @@ def test_unusable_files_and_options_exit_2_naming_the_file(pki: Pki, server: tup
          ["--ssl-ca-certs", "garbage.pem", "no PEM certificate"]),
         (["--ssl-certfile", cert, "--ssl-keyfile", key, "--ssl-cert-reqs", "required"],
          ["--ssl-cert-reqs required needs --ssl-ca-certs"]),
+        (["--ssl-certfile", cert, "--ssl-keyfile", key, "--ssl-cert-reqs", "optional"],
+         ["--ssl-cert-reqs optional needs --ssl-ca-certs"]),
         (["--ssl-certfile", cert, "--ssl-keyfile", key, "--ssl-ciphers", "NO-SUCH-CIPHER"],
          ["--ssl-ciphers", "no cipher matches"]),
         (["--ssl-keyfile", key], ["--ssl-keyfile needs --ssl-certfile"]),

@@ -57,9 +57,10 @@ def check_options(cfg: Config) -> None:
     if cfg.ssl_keyfile_password is not None and cfg.ssl_keyfile_password_file is not None:
         raise TlsError(f"{PASSWORD_ENV} and --ssl-keyfile-password-file are both set; "
                        "keep one")
-    if cfg.ssl_cert_reqs == "required" and cfg.ssl_ca_certs is None:
-        raise TlsError("--ssl-cert-reqs required needs --ssl-ca-certs: the CA certificates "
-                       "that client certificates must chain to")
+    if cfg.ssl_cert_reqs != "none" and cfg.ssl_ca_certs is None:
+        # With `optional` and no CA, every client that does send a certificate would fail.
+        raise TlsError(f"--ssl-cert-reqs {cfg.ssl_cert_reqs} needs --ssl-ca-certs: the CA "
+                       "certificates that client certificates must chain to")
 
 
 def read_file(option: str, path: str, limit: int = 16 * 1024 * 1024) -> bytes:
