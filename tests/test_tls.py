@@ -75,6 +75,8 @@ def test_verified_clients_plain_http_refused_metrics_plain(cluster, pki: Pki,  #
     # The metrics port stays plain HTTP (Prometheus inside the network).
     assert c.metrics_get("/readyz")[0] == 200
     assert set(c.workers()) == workers, "a client's mistake cost a worker"
+    # The files were checked in a child: the master never loaded the key or cryptography.
+    assert "cryptography" not in Path(f"/proc/{c.pid}/maps").read_text()
 
 
 def test_hostile_bytes_and_idle_connections_cost_nothing(cluster, pki: Pki,  # type: ignore[no-untyped-def]

@@ -109,7 +109,7 @@ def decide_pool(cfg: Config) -> int:
 
 
 def run(cfg: Config) -> int:
-    for warning in tls.check_at_start(cfg):  # exit 2 on unusable TLS files
+    for warning in tls.check_in_child(cfg):  # exit 2 on unusable TLS files
         log.warning("%s", warning)
     tls.forget_password_env()
     notifier = Notifier()
