@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from hello_cluster import __version__
@@ -262,6 +262,13 @@ def parse_path(text: str) -> str:
     return text
 
 
+def parse_secret(text: str) -> str:
+    """Any non-empty text; the error never echoes it (it may be a password)."""
+    if not text or "\0" in text:
+        raise ConfigError("the value is empty or contains a NUL byte")
+    return text
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the master and workers need, built once and passed down."""
@@ -298,6 +305,15 @@ class Config:
     factory: bool = False
     interface: str = "auto"
     wsgi_threads: int = DEFAULT_WSGI_THREADS
+    # TLS and the access log (tls.py, accesslog.py)
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_keyfile_password: str | None = field(default=None, repr=False)  # env only
+    ssl_keyfile_password_file: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: str = "none"
+    ssl_ciphers: str | None = None
+    access_log: bool = False
 
 
 @dataclass(frozen=True)
@@ -400,6 +416,27 @@ OPTIONS: tuple[Option, ...] = (
     Option("wsgi-threads", parse_int(1, 1000), str(DEFAULT_WSGI_THREADS),
            "threads per worker that run WSGI views (the most WSGI requests a worker serves "
            "at once)", "N"),
+    # TLS with uvicorn's flag names (tls.py); workers load the files at start, so a SIGHUP
+    # reload rotates the certificate.
+    Option("ssl-certfile", parse_path, None,
+           "serve HTTPS: the PEM certificate (chain) for the app listeners", "PATH"),
+    Option("ssl-keyfile", parse_path, None,
+           "its PEM private key (default: in --ssl-certfile)", "PATH"),
+    Option("ssl-keyfile-password", parse_secret, None,
+           "the key's password: environment only (a flag shows in ps); or use "
+           "--ssl-keyfile-password-file", "PASSWORD"),
+    Option("ssl-keyfile-password-file", parse_path, None,
+           "a file holding the key's password (systemd credential, Kubernetes Secret)",
+           "PATH"),
+    Option("ssl-ca-certs", parse_path, None,
+           "PEM CA certificates that client certificates must chain to", "PATH"),
+    Option("ssl-cert-reqs", parse_choice("none", "optional", "required"), "none",
+           "client certificates: none, optional, or required (mTLS; needs --ssl-ca-certs)",
+           "none|optional|required"),
+    Option("ssl-ciphers", parse_secret, None,
+           "OpenSSL cipher string for TLS 1.2 and below (default: Python's)", "CIPHERS"),
+    Option("access-log", parse_bool, "false",
+           "one log line per request, written by the worker that served it", "BOOL"),
 )
 
 
@@ -503,4 +540,8 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     if values["max_requests_jitter"] and not values["max_requests"]:
         raise ConfigError("--max-requests-jitter needs --max-requests")
     values["app_dir"] = resolve_app_dir(values["app_dir"])
+    if args.ssl_keyfile_password is not None:
+        raise ConfigError("--ssl-keyfile-password: a password on the command line is visible "
+                          "to every user (ps, /proc/PID/cmdline); use --ssl-keyfile-password-"
+                          "file PATH or HELLO_CLUSTER_SSL_KEYFILE_PASSWORD")
     return Config(binds=binds, **values)

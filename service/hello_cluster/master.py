@@ -476,6 +476,10 @@ class Master:
             self.worker_died(w, status, time.monotonic())
 
     def worker_died(self, w: Worker, status: int, now: float) -> None:
+        # Its last words (the line saying why it cannot start) may still be in the pipe if
+        # it wrote them and exited after this turn's select: read them before judging.
+        if w.fd in self.selector.get_map():  # not yet at EOF
+            self.read_channel(w)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(w.fd)
         os.close(w.fd)

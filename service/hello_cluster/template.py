@@ -43,9 +43,9 @@ from typing import Any, NoReturn
 import setproctitle
 
 from hello_cluster import channel as ch
-from hello_cluster import loader, logs, worker
+from hello_cluster import loader, logs, tls, worker
 from hello_cluster.config import Config
-from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, AppLoadError, ResourceError
+from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, EXIT_USAGE, AppLoadError, ResourceError
 
 log = logging.getLogger("hello_cluster.master")
 
@@ -213,6 +213,9 @@ def _run_template(cfg: Config, master_pid: int, generation: int, sock: socket.so
         setproctitle.setproctitle(f"hello-cluster: template (generation {generation})")
         channel = ch.WorkerChannel(channel_fd)
         try:
+            # The key may be readable by root only: read it before the privilege drop. A
+            # reload's new template reads the files again, so it rotates the certificate.
+            ssl_context = tls.server_context(cfg) if tls.enabled(cfg) else None
             worker.drop_privileges(cfg.user, cfg.group)
             gc.disable()  # no collection holes in the pages the workers will share
             loaded = loader.load(cfg.app, cfg.app_dir, cfg.factory, cfg.interface,
@@ -221,6 +224,9 @@ def _run_template(cfg: Config, master_pid: int, generation: int, sock: socket.so
             log.info("--app %s: %s (template for generation %d)", cfg.app, loaded.why,
                      generation)
             gc.freeze()  # and no refcount-list writes to them from the workers' collectors
+        except tls.TlsError as err:
+            channel.error(str(err))
+            os._exit(EXIT_USAGE)
         except AppLoadError as err:
             channel.error(str(err))
             os._exit(EXIT_APP)
@@ -228,7 +234,7 @@ def _run_template(cfg: Config, master_pid: int, generation: int, sock: socket.so
             channel.error(str(err))
             os._exit(EXIT_RESOURCE)
         channel.send(ch.READY)
-        _serve_requests(cfg, master_pid, sock, channel_fd, app, beats)
+        _serve_requests(cfg, master_pid, sock, channel_fd, app, beats, ssl_context)
     except BaseException:
         log.exception("template crashed")
         code = 1
@@ -240,7 +246,7 @@ def _run_template(cfg: Config, master_pid: int, generation: int, sock: socket.so
 
 
 def _serve_requests(cfg: Config, master_pid: int, sock: socket.socket, channel_fd: int,
-                    app: Any, beats: memoryview[float]) -> NoReturn:
+                    app: Any, beats: memoryview[float], ssl_context: Any) -> NoReturn:
     sock.settimeout(None)
     while True:
         try:
@@ -250,7 +256,7 @@ def _serve_requests(cfg: Config, master_pid: int, sock: socket.socket, channel_f
         if not message:  # the master closed our socket: this generation is done
             os._exit(0)
         request = json.loads(message)
-        pid = _fork_worker(cfg, master_pid, request, fds, app, beats,
+        pid = _fork_worker(cfg, master_pid, request, fds, app, beats, ssl_context,
                            keep_out=[sock.fileno(), channel_fd])
         for fd in fds:
             with contextlib.suppress(OSError):
@@ -259,7 +265,8 @@ def _serve_requests(cfg: Config, master_pid: int, sock: socket.socket, channel_f
 
 
 def _fork_worker(cfg: Config, master_pid: int, request: dict[str, Any], fds: list[int],
-                 app: Any, beats: memoryview[float], keep_out: list[int]) -> int:
+                 app: Any, beats: memoryview[float], ssl_context: Any,
+                 keep_out: list[int]) -> int:
     """Double fork: the middle process exits at once, so the worker becomes the master's."""
     if not fds:
         return -1
@@ -277,7 +284,8 @@ def _fork_worker(cfg: Config, master_pid: int, request: dict[str, Any], fds: lis
                 sockets=[socket.socket(fileno=fd) for fd in socket_fds], channel_fd=channel_fd,
                 close_fds=keep_out, own_socket=request["own_socket"],
                 beats=beats if request["cell"] is not None else None,
-                beat_cell=request["cell"] or 0, app=app, reparented=True)
+                beat_cell=request["cell"] or 0, app=app, reparented=True,
+                ssl_context=ssl_context)
             worker.run(cfg, spec)
         os.write(w, _PID.pack(pid))
         os._exit(0)

@@ -17,6 +17,7 @@ import os
 import pwd
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Generator, Iterable, Sequence
@@ -27,10 +28,16 @@ import setproctitle
 import uvicorn
 
 from hello_cluster import channel as ch
-from hello_cluster import loader, logs
+from hello_cluster import loader, logs, tls
 from hello_cluster.beats import Beater
 from hello_cluster.config import DEFAULT_APP, Config
-from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, AppLoadError, ResourceError
+from hello_cluster.errors import (
+    EXIT_APP,
+    EXIT_RESOURCE,
+    EXIT_USAGE,
+    AppLoadError,
+    ResourceError,
+)
 from hello_cluster.protocol import WorkerProtocol, expire_slow_heads
 
 log = logging.getLogger("hello_cluster.worker")
@@ -38,7 +45,8 @@ log = logging.getLogger("hello_cluster.worker")
 PR_SET_PDEATHSIG = 1
 UVICORN_STARTUP_FAILURE = 3  # uvicorn's exit when the app's lifespan startup fails
 # A worker's own exit statuses (seen in the master's log, never the master's exit code):
-# 0 drained, 1 crashed (or the demo), 4 app import failed, 6 resource, 70 app startup failed.
+# 0 drained, 1 crashed (or the demo), 2 TLS files unusable, 4 app import failed, 6 resource,
+# 70 app startup failed.
 EXIT_APP_STARTUP = 70
 TICK = 0.1  # uvicorn's main loop period
 # With a socket of its own (a SO_REUSEPORT group), a draining worker keeps accepting this
@@ -60,6 +68,7 @@ class WorkerSpec:
     beat_cell: int = 0  # this worker's cell in it
     app: Any = None  # the app as the --preload template imported it
     reparented: bool = False  # forked by the template, adopted by the master
+    ssl_context: Any = None  # the template's TLS context, for a worker it forked
 
 
 def preload_engine() -> None:
@@ -281,9 +290,15 @@ def build_app(cfg: Config, first: bool = True, preloaded: Any = None) -> tuple[A
     return app, metrics
 
 
-def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
+def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
+          ssl_context: ssl.SSLContext | None = None) -> int:
     app, metrics = build_app(cfg, first=spec.slot == 0 and spec.generation == 0,
                              preloaded=spec.app)
+    access_log = None
+    if cfg.access_log:  # off: not wrapped at all, nothing on the request path
+        from hello_cluster.accesslog import AccessLog
+
+        app = access_log = AccessLog(app, spec.slot + 1)
     max_requests = 0
     if cfg.max_requests:
         max_requests = cfg.max_requests + (
@@ -304,6 +319,8 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
         # (bench/micro_metrics.py).
         proxy_headers=bool(cfg.forwarded_allow_ips),
         forwarded_allow_ips=list(cfg.forwarded_allow_ips) or None,
+        # Built in run() before privileges are dropped (tls.py); uvicorn serves it as is.
+        ssl_context_factory=(lambda _config, _default: ssl_context) if ssl_context else None,
     )
     # Beats are stamped into the master's shared table every tick (beats.py). Only a worker
     # that got no cell (the table full) beats down its pipe: every tick with a socket of
@@ -314,6 +331,8 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
     server = WorkerServer(uv_config, channel, beat_ticks, max_requests, metrics,
                           LISTEN_GRACE if spec.own_socket else 0.0, beater)
     server.run(sockets=list(spec.sockets))
+    if access_log is not None:
+        access_log.flush()  # the lines of the last tenth of a second
     return server.exit_code if server.started else EXIT_APP_STARTUP
 
 
@@ -339,8 +358,16 @@ def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
         setproctitle.setproctitle(f"hello-cluster: worker {spec.slot + 1}")
         channel = ch.WorkerChannel(spec.channel_fd)
         try:
+            # The key is read before dropping privileges: it may stay readable by root only.
+            # (A worker forked by the --preload template gets the template's context: the
+            # template read the key before it dropped privileges.)
+            ssl_context = spec.ssl_context if spec.reparented else (
+                tls.server_context(cfg) if tls.enabled(cfg) else None)
             drop_privileges(cfg.user, cfg.group)
-            code = serve(cfg, spec, channel)
+            code = serve(cfg, spec, channel, ssl_context)
+        except tls.TlsError as err:
+            channel.error(str(err))
+            code = EXIT_USAGE
         except AppLoadError as err:
             channel.error(str(err))
             code = EXIT_APP
