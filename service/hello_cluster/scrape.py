@@ -46,11 +46,6 @@ def _openmetrics(registry: CollectorRegistry) -> bytes:
 TEXT = Format("text", CONTENT_TYPE_PLAIN_0_0_4, generate_text)
 OPENMETRICS = Format("openmetrics", CONTENT_TYPE_OPENMETRICS, _openmetrics)
 
-# The media types we can produce, with the `version` parameter each accepts (None: absent).
-_OFFERS = ((OPENMETRICS, "application", "openmetrics-text", (None, "1.0.0")),
-           (TEXT, "text", "plain", (None, "0.0.4")))
-
-
 @dataclass(frozen=True)
 class MediaRange:
     type: str
@@ -92,27 +87,33 @@ def parse_accept(accept: str) -> list[MediaRange]:
 
 
 def choose_format(accept: str) -> Format:
-    """OpenMetrics 1.0.0 when the scraper prefers it, the text format otherwise.
+    """OpenMetrics 1.0.0 when the scraper names it and prefers it, the text format otherwise.
 
-    Each format gets the q of the most specific range that matches it (RFC 9110); OpenMetrics
-    wins ties, as prometheus-client does. A header we cannot read, or one that accepts
-    neither format, gets the text format: scrapers and humans with curl always get an
-    answer, never a 406 or a 5xx.
+    Each format gets the q of the most specific range that matches it (RFC 9110).
+    OpenMetrics must be named (`application/openmetrics-text`, no version or 1.0.0): a
+    wildcard alone (curl's `*/*`) gets text, as from prometheus-client; named, it wins ties.
+    A header we cannot read, or one that accepts neither format, gets the text format:
+    scrapers and humans with curl always get an answer, never a 406 or a 5xx.
     """
     ranges = parse_accept(accept)
-    q = {offer[0].name: _quality(ranges, *offer[1:]) for offer in _OFFERS}
-    if q["openmetrics"] > 0 and q["openmetrics"] >= q["text"]:
+    om_rank, om_q = _quality(ranges, "application", "openmetrics-text", "1.0.0")
+    _, text_q = _quality(ranges, "text", "plain", "0.0.4")
+    if om_rank == 2 and om_q > 0 and om_q >= text_q:
         return OPENMETRICS
     return TEXT
 
 
 def _quality(ranges: list[MediaRange], kind: str, sub: str,
-             versions: tuple[str | None, ...]) -> float:
+             version: str) -> tuple[int, float]:
+    """(specificity, q) of the most specific range matching kind/sub at `version`.
+
+    Specificity 2 is the type itself (without a version or with ours), 1 kind/*, 0 */*;
+    (-1, 0.0) when nothing matches.
+    """
     best_rank, best_q = -1, 0.0
     for r in ranges:
         if r.type == kind and r.subtype == sub:
-            version = dict(r.params).get("version")
-            if version not in versions:
+            if dict(r.params).get("version", version) != version:
                 continue  # asks for a version of the format we do not produce
             rank = 2
         elif r.type == kind and r.subtype == "*":
@@ -123,7 +124,7 @@ def _quality(ranges: list[MediaRange], kind: str, sub: str,
             continue
         if rank > best_rank:
             best_rank, best_q = rank, r.q
-    return best_q
+    return best_rank, best_q
 
 
 _TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
