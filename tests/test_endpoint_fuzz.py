@@ -9,7 +9,9 @@ hidden by a fresh master for the next.
 
 from __future__ import annotations
 
+import logging
 import os
+import selectors
 import signal
 import socket
 import time
@@ -20,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import Cluster, http_get
+from hello_cluster.endpoint import Endpoint, Response
 
 REQUEST_TIMEOUT = 5.0  # the endpoint's per-connection deadline (endpoint.REQUEST_TIMEOUT)
 OUR_TYPES = (b"text/plain; version=0.0.4; charset=utf-8",
@@ -179,3 +182,51 @@ def test_workers_survive_the_fuzzing(master: Cluster) -> None:
         time.sleep(0.05)
     assert set(master.workers()) - before, master.log[-2000:]
     master.wait_ready(1)
+
+
+def test_the_last_line_of_defence(caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever still raises on a connection (here: a Content-Type h11 could not encode,
+    issue 12's crash) drops that connection and logs one line, never a traceback, never
+    out of the loop; the endpoint goes on serving. In-process, on real loopback sockets."""
+    def handler(method: str, path: str, accept: str) -> Response:
+        if path == "/bad":
+            return Response(200, b"x", "text/plain; version=2.\xe9")  # not ASCII: raises
+        return Response(200, b"ok\n")
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    selector = selectors.DefaultSelector()
+    endpoint = Endpoint(listener, selector, handler)
+    caplog.set_level(logging.WARNING, logger="hello_cluster.endpoint")
+
+    def serve(request: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(request)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # the master's loop, one turn at a time
+                endpoint.next_deadline()
+                for key, _ in selector.select(0.05):
+                    key.data()  # raises here if anything gets past the guard
+                endpoint.expire(time.monotonic())
+                s.settimeout(0.01)
+                try:
+                    reply = b""
+                    while chunk := s.recv(4096):
+                        reply += chunk
+                    return reply
+                except TimeoutError:
+                    continue
+            raise AssertionError("no answer and not closed within 5 s")
+
+    try:
+        for _ in range(20):
+            assert serve(b"GET /bad HTTP/1.1\r\nhost: x\r\n\r\n") == b""
+        assert serve(b"GET /good HTTP/1.1\r\nhost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
+        lines = [r for r in caplog.records if r.name == "hello_cluster.endpoint"]
+        assert len(lines) == 1, [r.getMessage() for r in lines]  # rate-limited: one line
+        assert "UnicodeEncodeError" in lines[0].getMessage()
+        assert lines[0].exc_info is None  # one line, no traceback
+        assert not endpoint.conns
+    finally:
+        endpoint.close()
+        selector.close()
