@@ -28,7 +28,7 @@ REQUEST_TIMEOUT = 5.0  # the endpoint's per-connection deadline (endpoint.REQUES
 OUR_TYPES = (b"text/plain; version=0.0.4; charset=utf-8",
              b"application/openmetrics-text; version=1.0.0; charset=utf-8",
              b"text/plain; charset=utf-8")
-FUZZ = settings(max_examples=120, deadline=None,
+FUZZ = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
