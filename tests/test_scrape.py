@@ -4,6 +4,7 @@ response bytes, under property tests (any header value, any order, any case)."""
 from __future__ import annotations
 
 import h11
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.openmetrics.parser import (
@@ -13,7 +14,14 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from hello_cluster.endpoint import Response, encode_response
 from hello_cluster.metrics import PoolStats, master_registry
-from hello_cluster.scrape import OPENMETRICS, TEXT, Scrapes, choose_format, parse_accept
+from hello_cluster.scrape import (
+    OPENMETRICS,
+    TEXT,
+    RenderFailed,
+    Scrapes,
+    choose_format,
+    parse_accept,
+)
 
 PROMETHEUS_2 = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
                 "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
@@ -154,3 +162,33 @@ def test_responses_parse_as_http(status: int, body: bytes, content_type: str,
         received += event.data
     assert isinstance(event, h11.EndOfMessage)
     assert received == (b"" if head_only else body)
+
+
+class Broken:
+    """A collector that fails, as a corrupt metric file makes the real ones fail."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def collect(self) -> list[object]:
+        self.calls += 1
+        raise OSError("corrupt metric file")
+
+
+def test_a_failed_render_is_shared_too() -> None:
+    stats = PoolStats()
+    registry = master_registry(lambda: stats, None)
+    broken = Broken()
+    registry.register(broken)  # type: ignore[arg-type]
+    scrapes = Scrapes(registry, lambda: stats, window=0.25)
+    with pytest.raises(OSError):
+        scrapes.body(TEXT, now=10.0)
+    for t in (10.0, 10.1, 10.2):  # the window: no new render, no new traceback
+        with pytest.raises(RenderFailed):
+            scrapes.body(TEXT, now=t)
+    assert broken.calls == 1
+    with pytest.raises(OSError):
+        scrapes.body(TEXT, now=10.3)
+    assert broken.calls == 2
+    registry.unregister(broken)  # type: ignore[arg-type]
+    assert b"hello_cluster_workers_ready" in scrapes.body(TEXT, now=10.6)

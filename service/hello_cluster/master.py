@@ -30,7 +30,7 @@ from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK
 from hello_cluster.metrics import PoolStats, master_registry
 from hello_cluster.notify import Notifier, watchdog_interval
 from hello_cluster.oom import OomWatch
-from hello_cluster.scrape import Scrapes, choose_format
+from hello_cluster.scrape import RenderFailed, Scrapes, choose_format
 from hello_cluster.sockets import Listeners
 
 log = logging.getLogger("hello_cluster.master")
@@ -571,6 +571,8 @@ class Master:
             fmt = choose_format(accept)  # the client picks one of ours; its bytes stay out
             try:
                 body = scrapes.body(fmt, time.monotonic())
+            except RenderFailed:
+                return Response(500, b"collecting metrics failed; see the log\n")
             except Exception:  # a scrape must never take supervision down
                 log.exception("collecting metrics failed")
                 return Response(500, b"collecting metrics failed; see the log\n")

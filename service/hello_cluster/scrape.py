@@ -154,7 +154,9 @@ class Scrapes:
     (workers desired, running, ready, restarts...) are those it shows: a scrape right after
     a worker died or became ready always sees it. What can lag by up to `window` are the
     workers' request counters (which already lag by up to their 0.1 s flush) and the
-    master's process metrics. A failed render is not cached.
+    master's process metrics. A failed render is remembered for the window too: the scrapes
+    in it get `RenderFailed` at once, so a broken collector costs one render and one
+    traceback per window, not one per scrape.
     """
 
     def __init__(self, registry: CollectorRegistry, stats: Callable[[], PoolStats],
@@ -163,17 +165,27 @@ class Scrapes:
         self.stats = stats
         self.window = window
         self.renders = 0
-        self._cache: dict[str, tuple[float, tuple[object, ...], bytes]] = {}
+        self._cache: dict[str, tuple[float, tuple[object, ...], bytes | None]] = {}
 
     def body(self, fmt: Format, now: float) -> bytes:
         key = _pool_key(self.stats())
         cached = self._cache.get(fmt.name)
         if cached is not None and now - cached[0] < self.window and cached[1] == key:
+            if cached[2] is None:
+                raise RenderFailed(f"the last {fmt.name} render failed {now - cached[0]:.2f}s ago")
             return cached[2]
-        body = fmt.encode(self.registry)
         self.renders += 1
+        try:
+            body = fmt.encode(self.registry)
+        except Exception:
+            self._cache[fmt.name] = (now, key, None)
+            raise
         self._cache[fmt.name] = (now, key, body)
         return body
+
+
+class RenderFailed(Exception):
+    """The last render of this format failed within the window (and was logged then)."""
 
 
 def _pool_key(stats: PoolStats) -> tuple[object, ...]:
