@@ -171,6 +171,14 @@ def test_the_issue_12_requests(master: Cluster) -> None:
     assert len(master.workers()) == 1  # no worker died with a master
 
 
+def test_odd_transfer_encodings_are_not_a_5xx(master: Cluster) -> None:
+    """h11 suggested 501 for these, and the endpoint answered it: a 5xx for a client's fault."""
+    for te in (b"gzip", b"chunked\r\ntransfer-encoding: chunked", b"identity, chunked, x"):
+        request = b"GET /metrics HTTP/1.1\r\nhost: x\r\ntransfer-encoding: " + te + b"\r\n\r\n"
+        status = check(master, *exchange(master, request, half_close=True))
+        assert status is None or status < 500, (te, status)
+
+
 def test_workers_survive_the_fuzzing(master: Cluster) -> None:
     """Runs last in the module: the fuzzed master still supervises (a kill is respawned)."""
     before = set(master.workers())
