@@ -151,8 +151,13 @@ class Endpoint:
                 return
             except OSError:
                 return  # EMFILE and friends: the client will retry; supervision goes on
-            sock.setblocking(False)
-            conn = _Conn(sock, sock.fileno(), time.monotonic() + REQUEST_TIMEOUT)
+            try:
+                sock.setblocking(False)
+                conn = _Conn(sock, sock.fileno(), time.monotonic() + REQUEST_TIMEOUT)
+            except Exception as err:  # the guard's job, before there is a conn
+                sock.close()
+                self._complain(err)
+                continue
             self._guarded(conn)  # most requests arrive with the connection: answer now
 
     def _on_ready(self, conn: _Conn) -> None:
@@ -168,7 +173,7 @@ class Endpoint:
                 self._write(conn)
             else:
                 self._read(conn)
-        except Exception as err:  # noqa: BLE001 - by design; logged, rate-limited
+        except Exception as err:  # by design; logged, rate-limited
             self._drop(conn)
             self._complain(err)
 
@@ -223,7 +228,7 @@ class Endpoint:
         else:
             try:
                 response = self.handler(method, target, accept)
-            except Exception:  # noqa: BLE001 - our bug, not the client's: logged, 500
+            except Exception:  # our bug, not the client's: logged, 500
                 log.exception("metrics endpoint handler failed")
                 response = Response(500, b"internal error\n")
         self._respond(conn, response, head_only=method == "HEAD")
