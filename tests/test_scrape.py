@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from hello_cluster.endpoint import Response, encode_response
 from hello_cluster.metrics import PoolStats, master_registry
 from hello_cluster.scrape import (
+    MAX_PARAMS,
+    MAX_RANGES,
     OPENMETRICS,
     TEXT,
     RenderFailed,
@@ -192,3 +194,17 @@ def test_a_failed_render_is_shared_too() -> None:
     assert broken.calls == 2
     registry.unregister(broken)  # type: ignore[arg-type]
     assert b"hello_cluster_workers_ready" in scrapes.body(TEXT, now=10.6)
+
+
+def test_only_the_first_ranges_and_parameters_are_read() -> None:
+    """A hostile 8 KiB Accept costs what a scraper's does: what lies past the bounds is
+    never looked at (it was 1.3-1.7 ms a request when every element was read)."""
+    assert len(parse_accept(",".join(["text/plain"] * 1000))) == MAX_RANGES
+    late = ",".join(["text/plain;q=0.1"] * MAX_RANGES + ["application/openmetrics-text"])
+    assert choose_format(late) is TEXT
+    early = ",".join(["application/openmetrics-text", *["text/plain;q=0.1"] * 1000])
+    assert choose_format(early) is OPENMETRICS
+    params = ";".join(["application/openmetrics-text", *["a=b"] * MAX_PARAMS, "q=0"])
+    assert choose_format(params) is OPENMETRICS  # the q=0 past the bound is not read
+    assert len(parse_accept(";".join(["text/plain", *["a=b"] * 5000]))[0].params) \
+        == MAX_PARAMS
