@@ -194,8 +194,8 @@ def test_a_scrape_burst_does_not_stall_supervision(cluster: Callable[..., Cluste
 
 
 def test_endpoint_limits_still_hold(cluster: Callable[..., Cluster]) -> None:
-    """At most 128 connections wait (the oldest go first), heads over 8 KiB get 431, and an
-    unfinished request is cut at 5 s; /livez answers throughout."""
+    """At most 128 connections wait (the oldest go first), heads over 8 KiB or 100 headers
+    get 431, and an unfinished request is cut at 5 s; /livez answers throughout."""
     raise_fd_limit(1024)
     c = cluster("--workers", "1", workers=1)
     port = c.metrics_port
@@ -240,5 +240,9 @@ def test_endpoint_limits_still_hold(cluster: Callable[..., Cluster]) -> None:
                 + b"\r\n\r\n").startswith(b"HTTP/1.1 200")
     assert send(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 9000
                 + b"\r\n\r\n").startswith(b"HTTP/1.1 431")
+    assert send(b"GET /livez HTTP/1.1\r\n" + b"a: b\r\n" * 100
+                + b"\r\n").startswith(b"HTTP/1.1 200")
+    assert send(b"GET /livez HTTP/1.1\r\n" + b"a: b\r\n" * 101
+                + b"\r\n").startswith(b"HTTP/1.1 431")  # at most 100 headers
     assert livez_ms(port) < 1000
     assert c.proc.poll() is None

@@ -34,6 +34,7 @@ import httptools
 log = logging.getLogger("hello_cluster.endpoint")
 
 MAX_REQUEST_BYTES = 8192
+MAX_HEADERS = 100  # scrapers send a handful; 1600 tiny ones in 8 KiB cost 140 us to parse
 REQUEST_TIMEOUT = 5.0
 MAX_CONNECTIONS = 128
 ACCEPTS_PER_TURN = 64
@@ -58,11 +59,15 @@ class _Request:
         self.target = b""
         self.accept: list[bytes] = []
         self.complete = False  # the head is complete (a body, if any, is never read)
+        self.headers = 0
 
     def on_url(self, url: bytes) -> None:
         self.target += url  # may come in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers += 1
+        if self.headers > MAX_HEADERS:
+            raise OverflowError("too many headers")  # stops the parser: answered 431
         if name.lower() == b"accept":
             self.accept.append(value)
 
@@ -207,6 +212,9 @@ class Endpoint:
         except httptools.HttpParserUpgrade:
             pass  # the head is complete; what follows is a protocol we do not speak
         except httptools.HttpParserError:
+            if conn.request.headers > MAX_HEADERS:
+                self._respond(conn, Response(431, b"too many headers\n"), head_only=False)
+                return
             if not conn.request.complete:  # a client's fault is a 400, never a 5xx
                 self._respond(conn, Response(400, b"bad request\n"), head_only=False)
                 return
