@@ -28,10 +28,11 @@ from hello_cluster.beats import SCAN, BeatTable
 from hello_cluster.config import MAX_WORKERS, Config
 from hello_cluster.endpoint import Endpoint, Response
 from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK, EXIT_RESOURCE
-from hello_cluster.metrics import PoolStats, master_registry, render
+from hello_cluster.metrics import PoolStats, master_registry
 from hello_cluster.notify import Notifier, watchdog_interval
 from hello_cluster.oom import OomWatch
 from hello_cluster.recycling import Recycler
+from hello_cluster.scrape import RenderFailed, Scrapes, choose_format
 from hello_cluster.sockets import Listeners
 from hello_cluster.template import Template, Templates, become_subreaper
 
@@ -129,9 +130,10 @@ class Master:
             self.templates = Templates(self.cfg, self.pid, self.beats.view, self.selector,
                                        on_news=lambda: None)
         if self.listeners.metrics is not None:
-            registry = master_registry(self.pool_stats, self.multiproc_dir)
+            scrapes = Scrapes(master_registry(self.pool_stats, self.multiproc_dir),
+                              self.pool_stats)
             self.endpoint = Endpoint(self.listeners.metrics, self.selector,
-                                     lambda m, p, a: self.answer(registry, p, a))
+                                     lambda m, p, a: self.answer(scrapes, p, a))
         log.info("master ready to fork %d workers on %s%s", self.desired,
                  self.listeners.describe(),
                  " (socket activation)" if self.listeners.activated else "")
@@ -729,14 +731,17 @@ class Master:
             return False, f"no worker ready yet (0/{self.desired})"
         return True, f"ready: {ready}/{self.desired} workers"
 
-    def answer(self, registry: Any, path: str, accept: str) -> Response:
+    def answer(self, scrapes: Scrapes, path: str, accept: str) -> Response:
         if path == "/metrics":
+            fmt = choose_format(accept)  # the client picks one of ours; its bytes stay out
             try:
-                body, content_type = render(registry, accept)
+                body = scrapes.body(fmt, time.monotonic())
+            except RenderFailed:
+                return Response(500, b"collecting metrics failed; see the log\n")
             except Exception:  # a scrape must never take supervision down
                 log.exception("collecting metrics failed")
                 return Response(500, b"collecting metrics failed; see the log\n")
-            return Response(200, body, content_type)
+            return Response(200, body, fmt.content_type)
         if path == "/livez":
             return Response(200, b"ok: master loop turning\n")
         if path == "/readyz":

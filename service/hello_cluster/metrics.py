@@ -28,7 +28,6 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -144,12 +143,6 @@ def master_registry(stats: Callable[[], PoolStats], multiproc_dir: str | None) -
     if multiproc_dir is not None:
         WorkerFilesCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
     return registry
-
-
-def render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
-    """The scrape body in whichever format the scraper asked for (text or OpenMetrics)."""
-    encoder, content_type = choose_encoder(accept)
-    return encoder(registry), content_type
 
 
 class RequestMetrics:
