@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TEST_APPS, Cluster, clean_env, free_port, wait_for, with_suppress
+from conftest import Cluster, clean_env, free_port, wait_for, with_suppress
 
 # name -> extra hello-cluster arguments; the same battery runs against each.
 HC_VARIANTS: dict[str, list[str]] = {
@@ -336,7 +336,7 @@ def requests(draw: st.DrawFn) -> bytes:
 
 
 @given(st.lists(requests(), min_size=1, max_size=3))
-@settings(max_examples=60, deadline=20_000, derandomize=True,
+@settings(max_examples=100, deadline=20_000, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 def test_generated_request_shapes(peers: Peers, batch: list[bytes]) -> None:
     same(peers, b"".join(batch))
