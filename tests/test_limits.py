@@ -179,3 +179,45 @@ def test_idle_flood_at_default_limit(cluster) -> None:  # type: ignore[no-untype
         time.sleep(1.0)  # both workers have accepted their share
         statuses = real_requests(c.port, 100)
     assert statuses == [200] * 100, {s: statuses.count(s) for s in set(statuses)}
+
+
+def rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) // 1024
+
+
+def test_endless_pipeline_is_bounded(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A client streams pipelined GETs for 3 s and reads the answers. uvicorn resumes
+    reading after every answer and queues another read's worth each time (plain uvicorn:
+    31 MiB to 1.1 GiB in 8 s); here reading waits until the queue is empty, so memory
+    stays flat and the answers keep coming."""
+    c = cluster("--workers", "1", *ECHO, workers=1)
+    (worker,) = c.workers()
+    before = rss_mib(worker)
+    answered = [0]
+    with socket.create_connection(("127.0.0.1", c.port), timeout=1) as s:
+        def read() -> None:
+            tail = b""
+            try:
+                while data := s.recv(1 << 20):
+                    answered[0] += (tail + data).count(b"HTTP/1.1 200")
+                    tail = data[-11:]  # a match split across reads counts once
+            except OSError:
+                pass
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        burst = b"GET / HTTP/1.1\r\n\r\n" * 10_000
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                s.send(burst)
+            except TimeoutError:
+                pass
+        grown = rss_mib(worker) - before
+        s.shutdown(socket.SHUT_RDWR)
+        reader.join(timeout=5)
+    assert grown < 150, f"worker grew by {grown} MiB"
+    assert answered[0] > 1000
+    assert c.get("/")[0] == 200

@@ -37,6 +37,7 @@ from operator import attrgetter
 from typing import Any
 
 import httptools
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("hello_cluster.worker")
@@ -108,6 +109,26 @@ def make_room(connections: set[Any], keep: Any, limit: int, now: float) -> int:
     return len(victims)
 
 
+class PipelineFlowControl(FlowControl):
+    """uvicorn's flow control, but reading stays paused while pipelined requests wait.
+
+    uvicorn resumes reading after every response and on every `receive()`, even with
+    requests still queued; each resume lets one more read (up to 256,000 bytes, about
+    14,000 small requests) be parsed into the queue. A client that streams pipelined
+    requests and reads the answers grows the queue without bound: plain uvicorn went from
+    31 MiB to 1.1 GiB in 8 s (README "Limits"). A queued request's body is complete (the
+    parser has read past it), so nothing waits on the reading this withholds.
+    """
+
+    def __init__(self, transport: asyncio.Transport, pipeline: Any) -> None:
+        super().__init__(transport)
+        self._pipeline = pipeline
+
+    def resume_reading(self) -> None:
+        if not self._pipeline:
+            super().resume_reading()
+
+
 class WorkerProtocol(HttpToolsProtocol):
     """uvicorn's protocol plus head limits, room at the limit and a lossless drain.
 
@@ -131,6 +152,7 @@ class WorkerProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = PipelineFlowControl(transport, self.pipeline)
         self.head_since = self.loop.time()  # a silent new connection counts from here
         limit = self.limit_concurrency
         if limit is not None and len(self.connections) >= limit:
