@@ -7,6 +7,7 @@ first, and answers 503 only when every connection has a request in flight.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import re
 import resource
@@ -75,6 +76,25 @@ def test_pipelined_heads_measured_alone(cluster) -> None:  # type: ignore[no-unt
             # head was parsed: it ends with `connection: close` instead of a 431 after it.
             assert statuses == [b"200"] and b"GET /big" not in reply
             assert b"connection: close" in reply
+
+
+def test_oversized_head_behind_requests_in_flight(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A 70 KB head pipelined behind a slow request and a queued one, then more bytes
+    while they are answered: both are answered whole (the last with `connection:
+    close`), then the connection closes; no 431 or 400 lands inside an answer."""
+    c = cluster("--workers", "1", *ECHO, workers=1)
+    big = b"GET /big HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"p" * 70_000 + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", c.port), timeout=10) as s:
+        s.sendall(b"GET /slow?s=1 HTTP/1.1\r\nHost: t\r\n\r\n"
+                  b"GET /queued HTTP/1.1\r\nHost: t\r\n\r\n" + big)
+        time.sleep(0.3)
+        with contextlib.suppress(OSError):
+            s.sendall(b"GET /more HTTP/1.1\r\nHost: t\r\n\r\n" * 100)
+        reply = recv_all(s)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", reply) == [b"200", b"200"], reply[:400]
+    assert reply.endswith(b"GET /queued - 0 e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca49"
+                          b"5991b7852b855\n")
+    assert b"connection: close" in reply.split(b"GET /slow")[1]
 
 
 def test_connection_limit_follows_the_fd_limit() -> None:

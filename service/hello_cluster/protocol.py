@@ -148,6 +148,7 @@ class WorkerProtocol(HttpToolsProtocol):
     _head_known = 0
     _head_bound = 0
     _read = 0  # length of the read being parsed
+    _refused = False  # a head was refused: the parser is dead, answer no more
     head_since = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -209,7 +210,7 @@ class WorkerProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
             return
         except httptools.HttpParserError as err:
-            if isinstance(err.__context__, HeadTooLarge):
+            if self._refused or isinstance(err.__context__, HeadTooLarge):
                 self._refuse_head()
             else:
                 self.logger.warning("Invalid HTTP request received.")
@@ -231,17 +232,18 @@ class WorkerProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
 
     def _refuse_head(self) -> None:
-        """431 and close. Behind a request still being answered (a pipelined oversized
-        head) no 431 can be written without corrupting that response: it finishes with
-        `connection: close`, and nothing more is read."""
+        """431 and close. Behind requests still being answered (a pipelined oversized
+        head), a 431 would land inside their answers: they are answered, the last with
+        `connection: close`, and nothing more is read (the parser is dead anyway)."""
+        self._refused = True
         if self.transport.is_closing():
             return
-        if self.cycle is None or self.cycle.response_complete:
+        cycle = self.cycle  # the last request parsed, so the last to be answered
+        if cycle is None or cycle.response_complete:
             self.transport.write(_431)
             self.transport.close()
         else:
-            self.cycle.keep_alive = False
-            self.pipeline.clear()
+            cycle.keep_alive = False
             self.flow.pause_reading()
 
     def shutdown(self) -> None:
