@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol with the two things a worker in a pool needs beyond it.
+"""uvicorn's httptools protocol with what a worker facing any client needs beyond it.
 
 1. A drain that loses no request. On shutdown uvicorn closes every idle keep-alive
    connection at once: a client that sent its next request in that same instant (a load
@@ -15,14 +15,17 @@
    once a worker holds `--limit-concurrency` connections, however many of them are idle:
    a few thousand connections that send nothing lock real clients out. Here a worker at
    its limit first closes idle connections (no request in flight; a connection still
-   waiting for its first head counts), oldest first, and answers 503 only when every
+   waiting for or sending its head counts), oldest first, and answers 503 only when every
    connection is busy.
+4. A bounded pipeline. uvicorn resumes reading after every answer even with requests
+   still queued, so a client that streams pipelined requests grows the queue without
+   bound; here reading waits until the queue is empty (PipelineFlowControl).
 
 The head is told apart from bodies and pipelined requests by httptools' callbacks
 (`on_message_begin` .. `on_headers_complete`), not by counting every byte that arrives
 between responses: a body sent with its head, or the next requests of a pipeline, are
-not head, and are bounded by uvicorn's flow control instead (it stops reading while a
-body is not consumed, or while a pipelined request waits for the one before it).
+not head, and are bounded by flow control instead (reading stops while 64 KiB of body
+wait for the app, or while pipelined requests wait for the one before them).
 """
 
 from __future__ import annotations
@@ -116,8 +119,9 @@ class PipelineFlowControl(FlowControl):
     requests still queued; each resume lets one more read (up to 256,000 bytes, about
     14,000 small requests) be parsed into the queue. A client that streams pipelined
     requests and reads the answers grows the queue without bound: plain uvicorn went from
-    31 MiB to 1.1 GiB in 8 s (README "Limits"). A queued request's body is complete (the
-    parser has read past it), so nothing waits on the reading this withholds.
+    32 to 860 MiB in 8 s, answering 22 requests (bench/limits.py). A queued request's
+    body is complete (the parser has read past it), so nothing waits on the reading
+    this withholds.
     """
 
     def __init__(self, transport: asyncio.Transport, pipeline: Any) -> None:
