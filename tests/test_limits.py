@@ -19,7 +19,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from conftest import need
-from hello_cluster.protocol import FD_RESERVE, HEAD_TIMEOUT, MAX_HEAD_BYTES, connection_limit
+from hello_cluster.protocol import (
+    FD_RESERVE,
+    HEAD_TIMEOUT,
+    MAX_HEAD_BYTES,
+    connection_limit,
+    unread_bytes,
+)
 
 ECHO = ("--app", "hc_echo:app")
 
@@ -102,6 +108,38 @@ def test_connection_limit_follows_the_fd_limit() -> None:
     assert connection_limit(1000, 1024) == 1024 - FD_RESERVE
     assert connection_limit(1000, 10) == 1
     assert connection_limit(1000, resource.RLIM_INFINITY) == 1000
+
+
+def test_unread_bytes_sees_what_the_loop_has_not_read() -> None:
+    """make_room skips a connection whose next request waits in the kernel: the check
+    works on a real uvloop transport (the event order that needs it cannot be forced
+    from outside a worker)."""
+    import asyncio
+
+    import uvloop
+
+    seen: list[int] = []
+
+    class Paused(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.pause_reading()  # type: ignore[attr-defined]
+            asyncio.get_running_loop().call_later(0.2, lambda: seen.append(unread_bytes(self)))
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Paused, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            await asyncio.sleep(0.1)
+            s.sendall(b"x" * 1234)  # arrives while reading is paused
+            await asyncio.sleep(0.3)
+        server.close()
+
+    uvloop.run(main())
+    assert seen == [1234]
 
 
 @contextmanager

@@ -31,9 +31,11 @@ wait for the app, or while pipelined requests wait for the one before them).
 from __future__ import annotations
 
 import asyncio
-import heapq
+import fcntl
 import logging
 import resource
+import sys
+import termios
 from asyncio import TimerHandle
 from collections.abc import Iterable
 from operator import attrgetter
@@ -91,25 +93,43 @@ def connection_limit(configured: int, nofile: int | None = None) -> int:
     return lowered
 
 
+def unread_bytes(conn: Any) -> int:
+    """Bytes the kernel holds for this connection that the loop has not read yet."""
+    sock = conn.transport.get_extra_info("socket")
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, AttributeError):
+        return 0
+    return int.from_bytes(raw, sys.byteorder)
+
+
 def make_room(connections: set[Any], keep: Any, limit: int, now: float) -> int:
     """Close idle connections, oldest first, until the worker is below `limit` again.
 
     A little more than needed (1/64 of the limit): under a flood of new connections the
-    sweep then runs once per batch instead of once per connection. Closed connections
-    leave the set at once, so uvicorn's limit check that follows sees the room.
+    sweep then runs once per batch instead of once per connection. A connection whose
+    next request already waits in the kernel is not idle, only not read yet: it is
+    skipped (one FIONREAD per candidate, only at the limit). Closed connections leave
+    the set at once, so uvicorn's limit check that follows sees the room.
     """
     excess = len(connections) - limit + 1 + limit // 64
-    idle = [c for c in connections
-            if c is not keep and isinstance(c, WorkerProtocol) and c.idle]
-    victims = heapq.nsmallest(excess, idle, key=attrgetter("head_since"))
-    for conn in victims:
+    idle = sorted((c for c in connections
+                   if c is not keep and isinstance(c, WorkerProtocol) and c.idle),
+                  key=attrgetter("head_since"))
+    closed = 0
+    for conn in idle:
+        if closed >= excess:
+            break
+        if unread_bytes(conn):
+            continue
         conn.transport.close()
         connections.discard(conn)
-    if victims and now - _room_logged[0] >= ROOM_LOG_EVERY:
+        closed += 1
+    if closed and now - _room_logged[0] >= ROOM_LOG_EVERY:
         _room_logged[0] = now
         log.warning("connection limit (%d, --limit-concurrency) reached: closed %d idle "
-                    "connections, oldest first (logged once a minute)", limit, len(victims))
-    return len(victims)
+                    "connections, oldest first (logged once a minute)", limit, closed)
+    return closed
 
 
 class PipelineFlowControl(FlowControl):
