@@ -294,6 +294,25 @@ SMUGGLING = {
     "http09": b"GET /a\r\n\r\n",
     "lowercase-method": b"get /a HTTP/1.1\r\nHost: t\r\n\r\n",
     "nul-in-value": b"GET /a HTTP/1.1\r\nHost: t\r\nX: a\x00b\r\n\r\n",
+    "cl-huge": b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999999999999999\r\n\r\nab",
+    "te-uppercase": b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: CHUNKED\r\n\r\n"
+                    b"3\r\nabc\r\n0\r\n\r\n",
+    "chunked-trailers": b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n",
+    "chunk-size-space": b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"3 \r\nabc\r\n0\r\n\r\n",
+    "websocket-upgrade-no-key": b"GET /a HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                                b"Upgrade: websocket\r\n\r\n",
+    "h2c-upgrade": b"GET /a HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                   b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    "websocket-handshake": b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                           b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    "h2-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "expect-http10": b"POST /a HTTP/1.0\r\nHost: t\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 3\r\n\r\nabc",
+    "expect-unknown": b"POST /a HTTP/1.1\r\nHost: t\r\nExpect: 200-ok\r\n"
+                      b"Content-Length: 3\r\n\r\nabc",
 }
 
 
