@@ -223,10 +223,10 @@ def render(doc: Mapping[str, Any], before: Mapping[str, Any] | None = None,
     m = doc["master"]
     per_pid = rates(doc, before)
     lines = [f"hello-cluster {m['version']}  master pid {m['pid']}  {m['state']}  "
-             f"up {human_duration(m['uptime_seconds'])}  "
-             f"{m['workers']['ready']}/{m['workers']['desired']} ready  "
-             f"restarts {m['restarts']}  reloads {m['reloads']}"
-             + ("  CRASH LOOP" if m.get("crash_loop") else "")]
+             f"up {human_duration(m['uptime_seconds'])}"
+             + ("  CRASH LOOP" if m.get("crash_loop") else ""),
+             f"workers {m['workers']['ready']}/{m['workers']['desired']} ready  "
+             f"restarts {m['restarts']}  reloads {m['reloads']}"]
     lines.append(" ".join(name.rjust(width) if name not in ("state",) else name.ljust(width)
                           for name, width in COLUMNS).rstrip())
     for w in doc["workers"]:
