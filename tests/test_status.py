@@ -332,3 +332,22 @@ def test_exit_code_and_human_units() -> None:
         "999", "12.3k", "4.5M"]
     assert statuscmd.human_seconds(0.0004) == "0.4ms" and statuscmd.human_seconds(1.5) == "1.50s"
     assert math.isclose(looplag.LAG_BUCKETS[0], 0.001) and looplag.LAG_BUCKETS[-1] == 5.0
+
+
+def test_key_prefixes_match_prometheus_client_keys() -> None:
+    """/status sums a worker's values by key prefix (no json.loads per key); a change in
+    prometheus-client's key format must fail here, not silently zero the counts."""
+    from prometheus_client.mmap_dict import mmap_key
+
+    from hello_cluster import status
+
+    cases = [(status.REQUESTS_KEY, "hello_cluster_http_requests",
+              "hello_cluster_http_requests_total", ["method", "status"], ["GET", "200"]),
+             (status.IN_FLIGHT_KEY, status.IN_FLIGHT, status.IN_FLIGHT, [], []),
+             (status.LAG_SUM_KEY, looplag.LAG_METRIC, looplag.LAG_METRIC + "_sum", [], []),
+             (status.LAG_BUCKET_KEY, looplag.LAG_METRIC, looplag.LAG_METRIC + "_bucket",
+              ["le"], ["0.1"])]
+    for prefix, metric, sample, names, values in cases:
+        assert mmap_key(metric, sample, names, values, "help").startswith(prefix)
+    assert not mmap_key(looplag.LAG_METRIC, looplag.LAG_METRIC + "_sum", [], [], "h"
+                        ).startswith(status.LAG_BUCKET_KEY)
