@@ -112,6 +112,38 @@ def test_blocked_loop_lands_in_the_one_second_buckets(cluster: Callable[..., Clu
     assert row["loop_lag"]["sum_seconds"] >= 1.0 and row["loop_lag"]["ticks"] > 3
 
 
+def test_slot_in_backoff_has_a_row_and_degrades_the_exit_code(
+        cluster: Callable[..., Cluster]) -> None:
+    """The seed experiment with one worker: each serves a request and exits 1; from the
+    second death on the slot waits up to 30 s (full jitter; a draw under 5 s is waited
+    out), and meanwhile the slot is a `backoff` row with no pid, and `hello-cluster
+    status` exits 1."""
+    c = cluster("--workers", "1", "--demo-exit-after", "0.1s", "--backoff-initial", "30s",
+                "--backoff-max", "30s", workers=1)
+    served: set[int] = set()
+    row: dict[str, Any] = {}
+
+    def in_backoff() -> bool:
+        nonlocal row
+        row = status_doc(c)["workers"][0]
+        if row["state"] == "backoff":  # long enough to look at (a short draw: wait it out)
+            return bool(row["respawn_in_seconds"] > 5)
+        if row["state"] == "ready" and row["pid"] not in served:
+            served.add(row["pid"])
+            c.get("/", timeout=5)
+        return False
+
+    wait_for(in_backoff, 60, interval=0.02, what="slot 1 waiting in backoff")
+    assert row["pid"] is None and row["slot"] == 1 and row["restarts"] >= 2
+    assert row["respawn_in_seconds"] <= 30
+    result = run_status("--metrics-url", f"http://127.0.0.1:{c.metrics_port}",
+                        "--interval", "0.1")
+    table = result.stdout.splitlines()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert table[1].startswith("workers 0/1 ready")
+    assert table[3].split()[:3] == ["1", "-", "backoff"] and " in " in table[3]
+
+
 def run_status(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return run_cli("status", *args, env=env, timeout=30)
 
