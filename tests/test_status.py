@@ -383,3 +383,46 @@ def test_key_prefixes_match_prometheus_client_keys() -> None:
         assert mmap_key(metric, sample, names, values, "help").startswith(prefix)
     assert not mmap_key(looplag.LAG_METRIC, looplag.LAG_METRIC + "_sum", [], [], "h"
                         ).startswith(status.LAG_BUCKET_KEY)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=20)
+lag_values = st.dictionaries(st.sampled_from(["sum_seconds", "ticks"]), json_values)
+json_rows = st.one_of(worker_rows, backoff_rows, st.dictionaries(
+    st.sampled_from(["slot", "pid", "state", "uptime_seconds", "restarts", "rss_bytes",
+                     "cpu_seconds", "requests", "loop_lag", "respawn_in_seconds"]),
+    st.one_of(json_values, lag_values), max_size=10))
+
+
+@settings(max_examples=300)
+@given(st.one_of(json_values, st.builds(document, st.lists(json_rows, max_size=4),
+                                        st.integers(0, 4), st.integers(0, 4),
+                                        st.sampled_from(["running", "stopping"]))),
+       st.one_of(st.none(), st.builds(document, st.lists(json_rows, max_size=4),
+                                      st.just(1), st.just(1), st.just("running"))))
+def test_any_document_is_rejected_or_rendered(doc: Any, before: Any) -> None:
+    """What the command does with whatever a server answers: ValueError (-> one line,
+    exit 3), or a table and an exit status. Never another exception."""
+    try:
+        checked = statuscmd.validate(doc)
+    except ValueError:
+        return
+    statuscmd.render(checked)
+    # The same rows a second earlier (every rate computed) and another document's rows.
+    earlier = json.loads(json.dumps(checked))
+    earlier["master"]["uptime_seconds"] -= 1
+    for row in earlier["workers"]:
+        if isinstance(row.get("loop_lag"), dict) and isinstance(
+                row["loop_lag"].get("ticks"), int):
+            row["loop_lag"]["ticks"] -= 1
+    statuscmd.render(checked, earlier)
+    if before is not None:
+        try:
+            statuscmd.render(checked, statuscmd.validate(before))
+        except ValueError:
+            pass
+    assert statuscmd.exit_code(checked) in (0, 1)

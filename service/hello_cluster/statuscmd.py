@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import socket
 import sys
@@ -123,14 +124,50 @@ def fetch(target: Target, timeout: float = TIMEOUT) -> dict[str, Any]:
         raise Unreachable(f"{target} answered HTTP {resp.status}, not a status document; "
                           "is it a hello-cluster master of this version?")
     try:
-        doc = json.loads(body)
-        doc["master"]["workers"]["desired"]  # noqa: B018  (the shape we rely on)
-    except (ValueError, KeyError, TypeError):
-        raise Unreachable(f"{target} answered something that is not a status "
-                          "document") from None
-    if not isinstance(doc, dict):
-        raise Unreachable(f"{target} answered something that is not a status document")
-    return doc
+        return validate(json.loads(body))
+    except ValueError as err:
+        raise Unreachable(f"{target} answered something that is not a status document "
+                          f"({err})") from None
+
+
+_NUMBER = (int, float)
+_MASTER = {"pid": int, "state": str, "uptime_seconds": _NUMBER, "version": str,
+           "reloads": int, "restarts": int}
+_ROW = {"slot": int, "state": str}
+_ROW_OPTIONAL = {"pid": int, "uptime_seconds": _NUMBER, "restarts": int,
+                 "rss_bytes": _NUMBER, "cpu_seconds": _NUMBER, "requests": _NUMBER,
+                 "respawn_in_seconds": _NUMBER}
+
+
+def _check(obj: Any, required: Mapping[str, Any], optional: Mapping[str, Any],
+           where: str) -> None:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} is not an object")
+    for name, kind in [*required.items(), *optional.items()]:
+        value = obj.get(name)
+        if value is None and name in optional:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{where}.{name} is missing or of the wrong type")
+        if isinstance(value, _NUMBER) and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{where}.{name} is not a finite number >= 0")
+
+
+def validate(doc: Any) -> dict[str, Any]:
+    """The fields the table and the exit status use, with their types; ValueError if not.
+
+    The document comes over the network: whatever it holds, the command prints one line
+    and exits 3 rather than showing a traceback.
+    """
+    _check(doc, {"master": dict, "workers": list}, {}, "document")
+    _check(doc["master"], _MASTER, {}, "master")
+    _check(doc["master"]["workers"], {"desired": int, "ready": int}, {}, "master.workers")
+    for i, row in enumerate(doc["workers"]):
+        _check(row, _ROW, _ROW_OPTIONAL, f"workers[{i}]")
+        lag = row.get("loop_lag")
+        if lag is not None:
+            _check(lag, {}, {"sum_seconds": _NUMBER, "ticks": int}, f"workers[{i}].loop_lag")
+    return dict(doc)
 
 
 def exit_code(doc: Mapping[str, Any]) -> int:
@@ -208,13 +245,19 @@ def rates(doc: Mapping[str, Any], before: Mapping[str, Any] | None
         if w.get("cpu_seconds") is not None and prev.get("cpu_seconds") is not None:
             cpu = max(0.0, (w["cpu_seconds"] - prev["cpu_seconds"]) / elapsed * 100)
         lag = None
-        now_lag, old_lag = w.get("loop_lag") or {}, prev.get("loop_lag") or {}
-        if now_lag.get("ticks") is not None and old_lag.get("ticks") is not None:
-            ticks = now_lag["ticks"] - old_lag["ticks"]
-            total = now_lag["sum_seconds"] - old_lag["sum_seconds"]
-            lag = max(0.0, total / ticks) if ticks > 0 else None
+        now_lag, old_lag = _lag(w), _lag(prev)
+        if now_lag is not None and old_lag is not None and now_lag[1] > old_lag[1]:
+            lag = max(0.0, (now_lag[0] - old_lag[0]) / (now_lag[1] - old_lag[1]))
         out[w["pid"]] = (cpu, lag)
     return out
+
+
+def _lag(row: Mapping[str, Any]) -> tuple[float, int] | None:
+    """(sum of lateness, ticks) of a row, if it has both."""
+    lag = row.get("loop_lag") or {}
+    if lag.get("sum_seconds") is None or lag.get("ticks") is None:
+        return None
+    return float(lag["sum_seconds"]), int(lag["ticks"])
 
 
 def render(doc: Mapping[str, Any], before: Mapping[str, Any] | None = None,
