@@ -339,6 +339,7 @@ def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
         print(f"hello-cluster status: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     colour = sys.stdout.isatty() and "NO_COLOR" not in env
+    doc: dict[str, Any] | None = None
     try:
         doc = fetch(target)
         if args.json and not args.watch:
@@ -361,6 +362,8 @@ def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
         print(f"hello-cluster status: {err}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
-        return exit_code(doc)
-    except BrokenPipeError:  # `| head`: the reader has seen enough
-        return exit_code(doc)
+        return exit_code(doc) if doc is not None else 130
+    except BrokenPipeError:  # `| head`: the reader has seen enough; say nothing at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return exit_code(doc) if doc is not None else EXIT_UNREACHABLE
