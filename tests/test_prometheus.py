@@ -254,7 +254,7 @@ def test_grafana_dashboard_is_importable_as_is() -> None:
             assert target["datasource"] == panel["datasource"], panel["title"]
             assert 'job="$job"' in target["expr"] and 'instance=~"$instance"' in target["expr"]
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("workers", "restarts", "request rate", "latency", "memory", "cpu",
+    for topic in ("workers", "restarts", "recycles", "request rate", "latency", "memory", "cpu",
                   "loop lag", "crash loop"):
         assert topic in titles, f"no panel for {topic}"
 

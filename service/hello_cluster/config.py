@@ -135,6 +135,23 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNIT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+MAX_SIZE = 1024**5
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `300M`, `1.5G`, `512K`, `1T` or plain bytes; units are binary (M = MiB),
+    as systemd's MemoryMax= reads them. `0` means off."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"{text!r} is not a size; use e.g. 300M, 1.5G or 0 (off)")
+    size = float(match.group(1)) * _SIZE_UNIT[match.group(2).lower()]
+    if size > MAX_SIZE:
+        raise ConfigError(f"{text!r} is larger than 1 PiB")
+    return int(size)
+
+
 def parse_workers(text: str) -> int | None:
     """`auto` (None: decided from the CPUs) or a count from 1 to MAX_WORKERS."""
     text = text.strip()
@@ -269,6 +286,8 @@ class Config:
     user: str | None = None
     group: str | None = None
     demo_exit_after: float | None = None
+    max_worker_memory: int = 0
+    max_worker_lifetime: float | None = None
 
 
 @dataclass(frozen=True)
@@ -350,6 +369,12 @@ OPTIONS: tuple[Option, ...] = (
            "GROUP"),
     Option("demo-exit-after", parse_duration, None,
            "demo: each worker exits with status 1 this long after serving a request",
+           "DURATION"),
+    Option("max-worker-memory", parse_size, "0",
+           "recycle a worker whose own memory (USS) stays over this, e.g. 300M or 1G; the "
+           "replacement is ready first, one at a time (0 = off)", "SIZE"),
+    Option("max-worker-lifetime", parse_duration, None,
+           "recycle a worker after this age, staggered over the pool, e.g. 12h (unset = off)",
            "DURATION"),
 )
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from hello_cluster import backoff, worker
 from hello_cluster import channel as ch
+from hello_cluster.beats import SCAN, BeatTable
 from hello_cluster.config import MAX_WORKERS, Config
 from hello_cluster.endpoint import Endpoint, Response
 from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK
@@ -31,6 +32,7 @@ from hello_cluster.metrics import PoolStats, master_registry, render
 from hello_cluster.notify import Notifier, watchdog_interval
 from hello_cluster.oom import OomWatch
 from hello_cluster.procstat import SlotCpu
+from hello_cluster.recycling import Recycler
 from hello_cluster.sockets import Listeners
 from hello_cluster.status import slot_samples, status_response
 
@@ -58,9 +60,10 @@ class Worker:
     kill_at: float | None = None
     hung: bool = False
     stalled: bool = False  # silent past STALL: left out of the steering
-    wants_recycle: bool = False
+    recycle: str | None = None  # a planned replacement asked for: max-requests, memory, lifetime
     buffer: bytes = b""
     error: str | None = None
+    cell: int | None = None  # its beat cell in the shared table (None: beats by pipe)
 
     @property
     def serving(self) -> bool:
@@ -108,6 +111,13 @@ class Master:
         self.extend_next = 0.0
         self.endpoint: Endpoint | None = None
         self.steered: frozenset[int] | None = None  # the slots new connections go to
+        # Room for a full pool of MAX_WORKERS twice over (a reload) and as many draining.
+        self.beats = BeatTable(4 * MAX_WORKERS)
+        self.next_scan = 0.0
+        self.scanned_at = 0.0  # when the beats were last read: silences are measured here
+        self.next_respawn: float | None = None  # the earliest respawn due (manage_workers)
+        self.last_status = ""
+        self.recycler = Recycler(self.cfg.max_worker_memory, self.cfg.max_worker_lifetime or 0.0)
         self._wake_r, self._wake_w = os.pipe()
 
     # ---- life of the master -------------------------------------------------------------
@@ -129,7 +139,9 @@ class Master:
             self.reap_workers()
             if self.exit_code is not None and not self.workers:
                 break
+            self.read_beats()
             self.murder_workers()
+            self.recycle_workers()
             self.manage_workers()
             self.tell_systemd()
         self.shutdown()
@@ -150,25 +162,23 @@ class Master:
         timeout = max(0.0, min(self.deadlines(), default=now + MAX_TIMEOUT) - now)
         for key, _ in self.selector.select(min(timeout, MAX_TIMEOUT)):
             key.data()
+        self.stats.wakeups += 1
         if self.endpoint is not None:
             self.endpoint.expire(time.monotonic())
 
     def deadlines(self) -> list[float]:
-        now = time.monotonic()
-        times: list[float] = []
-        if self.state != "stopping":  # an empty slot is due at its respawn time (0: now)
-            times += [s.respawn_at for i, s in enumerate(self.slots)
-                      if not self._slot_workers(i)]
-        for w in self.workers.values():
-            times.append(w.kill_at if w.kill_at is not None
-                         else w.last_beat + self.cfg.worker_timeout)
-            if self.steered and w.slot in self.steered and w.last_beat + STALL > now:
-                times.append(w.last_beat + STALL)
-        for t in (self.drain_at, self.drain_deadline,
-                  self.watchdog_next if self.watchdog_every else None,
-                  self.endpoint.next_deadline() if self.endpoint else None):
-            if t is not None:
-                times.append(t)
+        """The few times the loop must wake at, none of them per worker.
+
+        Hangs, stalls and overdue drains are all found by the beat scan, so a pool of any
+        size adds one timer (`next_scan`), not one per worker: the master wakes about
+        1/SCAN times a second when nothing happens.
+        """
+        times = [t for t in (self.next_respawn, self.drain_at, self.drain_deadline,
+                             self.watchdog_next if self.watchdog_every else None,
+                             self.endpoint.next_deadline() if self.endpoint else None)
+                 if t is not None]
+        if self.workers:
+            times.append(self.next_scan)
         return times
 
     def read_wakeups(self) -> None:
@@ -232,8 +242,7 @@ class Master:
         self.drain_at = None
         self.drain_deadline = now + self.cfg.graceful_timeout + KILL_GRACE
         self.listeners.close_app()
-        for w in self.workers.values():
-            self.retire(w, "shutdown", now)
+        self.retire([(w, "shutdown") for w in self.workers.values()], now)
 
     def reload(self) -> None:
         if self.state == "stopping":
@@ -259,10 +268,8 @@ class Master:
         self.desired = self.stats.desired = new
         while len(self.slots) < new:
             self.slots.append(Slot())
-        now = time.monotonic()
-        for w in list(self.workers.values()):
-            if w.slot >= new:
-                self.retire(w, "scale-down", now)
+        self.retire([(w, "scale-down") for w in self.workers.values() if w.slot >= new],
+                    time.monotonic())
         del self.slots[new:]
 
     # ---- the life of workers ------------------------------------------------------------
@@ -275,9 +282,12 @@ class Master:
         if self.endpoint is not None:
             close_fds.append(self.endpoint.sock.fileno())
             close_fds.extend(self.endpoint.conns)
+        cell = self.beats.allocate(now)
         spec = worker.WorkerSpec(slot=slot, generation=self.generation, master_pid=self.pid,
                                  sockets=self.listeners.for_slot(slot), channel_fd=write_fd,
-                                 close_fds=close_fds, own_socket=bool(self.listeners.groups))
+                                 close_fds=close_fds, own_socket=bool(self.listeners.groups),
+                                 beats=self.beats.view if cell is not None else None,
+                                 beat_cell=cell or 0)
         for handler in logging.getLogger().handlers:
             handler.flush()
         # Block our signals across fork(): a signal landing in the child before it has reset
@@ -290,6 +300,7 @@ class Master:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(read_fd)
             os.close(write_fd)
+            self.beats.release(cell)
             self.slots[slot].failures += 1
             self.schedule_respawn(slot, now, f"fork failed: {err.strerror}")
             return
@@ -299,11 +310,24 @@ class Master:
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         w = Worker(pid=pid, slot=slot, generation=self.generation, fd=read_fd, spawned_at=now,
-                   last_beat=now)
+                   last_beat=now, cell=cell)
         self.workers[pid] = w
         self.selector.register(read_fd, selectors.EVENT_READ, lambda: self.read_channel(w))
         self.stats.spawns += 1
         log.debug("spawned worker %d pid %d (generation %d)", slot + 1, pid, self.generation)
+
+    def read_beats(self) -> None:
+        """Every SCAN: take each worker's last stamp from the shared table, O(workers)."""
+        now = time.monotonic()
+        if now < self.next_scan:
+            return
+        self.next_scan, self.scanned_at = now + SCAN, now
+        beats = self.beats
+        for w in self.workers.values():
+            if w.cell is not None:
+                stamp = beats.last_beat(w.cell)
+                if stamp > w.last_beat:
+                    w.last_beat = stamp
 
     def read_channel(self, w: Worker) -> None:
         try:
@@ -323,8 +347,8 @@ class Master:
         for event in events:
             if event == ch.READY and w.ready_at is None:
                 self.worker_ready(w, now)
-            elif event == ch.RECYCLE and not w.wants_recycle and w.retiring is None:
-                w.wants_recycle = True
+            elif event == ch.RECYCLE and w.recycle is None and w.retiring is None:
+                self.begin_recycle(w, "max-requests", "served --max-requests")
 
     def worker_ready(self, w: Worker, now: float) -> None:
         w.ready_at = now
@@ -333,15 +357,43 @@ class Master:
         log.info("worker %d pid %d ready in %.0f ms", w.slot + 1, w.pid,
                  (now - w.spawned_at) * 1000)
 
-    def retire(self, w: Worker, why: str, now: float) -> None:
-        """A planned end: SIGTERM now (drain), SIGKILL after the graceful timeout."""
-        if w.retiring is not None:
+    def recycle_workers(self) -> None:
+        """--max-worker-memory and --max-worker-lifetime: one planned replacement at a time,
+        chosen by the recycling policy; manage_workers forks the replacement."""
+        if not self.recycler.enabled or self.state != "running":
             return
-        w.retiring = why
-        w.kill_at = now + self.cfg.graceful_timeout + KILL_GRACE
-        log.info("worker %d pid %d: draining (%s)", w.slot + 1, w.pid, why)
-        self.steer()  # no new connection for it from here on
-        _kill(w.pid, signal.SIGTERM)
+        serving, in_flight = [], False
+        for w in self.workers.values():
+            if w.recycle in ("memory", "lifetime"):
+                in_flight = True
+            elif w.recycle is None and w.serving:
+                serving.append(w)
+        decision = self.recycler.due(serving, time.monotonic(), self.desired, in_flight)
+        if decision is not None:
+            chosen = self.workers[decision.worker.pid]
+            self.begin_recycle(chosen, decision.reason, decision.detail)
+
+    def begin_recycle(self, w: Worker, reason: str, detail: str) -> None:
+        """A planned replacement: counted now, the worker drains once its successor is ready."""
+        w.recycle = reason
+        self.recycler.forget(w.pid)
+        self.stats.recycles[reason.replace("-", "_")] += 1
+        log.info("worker %d pid %d: recycling (%s); its replacement starts first",
+                 w.slot + 1, w.pid, detail)
+
+    def retire(self, batch: list[tuple[Worker, str]], now: float) -> None:
+        """Planned ends: steered away from, then SIGTERM (drain), SIGKILL after the
+        graceful timeout. One steer for the whole batch, so a reload of N is O(N)."""
+        leaving = [(w, why) for w, why in batch if w.retiring is None]
+        if not leaving:
+            return
+        for w, why in leaving:
+            w.retiring = why
+            w.kill_at = now + self.cfg.graceful_timeout + KILL_GRACE
+            log.info("worker %d pid %d: draining (%s)", w.slot + 1, w.pid, why)
+        self.steer()  # no new connection for them from here on
+        for w, _ in leaving:
+            _kill(w.pid, signal.SIGTERM)
 
     def reap_workers(self) -> None:
         while True:
@@ -363,6 +415,8 @@ class Master:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(w.fd)
         os.close(w.fd)
+        self.recycler.forget(w.pid)
+        self.beats.release(w.cell)  # nobody writes it any more: free for the next worker
         if self.multiproc_dir is not None:
             from prometheus_client import multiprocess
 
@@ -432,9 +486,8 @@ class Master:
         log.error("reload failed: new worker pid %d died before becoming ready%s; keeping "
                   "%d workers of the previous generation", w.pid,
                   f": {w.error}" if w.error else "", len(old))
-        for o in list(self.workers.values()):
-            if o.generation == self.generation and o.retiring is None:
-                self.retire(o, "reload-aborted", time.monotonic())
+        self.retire([(o, "reload-aborted") for o in self.workers.values()
+                     if o.generation == self.generation], time.monotonic())
         self.generation = max(o.generation for o in old)
         self.state = "running"
         self.reload_pending = False
@@ -461,35 +514,43 @@ class Master:
                     _kill(w.pid, signal.SIGKILL)
                     w.kill_at = now + 3600  # once; reap_workers takes it from here
                 continue
-            if now - w.last_beat > self.cfg.worker_timeout:
+            silent = self.scanned_at - w.last_beat  # as of the last read of the beats
+            if silent > self.cfg.worker_timeout:
                 w.hung = True
                 w.kill_at = now + KILL_GRACE
                 log.error("worker %d pid %d silent for %.1fs (--worker-timeout); killing it",
-                          w.slot + 1, w.pid, now - w.last_beat)
+                          w.slot + 1, w.pid, silent)
                 _kill(w.pid, signal.SIGTERM)
 
     def manage_workers(self) -> None:
         self.steer()
         now = time.monotonic()
         if self.state == "stopping":
+            self.next_respawn = None
             if self.drain_at is not None and now >= self.drain_at:
                 self.start_drain(now)
             if self.drain_deadline is not None:
                 self.extend_systemd_timeout(now)
             return
+        staying = self.staying_by_slot()
+        leaving: list[tuple[Worker, str]] = []
+        self.next_respawn = None
         for index, slot in enumerate(self.slots):
-            live = [w for w in self._slot_workers(index)]
+            live = staying.get(index, ())
             current = [w for w in live if w.generation == self.generation
-                       and not w.wants_recycle]
+                       and w.recycle is None]
             if not current:
                 if now >= slot.respawn_at:
                     slot.respawn_at = 0.0
                     self.spawn_worker(index, now)
+                if slot.respawn_at > now and (self.next_respawn is None
+                                              or slot.respawn_at < self.next_respawn):
+                    self.next_respawn = slot.respawn_at
                 continue
             if any(w.ready_at is not None for w in current):
-                for w in live:
-                    if w not in current:
-                        self.retire(w, "max-requests" if w.wants_recycle else "reload", now)
+                leaving += [(w, w.recycle or "reload")
+                            for w in live if w not in current]
+        self.retire(leaving, now)
         self.update_state()
 
     def steer(self) -> None:
@@ -502,17 +563,17 @@ class Master:
         """
         if not self.listeners.groups:
             return
-        now = time.monotonic()
+        seen = self.scanned_at  # silences as of the last read of the beats, never older
         ready: set[int] = set()
         for w in self.workers.values():
             if not w.serving or w.slot >= self.desired:
                 continue
-            stalled = now - w.last_beat > STALL
+            stalled = seen - w.last_beat > STALL
             if stalled and not w.stalled:
                 self.stats.stalls += 1
                 log.debug("worker %d pid %d: no beat for %.1fs, its loop is blocked; no new "
                           "connections for it until it beats", w.slot + 1, w.pid,
-                          now - w.last_beat)
+                          seen - w.last_beat)
             w.stalled = stalled
             if not stalled:
                 ready.add(w.slot)
@@ -538,8 +599,13 @@ class Master:
                 self.reload_pending = False
                 self.reload()
 
-    def _slot_workers(self, index: int) -> list[Worker]:
-        return [w for w in self.workers.values() if w.slot == index and w.retiring is None]
+    def staying_by_slot(self) -> dict[int, list[Worker]]:
+        """The workers not being retired, by slot: one pass, so a turn stays O(workers)."""
+        staying: dict[int, list[Worker]] = {}
+        for w in self.workers.values():
+            if w.retiring is None:
+                staying.setdefault(w.slot, []).append(w)
+        return staying
 
     # ---- what others see ----------------------------------------------------------------
 
@@ -557,9 +623,9 @@ class Master:
         s.running = len(self.workers)
         s.ready = self.ready_count()
         s.steered = len(self.steered) if self.steered is not None else s.ready
+        staying = self.staying_by_slot()
         s.backoff_seconds = max((sl.respawn_at - now for i, sl in enumerate(self.slots)
-                                 if sl.respawn_at > now and not self._slot_workers(i)),
-                                default=0.0)
+                                 if sl.respawn_at > now and i not in staying), default=0.0)
         return s
 
     def readiness(self) -> tuple[bool, str]:
@@ -595,7 +661,10 @@ class Master:
             self.notifier.watchdog()
             self.watchdog_next = now + self.watchdog_every
         if self.state in ("running", "reloading"):
-            self.notifier.status(self.status_line())
+            line = self.status_line()
+            if line != self.last_status:  # a datagram only when there is news
+                self.last_status = line
+                self.notifier.status(line)
 
     def extend_systemd_timeout(self, now: float) -> None:
         """While draining legitimately takes long, tell systemd not to kill us yet."""

@@ -1,8 +1,8 @@
 """The child side of fork(): become a worker, serve the app with uvicorn, report to the master.
 
 A worker imports the application itself (so a reload picks up new code and an import error
-is reported, not inherited), tells the master when it is really accepting, beats once a
-second from its event loop, and never outlives its master.
+is reported, not inherited), tells the master when it is really accepting, stamps a
+heartbeat from its event loop every tick (beats.py), and never outlives its master.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import uvicorn
 
 from hello_cluster import channel as ch
 from hello_cluster import logs
+from hello_cluster.beats import Beater
 from hello_cluster.config import Config
 from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, AppLoadError, ResourceError
 from hello_cluster.looplag import LoopLag
@@ -56,6 +57,8 @@ class WorkerSpec:
     channel_fd: int
     close_fds: Sequence[int]
     own_socket: bool = False  # its slot's socket of a steered SO_REUSEPORT group
+    beats: memoryview[float] | None = None  # the master's shared beat table (beats.py), if any
+    beat_cell: int = 0  # this worker's cell in it
 
 
 def preload_engine() -> None:
@@ -138,8 +141,9 @@ class WorkerServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, channel: ch.WorkerChannel,
                  beat_ticks: int, max_requests: int, metrics: Any = None,
-                 listen_grace: float = 0.0) -> None:
+                 listen_grace: float = 0.0, beater: Beater | None = None) -> None:
         super().__init__(config)
+        self.beater = beater
         self.listen_grace = listen_grace
         self.metrics = metrics  # a RequestMetrics to flush each tick, or None
         self.channel = channel
@@ -174,7 +178,9 @@ class WorkerServer(uvicorn.Server):
             self.loop_lag.tick()
         if self.metrics is not None:
             self.metrics.flush()
-        if counter % self.beat_ticks == 0:
+        if self.beater is not None:
+            self.beater.beat()  # a store into shared memory: no syscall, no wake-up
+        elif counter % self.beat_ticks == 0:
             self.channel.send(ch.BEAT)
         if counter % 10 == 0:
             expire_slow_heads(self.server_state.connections, asyncio.get_running_loop().time())
@@ -249,12 +255,14 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
         proxy_headers=bool(cfg.forwarded_allow_ips),
         forwarded_allow_ips=list(cfg.forwarded_allow_ips) or None,
     )
-    # A worker with a socket of its own beats every tick: the master takes a worker whose
-    # loop stalls out of the steering within STALL (master.py), or half the new
-    # connections would queue behind a blocking call.
+    # Beats are stamped into the master's shared table every tick (beats.py). Only a worker
+    # that got no cell (the table full) beats down its pipe: every tick with a socket of
+    # its own, as the master takes a worker whose loop stalls out of the steering within
+    # STALL (master.py), else often enough for --worker-timeout.
     beat_ticks = 1 if spec.own_socket else max(1, int(min(1.0, cfg.worker_timeout / 4) / TICK))
+    beater = Beater(spec.beats, spec.beat_cell) if spec.beats is not None else None
     server = WorkerServer(uv_config, channel, beat_ticks, max_requests, metrics,
-                          LISTEN_GRACE if spec.own_socket else 0.0)
+                          LISTEN_GRACE if spec.own_socket else 0.0, beater)
     server.run(sockets=list(spec.sockets))
     return server.exit_code if server.started else EXIT_APP_STARTUP
 
