@@ -194,6 +194,9 @@ def test_status_unreachable_and_bad_arguments() -> None:
         assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     off = run_status(env={"HELLO_CLUSTER_METRICS_BIND": "off"})
     assert off.returncode == 2 and "--metrics-url" in off.stderr
+    assert "hello-cluster status" in run_cli("--help").stdout
+    usage = run_status("--help")
+    assert usage.returncode == 0 and "--metrics-url" in usage.stdout
 
 
 def test_status_watch_redraws_until_interrupted(cluster: Callable[..., Cluster]) -> None:
