@@ -9,6 +9,7 @@ config and a TSDB of its own in the test's tmp dir.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -210,3 +211,89 @@ def test_real_prometheus_scrapes_cluster_and_loads_rules(
     poll(down_active, 30, "HelloClusterDown pending after the master stopped",
          lambda: prom.log)
     assert prom.proc.poll() is None, f"prometheus died during the test:\n{prom.log}"
+
+
+# ---- the Grafana dashboard --------------------------------------------------------------------
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "hello-cluster.json"
+# What Grafana would put in for the dashboard's variables: the job the alerts expect, "All"
+# instances (the variable's allValue), and a rate window of several 1 s scrapes.
+VARIABLES = {"$__rate_interval": "10s", "$job": JOB, "$instance": ".+"}
+
+
+def panel_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, PromQL with the variables filled in) for every target of every panel."""
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for name, value in VARIABLES.items():
+                expr = expr.replace(name, value)
+            assert "$" not in expr, f"{panel['title']}: unknown variable in {expr}"
+            out.append((panel["title"], expr))
+    return out
+
+
+def test_grafana_dashboard_is_importable_as_is() -> None:
+    """What Grafana's import needs: unique ids and refIds, a grid place for every panel, every
+    query on the dashboard's own Prometheus variable, and no panel without a query."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 36
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    names = {v["name"] for v in dashboard["templating"]["list"]}
+    assert names == {"datasource", "job", "instance"}
+    for panel in dashboard["panels"]:
+        assert set(panel["gridPos"]) == {"h", "w", "x", "y"}, panel["title"]
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["targets"], f"{panel['title']} has no query"
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs)), panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"], panel["title"]
+            assert 'job="$job"' in target["expr"] and 'instance=~"$instance"' in target["expr"]
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("workers", "restarts", "recycles", "request rate", "latency", "memory", "cpu",
+                  "loop lag", "crash loop"):
+        assert topic in titles, f"no panel for {topic}"
+
+
+@pytest.mark.e2e
+def test_grafana_dashboard_every_panel_has_data(
+        cluster: Callable[..., Cluster], prometheus: Callable[[int], Prometheus]) -> None:
+    """Every query of every panel, run by a real Prometheus scraping a real cluster (with
+    traffic and one killed worker), returns at least one finite value: a panel that
+    shows nothing is a broken panel."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = panel_queries(dashboard)
+    c = cluster("--workers", "2", workers=2)
+    assert c.metrics_port is not None
+    prom = prometheus(c.metrics_port)
+    poll(lambda: prom.query(f'up{{job="{JOB}"}}') == [1.0], 30, "up == 1", lambda: prom.log)
+    os.kill(c.workers()[0], signal.SIGKILL)  # a restart for the restarts panel
+
+    # The variables' own queries (label_values) find the job and the instance.
+    def labels(name: str, match: str) -> list[str]:
+        return list(prom.api(f"label/{name}/values", **{"match[]": match}))
+
+    poll(lambda: labels("job", "hello_cluster_build_info") == [JOB], 30, "job variable",
+         lambda: prom.log)
+    assert labels("instance", f'hello_cluster_build_info{{job="{JOB}"}}') == [
+        f"127.0.0.1:{c.metrics_port}"]
+
+    empty: list[tuple[str, str]] = []
+
+    def all_have_data() -> bool:
+        for _ in range(5):  # a trickle of traffic, so rates and latency quantiles exist
+            c.get("/")
+        nonlocal empty
+        empty = [(title, expr) for title, expr in queries
+                 if not any(math.isfinite(v) for v in prom.query(expr))]
+        return not empty
+
+    try:
+        wait_for(all_have_data, 60, interval=0.25, what="every panel to show data")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; panels without data: {empty}\n{prom.log}") from None
+    assert prom.query(f'sum(hello_cluster_worker_restarts_total{{job="{JOB}"}})') == [1.0]

@@ -143,6 +143,11 @@ def run(cfg: Config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["status"]:  # `hello-cluster status`: a client of a running master
+        from hello_cluster.statuscmd import main as status_main
+
+        return status_main(args[1:])
     try:
         cfg = load_config(argv)
     except ConfigError as err:

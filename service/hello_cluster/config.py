@@ -457,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
         "respawns them with backoff, talks to systemd and serves /metrics, /livez, /readyz.",
         epilog="Every option can also be set by its env var; the flag wins.\n\n"
         "signals: TERM/INT graceful stop, QUIT immediate stop, HUP rolling reload,\n"
-        "         TTIN one worker more, TTOU one worker fewer\n\nexit codes:\n" + codes,
+        "         TTIN one worker more, TTOU one worker fewer\n\nexit codes:\n" + codes
+        + "\n\nhello-cluster status [--json] [--watch]: the workers of a running master "
+        "(like pm2 ls)",
     )
     parser.add_argument("--version", action="version", version=f"hello-cluster {__version__}")
     for opt in OPTIONS:

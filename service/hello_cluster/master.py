@@ -31,9 +31,11 @@ from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK, EXIT_RESOUR
 from hello_cluster.metrics import PoolStats, master_registry
 from hello_cluster.notify import Notifier, watchdog_interval
 from hello_cluster.oom import OomWatch
+from hello_cluster.procstat import SlotCpu
 from hello_cluster.recycling import Recycler
 from hello_cluster.scrape import RenderFailed, Scrapes, choose_format
 from hello_cluster.sockets import Listeners
+from hello_cluster.status import slot_samples, status_response
 from hello_cluster.template import Template, Templates, become_subreaper
 
 log = logging.getLogger("hello_cluster.master")
@@ -75,6 +77,7 @@ class Worker:
 class Slot:
     failures: int = 0
     respawn_at: float = 0.0
+    restarts: int = 0  # unplanned deaths since the master started (/status)
 
 
 @dataclass
@@ -88,6 +91,8 @@ class Master:
 
     def __post_init__(self) -> None:
         self.pid = os.getpid()
+        self.started_at = time.monotonic()  # /status uptime
+        self.slot_cpu = SlotCpu()  # reaped workers' CPU time per slot (a counter survives)
         self.selector = selectors.DefaultSelector()
         self.workers: dict[int, Worker] = {}
         self.slots: list[Slot] = [Slot() for _ in range(self.desired)]
@@ -130,8 +135,8 @@ class Master:
             self.templates = Templates(self.cfg, self.pid, self.beats.view, self.selector,
                                        on_news=lambda: None)
         if self.listeners.metrics is not None:
-            scrapes = Scrapes(master_registry(self.pool_stats, self.multiproc_dir),
-                              self.pool_stats)
+            scrapes = Scrapes(master_registry(self.pool_stats, self.multiproc_dir,
+                                              lambda: slot_samples(self)), self.pool_stats)
             self.endpoint = Endpoint(self.listeners.metrics, self.selector,
                                      lambda m, p, a: self.answer(scrapes, p, a))
         log.info("master ready to fork %d workers on %s%s", self.desired,
@@ -461,7 +466,7 @@ class Master:
     def reap_workers(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -475,6 +480,7 @@ class Master:
                 # As PID 1 we inherit orphans; reaping them is the whole job.
                 log.debug("reaped orphan pid %d (status %#x)", pid, status)
                 continue
+            self.slot_cpu.worker_reaped(w.slot, usage)
             self.worker_died(w, status, time.monotonic())
 
     def worker_died(self, w: Worker, status: int, now: float) -> None:
@@ -527,6 +533,7 @@ class Master:
         slot.failures = backoff.failures_after_death(self.policy, slot.failures, ready_for,
                                                      planned=False)
         self.stats.restarts[reason] += 1
+        slot.restarts += 1
         if self.breaker.tripped:
             line = (f"crash loop: {self.breaker.boot_deaths} workers in a row died before "
                     f"becoming ready; the last (pid {w.pid}) {how}"
@@ -742,12 +749,14 @@ class Master:
                 log.exception("collecting metrics failed")
                 return Response(500, b"collecting metrics failed; see the log\n")
             return Response(200, body, fmt.content_type)
+        if path == "/status":
+            return status_response(self)
         if path == "/livez":
             return Response(200, b"ok: master loop turning\n")
         if path == "/readyz":
             ok, why = self.readiness()
             return Response(200 if ok else 503, why.encode() + b"\n")
-        return Response(404, b"not found: try /metrics, /livez or /readyz\n")
+        return Response(404, b"not found: try /metrics, /status, /livez or /readyz\n")
 
     def tell_systemd(self) -> None:
         now = time.monotonic()

@@ -135,9 +135,55 @@ class WorkerFilesCollector(MultiProcessCollector):
         return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]
 
 
-def master_registry(stats: Callable[[], PoolStats], multiproc_dir: str | None) -> CollectorRegistry:
+@dataclass(frozen=True)
+class SlotSample:
+    """One worker slot as /proc shows it at scrape time (None: no live worker in it)."""
+
+    slot: int  # 0-based; the label is slot + 1
+    cpu_seconds: float  # live workers' CPU plus every reaped worker's of this slot
+    rss_bytes: int | None = None
+    start_time: float | None = None
+
+
+class SlotCollector:
+    """Per-slot memory, CPU and start time, labelled by slot ("1".."N"), never by pid.
+
+    The label set is bounded by the pool size, so cardinality stays bounded however many
+    workers come and go; the CPU counter adds the dead workers' time of the slot, so it
+    survives respawns (it resets only when the master restarts).
+    """
+
+    def __init__(self, slots: Callable[[], list[SlotSample]]) -> None:
+        self._slots = slots
+
+    def collect(self) -> Iterable[Metric]:
+        rss = GaugeMetricFamily(f"{NAMESPACE}_worker_resident_memory_bytes",
+                                "Resident memory of the slot's live worker(s), from /proc.",
+                                labels=["slot"])
+        cpu = CounterMetricFamily(f"{NAMESPACE}_worker_cpu_seconds",
+                                  "User and system CPU time of the slot's workers, past and "
+                                  "present, from /proc and wait4.", labels=["slot"])
+        start = GaugeMetricFamily(f"{NAMESPACE}_worker_start_time_seconds",
+                                  "Start time of the slot's newest live worker, seconds since "
+                                  "the epoch.", labels=["slot"])
+        for s in self._slots():
+            label = [str(s.slot + 1)]
+            cpu.add_metric(label, s.cpu_seconds)
+            if s.rss_bytes is not None:
+                rss.add_metric(label, s.rss_bytes)
+            if s.start_time is not None:
+                start.add_metric(label, s.start_time)
+        yield rss
+        yield cpu
+        yield start
+
+
+def master_registry(stats: Callable[[], PoolStats], multiproc_dir: str | None,
+                    slots: Callable[[], list[SlotSample]] | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PoolCollector(stats))
+    if slots is not None:
+        registry.register(SlotCollector(slots))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     if multiproc_dir is not None:

@@ -38,6 +38,7 @@ from hello_cluster.errors import (
     AppLoadError,
     ResourceError,
 )
+from hello_cluster.looplag import LoopLag
 from hello_cluster.protocol import WorkerProtocol, connection_limit, expire_slow_heads
 
 log = logging.getLogger("hello_cluster.worker")
@@ -161,6 +162,7 @@ class WorkerServer(uvicorn.Server):
         self.max_requests = max_requests
         self.recycle_asked = False
         self.exit_code = 0
+        self.loop_lag = LoopLag.for_worker(TICK)  # hello_cluster_event_loop_lag_seconds
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -194,6 +196,8 @@ class WorkerServer(uvicorn.Server):
             self.channel.send(ch.READY)
 
     async def on_tick(self, counter: int) -> bool:
+        if self.loop_lag is not None:
+            self.loop_lag.tick()
         if self.metrics is not None:
             self.metrics.flush()
         if self.beater is not None:
