@@ -12,21 +12,15 @@ That is what the machine gets back when the worker is replaced, and what a leak 
 - USS moves only with the worker's own allocations.
 
 `smaps_rollup` makes the kernel walk the process's page tables (tens of microseconds);
-`statm` is a counter read. Since USS <= RSS, a worker whose RSS is under the limit cannot be
-over it, so the master reads `statm` for every worker and `smaps_rollup` only for the ones
-whose RSS is over the limit: the cost stays near zero until memory is actually high.
+the RSS in `/proc/PID/stat` is a counter read. Since USS <= RSS, a worker whose RSS is under
+the limit cannot be over it, so the master reads `stat` for every worker and `smaps_rollup`
+only for the ones whose RSS is over the limit: the cost stays near zero until memory is
+actually high.
 """
 
 from __future__ import annotations
 
-import os
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def parse_statm_rss(text: str) -> int:
-    """Resident bytes from /proc/PID/statm (its second field, in pages)."""
-    return int(text.split()[1]) * PAGE_SIZE
+from hello_cluster import procstat
 
 
 def parse_smaps_rollup_uss(text: str) -> int:
@@ -55,11 +49,9 @@ def _read(path: str) -> str | None:
 
 
 def rss_bytes(pid: int) -> int | None:
-    text = _read(f"/proc/{pid}/statm")
-    try:
-        return None if text is None else parse_statm_rss(text)
-    except (ValueError, IndexError):
-        return None
+    """Resident bytes, from the one /proc/PID/stat read /status and the metrics use too."""
+    stat = procstat.read_stat(pid)
+    return None if stat is None else stat.rss_bytes
 
 
 def uss_bytes(pid: int) -> int | None:
