@@ -126,7 +126,7 @@ def test_permission_denied_on_bind() -> None:
     ("hc_importerror:app", 4, ["hc_importerror", "ValueError", "broken on purpose"]),
     ("no_such_module_xyz:app", 4, ["no module named 'no_such_module_xyz'"]),
     ("hc_testapp:nope", 4, ["no attribute 'nope'"]),
-    ("hc_notcallable:app", 4, ["not an ASGI callable"]),
+    ("hc_notcallable:app", 4, ["not callable", "not an ASGI or WSGI app"]),
     ("not-a-spec", 2, ["module:attr"]),
 ])
 def test_app_errors(app: str, code: int, words: list[str]) -> None:

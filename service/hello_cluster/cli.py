@@ -123,9 +123,10 @@ def run(cfg: Config) -> int:
             # prometheus_client picks its value class when first imported: set this first.
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         from hello_cluster.master import run_master
-        from hello_cluster.worker import preload_engine
+        from hello_cluster.worker import preload_builtin_app, preload_engine
 
         preload_engine()
+        preload_builtin_app()
 
         setproctitle.setproctitle("hello-cluster: master")
         return run_master(cfg, listeners, desired, metrics_dir, notifier)

@@ -24,6 +24,11 @@ ENV_PREFIX = "HELLO_CLUSTER_"
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 MAX_WORKERS = 512
 DEFAULT_APP = "hello_cluster.app:app"
+# A WSGI view holds a thread for its whole request, so the pool is how many views a worker
+# runs at once. 32: a view waiting 10 ms (a database call) got 3x the throughput of a2wsgi's
+# 10 and 64 added nothing, while an instant view was the same at 1..64 (bench/wsgi_threads.py);
+# FastAPI runs sync views in a pool of 40. Lower it if each thread holds a database connection.
+DEFAULT_WSGI_THREADS = 32
 # A server listens on all interfaces by default (as the issue and every peer do); operators
 # narrow it with --bind / --metrics-bind 127.0.0.1:PORT.
 ALL_INTERFACES = "0.0.0.0"  # nosec B104
@@ -269,6 +274,10 @@ class Config:
     user: str | None = None
     group: str | None = None
     demo_exit_after: float | None = None
+    app_dir: str | None = None  # made absolute once by load_config (default: the cwd)
+    factory: bool = False
+    interface: str = "auto"
+    wsgi_threads: int = DEFAULT_WSGI_THREADS
 
 
 @dataclass(frozen=True)
@@ -351,6 +360,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("demo-exit-after", parse_duration, None,
            "demo: each worker exits with status 1 this long after serving a request",
            "DURATION"),
+    Option("app-dir", parse_path, None,
+           "directory put first on sys.path before the app is imported (default: the working "
+           "directory at start)", "DIR"),
+    Option("factory", parse_bool, "false",
+           "--app names a zero-argument callable that returns the app", "BOOL"),
+    Option("interface", parse_choice("auto", "asgi", "wsgi"), "auto",
+           "what the app speaks: auto tells ASGI 3 from WSGI by its call signature",
+           "auto|asgi|wsgi"),
+    Option("wsgi-threads", parse_int(1, 1000), str(DEFAULT_WSGI_THREADS),
+           "threads per worker that run WSGI views (the most WSGI requests a worker serves "
+           "at once)", "N"),
 )
 
 
@@ -423,6 +443,19 @@ def check_env_names(env: Mapping[str, str]) -> None:
             raise ConfigError(f"unknown environment variable {name}{hint}")
 
 
+def resolve_app_dir(app_dir: str | None) -> str:
+    """--app-dir made absolute once, in the master: the default is the working directory."""
+    try:
+        path = os.path.abspath(app_dir or os.getcwd())
+    except OSError as err:  # the working directory was removed under us
+        raise ConfigError(f"--app-dir: the working directory is gone ({err.strerror}); "
+                          "cd to the app's directory or set --app-dir") from None
+    if not os.path.isdir(path):
+        raise ConfigError(f"--app-dir {app_dir}: not a directory; point it at the directory "
+                          "that holds the app's module")
+    return path
+
+
 def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Build the Config from argv and env, or raise ConfigError with a one-line message."""
     env = os.environ if env is None else env
@@ -440,4 +473,5 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         raise ConfigError("--worker-timeout: use at least 1s")
     if values["max_requests_jitter"] and not values["max_requests"]:
         raise ConfigError("--max-requests-jitter needs --max-requests")
+    values["app_dir"] = resolve_app_dir(values["app_dir"])
     return Config(binds=binds, **values)

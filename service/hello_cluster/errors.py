@@ -10,7 +10,7 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1  # a bug in hello-cluster: please report it
 EXIT_USAGE = 2  # an invalid flag, env value or combination
 EXIT_LISTENER = 3  # a listener could not be bound or a socket-activated fd is unusable
-EXIT_APP = 4  # the ASGI application could not be imported
+EXIT_APP = 4  # the application could not be loaded, or is neither ASGI nor WSGI
 EXIT_CRASH_LOOP = 5  # workers kept dying before they became ready
 EXIT_RESOURCE = 6  # runtime directory, fd limit or privilege drop failed
 
@@ -19,7 +19,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_INTERNAL: "internal error (a bug: please report it)",
     EXIT_USAGE: "invalid option, environment value or combination",
     EXIT_LISTENER: "listener error: bind failed or socket activation fds unusable",
-    EXIT_APP: "the application could not be imported",
+    EXIT_APP: "the application could not be loaded (import, attribute, not ASGI or WSGI)",
     EXIT_CRASH_LOOP: "crash loop: workers kept dying before becoming ready",
     EXIT_RESOURCE: "resource error: runtime dir, fd limit or user/group",
 }

@@ -26,7 +26,7 @@ from hello_cluster import backoff, worker
 from hello_cluster import channel as ch
 from hello_cluster.config import MAX_WORKERS, Config
 from hello_cluster.endpoint import Endpoint, Response
-from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK
+from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK, EXIT_RESOURCE
 from hello_cluster.metrics import PoolStats, master_registry, render
 from hello_cluster.notify import Notifier, watchdog_interval
 from hello_cluster.oom import OomWatch
@@ -103,6 +103,7 @@ class Master:
         self.extend_next = 0.0
         self.endpoint: Endpoint | None = None
         self.steered: frozenset[int] | None = None  # the slots new connections go to
+        self.said_error: str | None = None  # the last worker error logged (said once)
         self._wake_r, self._wake_w = os.pipe()
 
     # ---- life of the master -------------------------------------------------------------
@@ -174,8 +175,9 @@ class Master:
         if self.endpoint is not None:
             self.endpoint.close()
         self.listeners.close_app()
-        log.info("master exiting with code %d%s", self.exit_code,
-                 f" ({self.stop_reason})" if self.stop_reason else "")
+        log.log(logging.INFO if self.exit_code == EXIT_OK else logging.ERROR,
+                "master exiting with code %d%s", self.exit_code,
+                f" ({self.stop_reason})" if self.stop_reason else "")
 
     # ---- signals ------------------------------------------------------------------------
 
@@ -205,8 +207,8 @@ class Master:
         self.exit_code, self.stop_reason, self.state = code, reason, "stopping"
         now = time.monotonic()
         self.drain_at = now + (self.cfg.shutdown_delay if code == EXIT_OK else 0.0)
-        log.info("stopping (%s): serving %.1fs more, then draining for up to %.1fs",
-                 reason, self.drain_at - now, self.cfg.graceful_timeout)
+        log.log(self.quiet, "stopping (%s): serving %.1fs more, then draining for up to %.1fs",
+                reason, self.drain_at - now, self.cfg.graceful_timeout)
         self.notifier.stopping(f"stopping: {reason}")
         self.extend_systemd_timeout(now)
 
@@ -312,8 +314,7 @@ class Master:
         if events or errors:
             w.last_beat = now
         for text in errors:
-            w.error = text
-            log.error("worker %d pid %d cannot start: %s", w.slot + 1, w.pid, text)
+            w.error = text  # said (once) by worker_died, which knows what it leads to
         for event in events:
             if event == ch.READY and w.ready_at is None:
                 self.worker_ready(w, now)
@@ -333,7 +334,7 @@ class Master:
             return
         w.retiring = why
         w.kill_at = now + self.cfg.graceful_timeout + KILL_GRACE
-        log.info("worker %d pid %d: draining (%s)", w.slot + 1, w.pid, why)
+        log.log(self.quiet, "worker %d pid %d: draining (%s)", w.slot + 1, w.pid, why)
         self.steer()  # no new connection for it from here on
         _kill(w.pid, signal.SIGTERM)
 
@@ -369,24 +370,26 @@ class Master:
         lifetime = now - w.spawned_at
         how = _describe_status(status)
         if w.retiring is not None:
-            log.info("worker %d pid %d ended (%s, %s) after %.1fs", w.slot + 1, w.pid,
-                     w.retiring, how, lifetime)
+            log.log(self.quiet, "worker %d pid %d ended (%s, %s) after %.1fs", w.slot + 1,
+                    w.pid, w.retiring, how, lifetime)
             return
         reason = self.classify(w, status)
         slot_alive = any(o.slot == w.slot for o in self.workers.values())
         if self.exit_code is not None or w.slot >= self.desired:
-            log.warning("worker %d died: pid %d %s, %s, lived %.1fs; not respawned "
-                        "(stopping or scaled down)", w.slot + 1, w.pid, reason, how, lifetime)
+            log.log(logging.DEBUG if self.quiet == logging.DEBUG else logging.WARNING,
+                    "worker %d died: pid %d %s, %s, lived %.1fs; not respawned (stopping or "
+                    "scaled down)", w.slot + 1, w.pid, reason, how, lifetime)
             return
         if (w.error is not None and not self.ever_ready and os.WIFEXITED(status)
-                and os.WEXITSTATUS(status) == EXIT_APP):
-            log.error("the application cannot be loaded; stopping")
-            self.begin_stop(EXIT_APP, w.error)
+                and os.WEXITSTATUS(status) in (EXIT_APP, EXIT_RESOURCE)):
+            # Every worker would fail the same way: stop the start, say why once (exit line).
+            self.begin_stop(os.WEXITSTATUS(status), w.error)
             return
         ready_for = None if w.ready_at is None else now - w.ready_at
         if w.ready_at is None and w.generation == self.generation and self.generation > 0 \
                 and self.state == "reloading" and self.abort_reload(w):
             return
+        self.say_error(w)
         self.breaker = self.breaker.worker_died(w.ready_at is not None, planned=False)
         slot = self.slots[w.slot]
         slot.failures = backoff.failures_after_death(self.policy, slot.failures, ready_for,
@@ -398,7 +401,7 @@ class Master:
                     + (f": {w.error}" if w.error else "") + "; giving up")
             log.error(line)
             self.stats.crash_loop = True
-            self.begin_stop(EXIT_CRASH_LOOP, line)
+            self.begin_stop(EXIT_CRASH_LOOP, "crash loop")
             return
         if slot_alive:
             # A replacement is already running (recycling or reload): nothing to schedule.
@@ -406,6 +409,20 @@ class Master:
                         "already starting", w.slot + 1, w.pid, reason, how, lifetime)
             return
         self.schedule_respawn(w.slot, now, f"pid {w.pid} {reason}, {how}, lived {lifetime:.1f}s")
+
+    @property
+    def quiet(self) -> int:
+        """The level of routine stop lines: DEBUG while a failed start stops, the exit line
+        then being the one that says why."""
+        return logging.DEBUG if self.exit_code not in (None, EXIT_OK) else logging.INFO
+
+    def say_error(self, w: Worker) -> None:
+        """A worker's start-up error, said once: the same line again is only a debug line."""
+        if w.error is None:
+            return
+        level = logging.DEBUG if w.error == self.said_error else logging.ERROR
+        self.said_error = w.error
+        log.log(level, "worker %d pid %d cannot start: %s", w.slot + 1, w.pid, w.error)
 
     def schedule_respawn(self, index: int, now: float, what: str) -> None:
         slot = self.slots[index]

@@ -18,7 +18,6 @@ import pwd
 import signal
 import socket
 import sys
-import traceback
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -27,8 +26,8 @@ import setproctitle
 import uvicorn
 
 from hello_cluster import channel as ch
-from hello_cluster import logs
-from hello_cluster.config import Config
+from hello_cluster import loader, logs
+from hello_cluster.config import DEFAULT_APP, Config
 from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, AppLoadError, ResourceError
 from hello_cluster.protocol import WorkerProtocol, expire_slow_heads
 
@@ -71,35 +70,17 @@ def preload_engine() -> None:
     import uvicorn.loops.uvloop  # noqa: F401
     import uvicorn.protocols.websockets.auto  # noqa: F401  (websockets and its metadata)
     import uvloop  # noqa: F401
+    from a2wsgi import wsgi  # noqa: F401  (the WSGI adapter: stdlib only, starts no thread)
 
 
-def load_app(spec: str) -> Any:
-    """Import `module:attr` with messages that name what is wrong and where."""
-    module_name, _, attr_path = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name and module_name.startswith(err.name):
-            raise AppLoadError(f"--app {spec}: no module named {err.name!r}; check the name "
-                               "and that it is on PYTHONPATH") from None
-        raise AppLoadError(f"--app {spec}: importing {module_name} failed: "
-                           f"{type(err).__name__}: {err}") from None
-    except BaseException as err:  # the app's own code raised while importing
-        where = traceback.extract_tb(err.__traceback__)[-1]
-        raise AppLoadError(f"--app {spec}: importing {module_name} raised "
-                           f"{type(err).__name__}: {err} ({where.filename}:{where.lineno})"
-                           ) from None
-    app: Any = module
-    for part in attr_path.split("."):
-        try:
-            app = getattr(app, part)
-        except AttributeError:
-            raise AppLoadError(f"--app {spec}: module {module_name} has no attribute "
-                               f"{attr_path!r}") from None
-    if not callable(app):
-        raise AppLoadError(f"--app {spec}: {attr_path} is a {type(app).__name__}, not an "
-                           "ASGI callable")
-    return app
+def preload_builtin_app() -> None:
+    """Import hello-cluster's own app in the master, before any fork.
+
+    It is our code, like the engine: a worker that dropped privileges may not be able to read
+    the checkout it comes from (a clone in a mode-700 home). A user's app is still imported
+    by each worker after the drop, so a reload loads new code and only the app's user reads it.
+    """
+    importlib.import_module(DEFAULT_APP.partition(":")[0])
 
 
 # Resolved once in the master: find_library() costs milliseconds a worker should not pay.
@@ -121,15 +102,23 @@ def drop_privileges(user: str | None, group: str | None) -> None:
         return
     try:
         uid = pwd.getpwnam(user).pw_uid if user else None
+    except KeyError:
+        raise ResourceError(f"--user {user}: no such user; create it or name another") from None
+    try:
         gid = grp.getgrnam(group).gr_gid if group else (
             pwd.getpwnam(user).pw_gid if user else None)
-    except KeyError as err:
-        raise ResourceError(f"--user/--group: no such user or group {err}") from None
-    if gid is not None:
-        os.setgroups([gid])
-        os.setgid(gid)
-    if uid is not None:
-        os.setuid(uid)
+    except KeyError:
+        raise ResourceError(f"--group {group}: no such group; create it or name another"
+                            ) from None
+    try:
+        if gid is not None:
+            os.setgroups([gid])
+            os.setgid(gid)
+        if uid is not None:
+            os.setuid(uid)
+    except OSError as err:
+        raise ResourceError(f"--user/--group: cannot switch to {user or ''}:{group or ''} "
+                            f"({err.strerror}); start as root or drop --user/--group") from None
 
 
 class WorkerServer(uvicorn.Server):
@@ -163,7 +152,15 @@ class WorkerServer(uvicorn.Server):
             self.metrics.flush()  # the last requests count too
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
+        said = StartupErrors()
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        uvicorn_log.addFilter(said)
+        try:
+            await super().startup(sockets)  # sys.exit(3) when the app's startup failed
+        finally:
+            uvicorn_log.removeFilter(said)
+            if said.reason:
+                self.channel.error(f"the app's lifespan startup failed: {said.reason}")
         if self.started and not self.should_exit:
             self.channel.send(ch.READY)
 
@@ -188,6 +185,27 @@ class WorkerServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+class StartupErrors(logging.Filter):
+    """Keeps uvicorn's lifespan errors out of every worker's log and hands over the reason.
+
+    Each worker would log the same failure (often a whole traceback); the worker sends one
+    line to the master instead, which says it once. With --log-level debug the records pass.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage()
+        if text != "Application startup failed. Exiting." and not self.reason:
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            self.reason = lines[-1] if lines else text  # a traceback's last line says what
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 class DemoExit:
     """The seed experiment: exit with status 1 a while after serving a request.
 
@@ -209,9 +227,13 @@ class DemoExit:
             self.due = asyncio.get_running_loop().time() + self.seconds
 
 
-def build_app(cfg: Config) -> tuple[Any, Any]:
+def build_app(cfg: Config, first: bool = True) -> tuple[Any, Any]:
     """The app as served (with metrics and demo wrappers) and its RequestMetrics, if any."""
-    app = load_app(cfg.app)
+    loaded = loader.load(cfg.app, cfg.app_dir, cfg.factory, cfg.interface, cfg.wsgi_threads)
+    log.log(logging.INFO if first else logging.DEBUG, "--app %s: %s%s", cfg.app,
+            loaded.why, f", {cfg.wsgi_threads} threads per worker"
+            if loaded.interface == loader.WSGI else "")
+    app = loaded.app
     metrics = None
     if cfg.request_metrics and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from hello_cluster.metrics import RequestMetrics
@@ -223,7 +245,7 @@ def build_app(cfg: Config) -> tuple[Any, Any]:
 
 
 def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
-    app, metrics = build_app(cfg)
+    app, metrics = build_app(cfg, first=spec.slot == 0 and spec.generation == 0)
     max_requests = 0
     if cfg.max_requests:
         max_requests = cfg.max_requests + (
