@@ -319,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", choices=["asgi", "wsgi"], default="asgi",
                     help="asgi: the hello page (default); wsgi: a Flask page against gunicorn "
                          "(sync, gthread) and granian --interface wsgi")
-    ap.add_argument("--wsgi-threads", type=int, default=10,
-                    help="threads per worker for every threaded WSGI contender (wsgi suite)")
+    ap.add_argument("--wsgi-threads", type=int, default=None,
+                    help="threads per worker for every threaded WSGI contender (wsgi suite; "
+                         "default: hello-cluster's own --wsgi-threads default)")
     ap.add_argument("--only", default="", help="comma-separated contender names "
                     f"({','.join(peers.NAMES)}; wsgi suite: {','.join(peers.WSGI_NAMES)}); "
                     "the suite's baseline is always included")
@@ -332,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="results directory (default bench/results, or bench/results/wsgi)")
     args = ap.parse_args(argv)
     suite = peers.WSGI if args.suite == "wsgi" else peers.ASGI
+    if args.wsgi_threads is None:
+        from hello_cluster.config import DEFAULT_WSGI_THREADS  # the project's venv runs this
+
+        args.wsgi_threads = DEFAULT_WSGI_THREADS
     if args.out is None:
         args.out = str(RESULTS / "wsgi" if suite is peers.WSGI else RESULTS)
     if args.quick:
