@@ -27,6 +27,7 @@ from conftest import ROOT, Cluster, free_port, http_get, need_command, wait_for
 
 EXAMPLE = ROOT / "examples" / "sessions"
 APP = "sessions_app:app"
+SERVE = ("--app", APP, "--app-dir", str(EXAMPLE))  # as `cd examples/sessions` would
 
 
 @dataclass
@@ -78,10 +79,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def example_env(store: str, redis_url: str = "redis://127.0.0.1:1/0") -> dict[str, str]:
-    # Until hello-cluster imports from --app-dir, the example's directory goes on PYTHONPATH
-    # (the cluster fixture would otherwise point it at tests/apps).
-    return {"PYTHONPATH": str(EXAMPLE), "SESSION_STORE": store, "REDIS_URL": redis_url,
-            "SESSION_COOKIE_SECURE": "0"}
+    return {"SESSION_STORE": store, "REDIS_URL": redis_url, "SESSION_COOKIE_SECURE": "0"}
 
 
 @dataclass
@@ -122,7 +120,7 @@ def reload_done(c: Cluster, old: set[int]) -> Callable[[], bool]:
 
 
 def test_redis_sessions_count_on_across_workers_reload_and_kill(cluster, redis_server) -> None:  # type: ignore[no-untyped-def]
-    c = cluster("--workers", "2", "--app", APP, env=example_env("redis", redis_server.url),
+    c = cluster("--workers", "2", *SERVE, env=example_env("redis", redis_server.url),
                 workers=2)
     client = Client(c.port)
 
@@ -156,7 +154,7 @@ def test_redis_sessions_count_on_across_workers_reload_and_kill(cluster, redis_s
 
 
 def test_in_process_sessions_break_across_workers(cluster) -> None:  # type: ignore[no-untyped-def]
-    c = cluster("--workers", "2", "--app", APP, env=example_env("memory"), workers=2)
+    c = cluster("--workers", "2", *SERVE, env=example_env("memory"), workers=2)
     client = Client(c.port)
 
     workers = client.visits(20)
@@ -175,7 +173,7 @@ def test_in_process_sessions_break_across_workers(cluster) -> None:  # type: ign
 
 def test_any_session_cookie_is_a_fresh_session(cluster) -> None:  # type: ignore[no-untyped-def]
     """A client-chosen id is never adopted: any cookie gets visit 1 and a new id, never a 5xx."""
-    c = cluster("--workers", "1", "--app", APP, env=example_env("memory"))
+    c = cluster("--workers", "1", *SERVE, env=example_env("memory"))
 
     @settings(max_examples=40, deadline=None, database=None)
     @given(cookie=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=300))
