@@ -188,3 +188,24 @@ def wsgi_contenders(workers: int, threads: int, port_of: dict[str, int],
 
 WSGI_NAMES = ["hc-flask", "hc-flask-nometrics", "gunicorn-gthread", "gunicorn-sync",
               "granian-wsgi"]
+
+
+CHART_PACKAGES = ["matplotlib"]
+
+
+def ensure_chart_tools(quiet: bool = False) -> Path:
+    """matplotlib in bench/.venv (created if missing), for bench/scale.py's chart.
+
+    The chart is drawn by bench/.venv's python, so the project's own venv (and what the
+    service depends on) never gains a plotting library. Returns that python.
+    """
+    python = BENCH_BIN / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+    probe = subprocess.run([str(python), "-c", "import matplotlib"], capture_output=True)
+    if probe.returncode != 0:
+        print("bench: installing into bench/.venv:", " ".join(CHART_PACKAGES), flush=True)
+        subprocess.run([str(BENCH_BIN / "pip"), "install", "-q", "--disable-pip-version-check",
+                        *CHART_PACKAGES], check=True,
+                       stdout=subprocess.DEVNULL if quiet else None)
+    return python

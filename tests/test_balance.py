@@ -33,6 +33,8 @@ def run_model(code: list[balance.Instruction], random_u32: int) -> int:
             pc += jt if a == k else jf
         elif op == balance.RET_K:
             return k
+        elif op == balance.RET_A:
+            return a
         else:
             raise AssertionError(f"unexpected opcode {op:#x}")
         pc += 1
@@ -43,6 +45,29 @@ def run_model(code: list[balance.Instruction], random_u32: int) -> int:
 def test_program_picks_a_ready_slot(slots: set[int], random_u32: int) -> None:
     chosen = sorted(slots)
     assert run_model(balance.program(chosen), random_u32) == chosen[random_u32 % len(chosen)]
+
+
+@given(st.integers(1, 512), st.integers(0, 2**32 - 1))
+def test_a_full_pool_is_steered_in_three_instructions(n: int, random_u32: int) -> None:
+    code = balance.program(list(range(n)))
+    assert len(code) == 3
+    assert run_model(code, random_u32) == random_u32 % n
+
+
+def test_the_largest_pool_fits_the_kernels_program_cap() -> None:
+    """Every ready set of a MAX_WORKERS pool makes a program the kernel accepts."""
+    from hello_cluster.config import MAX_WORKERS
+
+    assert MAX_WORKERS <= balance.MAX_STEERED
+    socks = group(MAX_WORKERS)
+    try:
+        code = balance.program(list(range(1, MAX_WORKERS)))  # all but slot 0: longest
+        assert len(code) == 2 * (MAX_WORKERS - 1) + 3
+        balance.attach(socks[0], code)
+        balance.attach(socks[0], balance.program(list(range(MAX_WORKERS))))
+    finally:
+        for s in socks:
+            s.close()
 
 
 def test_program_with_no_ready_slot_defers_to_the_kernel() -> None:

@@ -144,6 +144,8 @@ def test_max_requests_recycles_without_failed_requests(cluster) -> None:  # type
     wait_for(lambda: c.metric("hello_cluster_workers_ready") == 2, 5, what="pool back")
     assert not first & set(c.workers()) or c.log.count("(max-requests)") >= 2
     assert c.metric('hello_cluster_worker_restarts_total{reason="exit"}') == 0
+    # Planned replacements are recycles, never restarts.
+    assert c.metric('hello_cluster_worker_recycles_total{reason="max_requests"}') >= 2
 
 
 def test_oom_kill_is_classified(cluster) -> None:  # type: ignore[no-untyped-def]

@@ -761,3 +761,81 @@ def test_g_config_error_is_not_restarted(sd: NsSystemd) -> None:
         sd.remove(dropin)
         sd.systemctl("reset-failed", SERVICE, check=False)
         sd.systemctl("daemon-reload", check=False)
+
+
+def test_h_tls_key_from_load_credential(sd: NsSystemd, net: NetnsClient,
+                                        tmp_path: Path) -> None:
+    """The README's TLS recipe: the DynamicUser cannot read a root-only key, LoadCredential=
+    hands it a copy; TLS on the socket-activated port, the metrics port stays plain HTTP."""
+    from tls_pki import Pki, client_context, https_get
+
+    if sd.prop(SERVICE, "ActiveState") != "inactive":
+        sd.systemctl("stop", SERVICE)
+    sd.systemctl("reset-failed", SERVICE, check=False)
+    pki = Pki(tmp_path / "pki")
+    first, second = pki.cert("e2e-first", 0x6001), pki.cert("e2e-second", 0x6002)
+    secrets = "/run/hc-e2e-tls"  # the namespace's private /run: root-only, like /etc/ssl/private
+    (sd.root / secrets.lstrip("/")).mkdir(mode=0o700, exist_ok=True)
+
+    def install(cert: tuple[Path, Path]) -> None:
+        for src, name in zip(cert, ("server.pem", "server.key"), strict=True):
+            sd.write(f"{secrets}/{name}", src.read_text())
+            (sd.root / secrets.lstrip("/") / name).chmod(0o600)
+
+    install(first)
+    # systemd prepares credentials in a mount namespace of its own and mounts them onto
+    # /run/credentials/UNIT, which reaches the service only through shared propagation. A
+    # booting systemd makes / shared itself, but not when told it runs in a container
+    # (container= in BOOT_SCRIPT), which leaves the service an empty credentials directory.
+    sd.run("mount", "--make-rshared", "/")
+    dropin = f"/run/systemd/system/{SERVICE}.d/50-tls.conf"
+    try:
+        # Pointed at the root-only files, the dynamic user cannot read them: exit 2, once.
+        sd.write(dropin, "[Service]\n"
+                         f"Environment=HELLO_CLUSTER_SSL_CERTFILE={secrets}/server.pem\n"
+                         f"Environment=HELLO_CLUSTER_SSL_KEYFILE={secrets}/server.key\n")
+        sd.systemctl("daemon-reload")
+        assert sd.run("systemctl", "start", SERVICE, check=False).returncode != 0
+        state = sd.show(SERVICE, "ActiveState", "ExecMainStatus")
+        assert state == {"ActiveState": "failed", "ExecMainStatus": "2"}, state
+        invocation = sd.prop(SERVICE, "InvocationID")
+        log = sd.wait_journal("cannot read it", f"_SYSTEMD_INVOCATION_ID={invocation}")
+        assert f"{secrets}/server.pem: cannot read it (Permission denied)" in log, log
+        sd.systemctl("reset-failed", SERVICE)
+
+        # The README's drop-in: systemd reads the files as root and hands the service a
+        # private copy in $CREDENTIALS_DIRECTORY (%d), readable by the dynamic user only.
+        sd.write(dropin, "[Service]\n"
+                         f"LoadCredential=tls.crt:{secrets}/server.pem\n"
+                         f"LoadCredential=tls.key:{secrets}/server.key\n"
+                         "Environment=HELLO_CLUSTER_SSL_CERTFILE=%d/tls.crt\n"
+                         "Environment=HELLO_CLUSTER_SSL_KEYFILE=%d/tls.key\n")
+        sd.systemctl("daemon-reload")
+        sd.systemctl("start", SERVICE)
+        wait_active(sd)
+        wait_pool(sd, net)
+        ctx = client_context(pki)
+        status, body, serial = net.submit(https_get, APP_PORT, ctx).result(30)
+        assert (status, body, serial) == (200, HELLO, 0x6001)
+        assert net.get(METRICS_PORT, "/readyz")[0] == 200  # plain HTTP
+
+        # Rotation: systemd copies credentials when the service starts, so a reload's new
+        # workers still read the old copy; a restart takes the new files (the sockets stay
+        # with systemd meanwhile, so connections wait instead of being refused).
+        install(second)
+        main, old = sd.main_pid(), set(sd.workers())
+        sd.systemctl("reload", SERVICE)
+        wait_for(lambda: len(set(sd.workers()) - old) == WORKERS and
+                 not old & set(sd.workers()), 30, interval=0.1, what="a new pool")
+        wait_active(sd)
+        assert net.submit(https_get, APP_PORT, ctx).result(30)[2] == 0x6001
+        assert sd.main_pid() == main
+        sd.systemctl("restart", SERVICE)
+        wait_active(sd)
+        wait_pool(sd, net)
+        assert net.submit(https_get, APP_PORT, ctx).result(30)[2] == 0x6002
+    finally:
+        sd.remove(dropin)
+        sd.systemctl("stop", SERVICE, check=False)
+        sd.systemctl("reset-failed", SERVICE, check=False)
+        sd.systemctl("daemon-reload", check=False)

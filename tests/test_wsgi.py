@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
-from conftest import wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import TEST_APPS, clean_env, free_port, http_get, wait_for
 
 WSGI = ("--app", "hc_wsgiapp:app")
 
@@ -24,6 +32,9 @@ def test_wsgi_environ_is_right(cluster) -> None:  # type: ignore[no-untyped-def]
         "X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"})[2])
     assert proxied["REMOTE_ADDR"] == "203.0.113.7" and proxied["wsgi.url_scheme"] == "https"
     assert c.get("/prefix/errors")[2] == b"written\n"
+    # Only a whole leading segment is the mount point.
+    assert json.loads(c.get("/prefix?environ")[2])["PATH_INFO"] == ""
+    assert json.loads(c.get("/prefixes/x?environ")[2])["PATH_INFO"] == "/prefixes/x"
     wait_for(lambda: "hc_wsgiapp: a line on wsgi.errors" in c.log, 5, what="wsgi.errors line")
     # Not a trusted proxy: X-Forwarded-For is not believed.
     plain = cluster("--workers", "1", *WSGI, workers=1)
@@ -105,3 +116,62 @@ def test_wsgi_max_requests_and_drain(cluster) -> None:  # type: ignore[no-untype
     t.join(timeout=20)
     assert answer == [200]
     assert c.wait_exit(20) == 0
+
+
+# ---- what a client sends, fuzzed, against uvicorn --interface wsgi ------------------------
+
+_SAFE = "abcXYZ019-._~!$&'()*+,;=:@/%"
+paths = st.text(_SAFE, max_size=40).map(lambda p: "/environ/" + p)
+queries = st.text(_SAFE + "?", max_size=30)
+lines = st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"") + b"\n"),
+                 max_size=5)
+
+
+def _start_uvicorn(port: int) -> subprocess.Popen[bytes]:
+    uvicorn = Path(sys.executable).parent / "uvicorn"
+    return subprocess.Popen(
+        [str(uvicorn), "hc_wsgiapp:app", "--interface", "wsgi", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning", "--app-dir", str(TEST_APPS)],
+        env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+
+
+def _post(port: int, body: bytes) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", "/echo", body=body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_wsgi_environ_and_bodies_match_uvicorn(cluster) -> None:  # type: ignore[no-untyped-def]
+    """Fuzzed paths, queries and bodies: the WSGI app sees what uvicorn --interface wsgi
+    gives it (except the two fixes: wsgi.errors, SCRIPT_NAME), and never a 5xx."""
+    c = cluster("--workers", "1", *WSGI, workers=1)
+    port = free_port()
+    peer = _start_uvicorn(port)
+    try:
+        wait_for(lambda: http_get(port, "/")[0] == 200, 15, what="uvicorn to serve")
+
+        @settings(max_examples=60, deadline=None,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @given(path=paths, query=queries, body=lines)
+        def same(path: str, query: str, body: list[bytes]) -> None:
+            target = f"{path}?{query}" if query else path
+            ours, theirs = c.get(target), http_get(port, target)
+            assert ours[0] == theirs[0] and ours[0] < 500, (ours, theirs)
+            if ours[0] == 200:
+                mine, peer_seen = json.loads(ours[2]), json.loads(theirs[2])
+                peer_seen["errors_is_stderr"] = True  # a2wsgi hands out stdout: our fix
+                assert mine == peer_seen
+            data = b"".join(body)
+            assert _post(c.port, data) == _post(port, data) == (
+                200, b"".join(b"got " + line for line in body))
+
+        same()
+    finally:
+        os.killpg(peer.pid, signal.SIGKILL)
+        peer.wait(timeout=10)
+    assert len(c.workers()) == 1 and "Traceback" not in c.log

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import setproctitle
 
-from hello_cluster import logs
+from hello_cluster import logs, tls
 from hello_cluster.config import Config, load_config
 from hello_cluster.cpus import auto_workers
 from hello_cluster.errors import EXIT_INTERNAL, ClusterError, ConfigError, ResourceError
@@ -109,6 +109,9 @@ def decide_pool(cfg: Config) -> int:
 
 
 def run(cfg: Config) -> int:
+    for warning in tls.check_in_child(cfg):  # exit 2 on unusable TLS files
+        log.warning("%s", warning)
+    tls.forget_password_env()
     notifier = Notifier()
     desired = decide_pool(cfg)
     check_fd_limit(desired)

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from hello_cluster import __version__
@@ -140,6 +140,23 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNIT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+MAX_SIZE = 1024**5
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `300M`, `1.5G`, `512K`, `1T` or plain bytes; units are binary (M = MiB),
+    as systemd's MemoryMax= reads them. `0` means off."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"{text!r} is not a size; use e.g. 300M, 1.5G or 0 (off)")
+    size = float(match.group(1)) * _SIZE_UNIT[match.group(2).lower()]
+    if size > MAX_SIZE:
+        raise ConfigError(f"{text!r} is larger than 1 PiB")
+    return int(size)
+
+
 def parse_workers(text: str) -> int | None:
     """`auto` (None: decided from the CPUs) or a count from 1 to MAX_WORKERS."""
     text = text.strip()
@@ -245,6 +262,13 @@ def parse_path(text: str) -> str:
     return text
 
 
+def parse_secret(text: str) -> str:
+    """Any non-empty text; the error never echoes it (it may be a password)."""
+    if not text or "\0" in text:
+        raise ConfigError("the value is empty or contains a NUL byte")
+    return text
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the master and workers need, built once and passed down."""
@@ -274,10 +298,22 @@ class Config:
     user: str | None = None
     group: str | None = None
     demo_exit_after: float | None = None
+    max_worker_memory: int = 0
+    max_worker_lifetime: float | None = None
+    preload: bool = False
     app_dir: str | None = None  # made absolute once by load_config (default: the cwd)
     factory: bool = False
     interface: str = "auto"
     wsgi_threads: int = DEFAULT_WSGI_THREADS
+    # TLS and the access log (tls.py, accesslog.py)
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_keyfile_password: str | None = field(default=None, repr=False)  # env only
+    ssl_keyfile_password_file: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: str = "none"
+    ssl_ciphers: str | None = None
+    access_log: bool = False
 
 
 @dataclass(frozen=True)
@@ -350,7 +386,8 @@ OPTIONS: tuple[Option, ...] = (
            "proxies trusted to set X-Forwarded-For/-Proto (the app then sees the client's "
            "address and scheme): none, *, or IPs/CIDRs, comma-separated", "IPS|*|none"),
     Option("limit-concurrency", parse_int(1, 1_000_000), "1000",
-           "max concurrent connections per worker; beyond it new requests get 503", "N"),
+           "connections per worker (at most the open-file limit minus 64); at the limit idle "
+           "ones are closed, oldest first, and a request gets 503 only when all are busy", "N"),
     Option("runtime-dir", parse_path, None,
            "where runtime files go (default: $RUNTIME_DIRECTORY, else a private temp dir)",
            "DIR"),
@@ -360,6 +397,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("demo-exit-after", parse_duration, None,
            "demo: each worker exits with status 1 this long after serving a request",
            "DURATION"),
+    Option("max-worker-memory", parse_size, "0",
+           "recycle a worker whose own memory (USS) stays over this, e.g. 300M or 1G; the "
+           "replacement is ready first, one at a time (0 = off)", "SIZE"),
+    Option("max-worker-lifetime", parse_duration, None,
+           "recycle a worker after this age, staggered over the pool, e.g. 12h (unset = off)",
+           "DURATION"),
+    Option("preload", parse_bool, "false",
+           "import the app once in a template process and fork workers from it, sharing its "
+           "memory copy-on-write; a reload starts a new template (new code)", "BOOL"),
     Option("app-dir", parse_path, None,
            "directory put first on sys.path before the app is imported (default: the working "
            "directory at start)", "DIR"),
@@ -371,6 +417,27 @@ OPTIONS: tuple[Option, ...] = (
     Option("wsgi-threads", parse_int(1, 1000), str(DEFAULT_WSGI_THREADS),
            "threads per worker that run WSGI views (the most WSGI requests a worker serves "
            "at once)", "N"),
+    # TLS with uvicorn's flag names (tls.py); workers load the files at start, so a SIGHUP
+    # reload rotates the certificate.
+    Option("ssl-certfile", parse_path, None,
+           "serve HTTPS: the PEM certificate (chain) for the app listeners", "PATH"),
+    Option("ssl-keyfile", parse_path, None,
+           "its PEM private key (default: in --ssl-certfile)", "PATH"),
+    Option("ssl-keyfile-password", parse_secret, None,
+           "the key's password: environment only (a flag shows in ps); or use "
+           "--ssl-keyfile-password-file", "PASSWORD"),
+    Option("ssl-keyfile-password-file", parse_path, None,
+           "a file holding the key's password (systemd credential, Kubernetes Secret)",
+           "PATH"),
+    Option("ssl-ca-certs", parse_path, None,
+           "PEM CA certificates that client certificates must chain to", "PATH"),
+    Option("ssl-cert-reqs", parse_choice("none", "optional", "required"), "none",
+           "client certificates: none, optional, or required (mTLS; needs --ssl-ca-certs)",
+           "none|optional|required"),
+    Option("ssl-ciphers", parse_secret, None,
+           "OpenSSL cipher string for TLS 1.2 and below (default: Python's)", "CIPHERS"),
+    Option("access-log", parse_bool, "false",
+           "one log line per request, written by the worker that served it", "BOOL"),
 )
 
 
@@ -474,4 +541,8 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     if values["max_requests_jitter"] and not values["max_requests"]:
         raise ConfigError("--max-requests-jitter needs --max-requests")
     values["app_dir"] = resolve_app_dir(values["app_dir"])
+    if args.ssl_keyfile_password is not None:
+        raise ConfigError("--ssl-keyfile-password: a password on the command line is visible "
+                          "to every user (ps, /proc/PID/cmdline); use --ssl-keyfile-password-"
+                          "file PATH or HELLO_CLUSTER_SSL_KEYFILE_PASSWORD")
     return Config(binds=binds, **values)

@@ -24,13 +24,17 @@ from typing import Any
 
 from hello_cluster import backoff, worker
 from hello_cluster import channel as ch
+from hello_cluster.beats import SCAN, BeatTable
 from hello_cluster.config import MAX_WORKERS, Config
 from hello_cluster.endpoint import Endpoint, Response
 from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK, EXIT_RESOURCE
-from hello_cluster.metrics import PoolStats, master_registry, render
+from hello_cluster.metrics import PoolStats, master_registry
 from hello_cluster.notify import Notifier, watchdog_interval
 from hello_cluster.oom import OomWatch
+from hello_cluster.recycling import Recycler
+from hello_cluster.scrape import RenderFailed, Scrapes, choose_format
 from hello_cluster.sockets import Listeners
+from hello_cluster.template import Template, Templates, become_subreaper
 
 log = logging.getLogger("hello_cluster.master")
 
@@ -56,9 +60,10 @@ class Worker:
     kill_at: float | None = None
     hung: bool = False
     stalled: bool = False  # silent past STALL: left out of the steering
-    wants_recycle: bool = False
+    recycle: str | None = None  # a planned replacement asked for: max-requests, memory, lifetime
     buffer: bytes = b""
     error: str | None = None
+    cell: int | None = None  # its beat cell in the shared table (None: beats by pipe)
 
     @property
     def serving(self) -> bool:
@@ -103,6 +108,16 @@ class Master:
         self.extend_next = 0.0
         self.endpoint: Endpoint | None = None
         self.steered: frozenset[int] | None = None  # the slots new connections go to
+        # Room for a full pool of MAX_WORKERS twice over (a reload) and as many draining.
+        self.beats = BeatTable(4 * MAX_WORKERS)
+        self.next_scan = 0.0
+        self.scanned_at = 0.0  # when the beats were last read: silences are measured here
+        self.next_respawn: float | None = 0.0  # the earliest respawn due: at start, now
+        self.last_status = ""
+        self.recycler = Recycler(self.cfg.max_worker_memory, self.cfg.max_worker_lifetime or 0.0)
+        self.templates: Templates | None = None  # --preload
+        self.template_due = 0.0
+        self.template_failures = 0
         self.said_error: str | None = None  # the last worker error logged (said once)
         self._wake_r, self._wake_w = os.pipe()
 
@@ -110,10 +125,15 @@ class Master:
 
     def run(self) -> int:
         self.install_signals()
+        if self.cfg.preload:
+            become_subreaper()
+            self.templates = Templates(self.cfg, self.pid, self.beats.view, self.selector,
+                                       on_news=lambda: None)
         if self.listeners.metrics is not None:
-            registry = master_registry(self.pool_stats, self.multiproc_dir)
+            scrapes = Scrapes(master_registry(self.pool_stats, self.multiproc_dir),
+                              self.pool_stats)
             self.endpoint = Endpoint(self.listeners.metrics, self.selector,
-                                     lambda m, p, a: self.answer(registry, p, a))
+                                     lambda m, p, a: self.answer(scrapes, p, a))
         log.info("master ready to fork %d workers on %s%s", self.desired,
                  self.listeners.describe(),
                  " (socket activation)" if self.listeners.activated else "")
@@ -124,7 +144,9 @@ class Master:
             self.reap_workers()
             if self.exit_code is not None and not self.workers:
                 break
+            self.read_beats()
             self.murder_workers()
+            self.recycle_workers()
             self.manage_workers()
             self.tell_systemd()
         self.shutdown()
@@ -145,25 +167,23 @@ class Master:
         timeout = max(0.0, min(self.deadlines(), default=now + MAX_TIMEOUT) - now)
         for key, _ in self.selector.select(min(timeout, MAX_TIMEOUT)):
             key.data()
+        self.stats.wakeups += 1
         if self.endpoint is not None:
             self.endpoint.expire(time.monotonic())
 
     def deadlines(self) -> list[float]:
-        now = time.monotonic()
-        times: list[float] = []
-        if self.state != "stopping":  # an empty slot is due at its respawn time (0: now)
-            times += [s.respawn_at for i, s in enumerate(self.slots)
-                      if not self._slot_workers(i)]
-        for w in self.workers.values():
-            times.append(w.kill_at if w.kill_at is not None
-                         else w.last_beat + self.cfg.worker_timeout)
-            if self.steered and w.slot in self.steered and w.last_beat + STALL > now:
-                times.append(w.last_beat + STALL)
-        for t in (self.drain_at, self.drain_deadline,
-                  self.watchdog_next if self.watchdog_every else None,
-                  self.endpoint.next_deadline() if self.endpoint else None):
-            if t is not None:
-                times.append(t)
+        """The few times the loop must wake at, none of them per worker.
+
+        Hangs, stalls and overdue drains are all found by the beat scan, so a pool of any
+        size adds one timer (`next_scan`), not one per worker: the master wakes about
+        1/SCAN times a second when nothing happens.
+        """
+        times = [t for t in (self.next_respawn, self.drain_at, self.drain_deadline,
+                             self.watchdog_next if self.watchdog_every else None,
+                             self.endpoint.next_deadline() if self.endpoint else None)
+                 if t is not None]
+        if self.workers:
+            times.append(self.next_scan)
         return times
 
     def read_wakeups(self) -> None:
@@ -218,6 +238,8 @@ class Master:
             self.exit_code, self.stop_reason, self.state = EXIT_OK, "SIGQUIT", "stopping"
             self.notifier.stopping("stopping immediately")
         self.listeners.close_app()
+        if self.templates is not None:
+            self.templates.stop_all()
         for w in self.workers.values():
             w.retiring = w.retiring or "shutdown"
             _kill(w.pid, signal.SIGKILL)
@@ -228,8 +250,9 @@ class Master:
         self.drain_at = None
         self.drain_deadline = now + self.cfg.graceful_timeout + KILL_GRACE
         self.listeners.close_app()
-        for w in self.workers.values():
-            self.retire(w, "shutdown", now)
+        if self.templates is not None:
+            self.templates.stop_all()
+        self.retire([(w, "shutdown") for w in self.workers.values()], now)
 
     def reload(self) -> None:
         if self.state == "stopping":
@@ -255,25 +278,54 @@ class Master:
         self.desired = self.stats.desired = new
         while len(self.slots) < new:
             self.slots.append(Slot())
-        now = time.monotonic()
-        for w in list(self.workers.values()):
-            if w.slot >= new:
-                self.retire(w, "scale-down", now)
+        self.retire([(w, "scale-down") for w in self.workers.values() if w.slot >= new],
+                    time.monotonic())
         del self.slots[new:]
 
     # ---- the life of workers ------------------------------------------------------------
 
     def spawn_worker(self, slot: int, now: float) -> None:
+        template = None
+        if self.templates is not None:
+            template = self.templates.current(self.generation)
+            if template is None or not template.ready:
+                return  # the template is still importing the app; its READY wakes us
         self.listeners.grow(slot + 1)  # a slot added by SIGTTIN needs its own socket
         read_fd, write_fd = os.pipe()
-        close_fds = [read_fd, self._wake_r, self._wake_w, self.selector.fileno(),
-                     *(w.fd for w in self.workers.values()), *self.listeners.not_for_slot(slot)]
-        if self.endpoint is not None:
-            close_fds.append(self.endpoint.sock.fileno())
-            close_fds.extend(self.endpoint.conns)
+        cell = self.beats.allocate(now)
+        if template is not None:
+            pid = template.spawn({"slot": slot, "generation": self.generation, "cell": cell,
+                                  "own_socket": bool(self.listeners.groups)},
+                                 [write_fd, *(s.fileno() for s in self.listeners.for_slot(slot))])
+            error = "" if pid else f"the --preload template pid {template.pid} did not answer"
+            if pid is None:
+                assert self.templates is not None
+                self.templates.stop(template)  # a new one starts on the next turn
+        else:
+            pid, error = self.fork_worker(slot, read_fd, write_fd, cell)
+        os.close(write_fd)
+        if pid is None:
+            os.close(read_fd)
+            self.beats.release(cell)
+            self.slots[slot].failures += 1
+            self.schedule_respawn(slot, now, error)
+            return
+        os.set_blocking(read_fd, False)
+        w = Worker(pid=pid, slot=slot, generation=self.generation, fd=read_fd, spawned_at=now,
+                   last_beat=now, cell=cell)
+        self.workers[pid] = w
+        self.selector.register(read_fd, selectors.EVENT_READ, lambda: self.read_channel(w))
+        self.stats.spawns += 1
+        log.debug("spawned worker %d pid %d (generation %d)", slot + 1, pid, self.generation)
+
+    def fork_worker(self, slot: int, read_fd: int, write_fd: int, cell: int | None
+                    ) -> tuple[int | None, str]:
+        close_fds = [read_fd, *self.fds_not_for_children(), *self.listeners.not_for_slot(slot)]
         spec = worker.WorkerSpec(slot=slot, generation=self.generation, master_pid=self.pid,
                                  sockets=self.listeners.for_slot(slot), channel_fd=write_fd,
-                                 close_fds=close_fds, own_socket=bool(self.listeners.groups))
+                                 close_fds=close_fds, own_socket=bool(self.listeners.groups),
+                                 beats=self.beats.view if cell is not None else None,
+                                 beat_cell=cell or 0)
         for handler in logging.getLogger().handlers:
             handler.flush()
         # Block our signals across fork(): a signal landing in the child before it has reset
@@ -284,22 +336,62 @@ class Master:
             pid = os.fork()
         except OSError as err:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            os.close(read_fd)
-            os.close(write_fd)
-            self.slots[slot].failures += 1
-            self.schedule_respawn(slot, now, f"fork failed: {err.strerror}")
-            return
+            return None, f"fork failed: {err.strerror}"
         if pid == 0:
             worker.run(self.cfg, spec, unblock=blocked)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        os.close(write_fd)
-        os.set_blocking(read_fd, False)
-        w = Worker(pid=pid, slot=slot, generation=self.generation, fd=read_fd, spawned_at=now,
-                   last_beat=now)
-        self.workers[pid] = w
-        self.selector.register(read_fd, selectors.EVENT_READ, lambda: self.read_channel(w))
-        self.stats.spawns += 1
-        log.debug("spawned worker %d pid %d (generation %d)", slot + 1, pid, self.generation)
+        return pid, ""
+
+    def fds_not_for_children(self) -> list[int]:
+        """The master's own fds, which a forked worker or template closes at once."""
+        fds = [self._wake_r, self._wake_w, self.selector.fileno(),
+               *(w.fd for w in self.workers.values())]
+        if self.endpoint is not None:
+            fds.append(self.endpoint.sock.fileno())
+            fds.extend(self.endpoint.conns)
+        if self.templates is not None:
+            fds.extend(self.templates.fds())
+        return fds
+
+    # ---- --preload: the template that imports the app once ------------------------------
+
+    def manage_template(self, now: float) -> None:
+        """Keep a template for the current generation (a reload makes a new generation)."""
+        assert self.templates is not None
+        if self.templates.current(self.generation) is None and now >= self.template_due:
+            self.templates.start(self.generation, [
+                *self.fds_not_for_children(), *self.listeners.not_for_slot(-1),
+                *(sock.fileno() for sock in self.listeners.app)])
+
+    def template_died(self, t: Template, status: int, now: float) -> None:
+        how = _describe_status(status)
+        if not t.ready:  # it could not import the app
+            why = t.error or f"the --preload template {how} before importing the app"
+            if self.state == "reloading" and t.generation == self.generation \
+                    and self.abort_reload(f"the new code could not be loaded: {why}"):
+                return
+            if not self.ever_ready and self.exit_code is None:
+                self.begin_stop(EXIT_APP, why)
+            return
+        if self.exit_code is not None or t.generation != self.generation:
+            return
+        self.template_failures += 1
+        wait = backoff.delay(self.policy, self.template_failures, random.random)
+        self.template_due = now + wait
+        log.warning("template pid %d %s; a new one imports the app in %.3fs", t.pid, how, wait)
+
+    def read_beats(self) -> None:
+        """Every SCAN: take each worker's last stamp from the shared table, O(workers)."""
+        now = time.monotonic()
+        if now < self.next_scan:
+            return
+        self.next_scan, self.scanned_at = now + SCAN, now
+        beats = self.beats
+        for w in self.workers.values():
+            if w.cell is not None:
+                stamp = beats.last_beat(w.cell)
+                if stamp > w.last_beat:
+                    w.last_beat = stamp
 
     def read_channel(self, w: Worker) -> None:
         try:
@@ -318,8 +410,8 @@ class Master:
         for event in events:
             if event == ch.READY and w.ready_at is None:
                 self.worker_ready(w, now)
-            elif event == ch.RECYCLE and not w.wants_recycle and w.retiring is None:
-                w.wants_recycle = True
+            elif event == ch.RECYCLE and w.recycle is None and w.retiring is None:
+                self.begin_recycle(w, "max-requests", "served --max-requests")
 
     def worker_ready(self, w: Worker, now: float) -> None:
         w.ready_at = now
@@ -328,15 +420,43 @@ class Master:
         log.info("worker %d pid %d ready in %.0f ms", w.slot + 1, w.pid,
                  (now - w.spawned_at) * 1000)
 
-    def retire(self, w: Worker, why: str, now: float) -> None:
-        """A planned end: SIGTERM now (drain), SIGKILL after the graceful timeout."""
-        if w.retiring is not None:
+    def recycle_workers(self) -> None:
+        """--max-worker-memory and --max-worker-lifetime: one planned replacement at a time,
+        chosen by the recycling policy; manage_workers forks the replacement."""
+        if not self.recycler.enabled or self.state != "running":
             return
-        w.retiring = why
-        w.kill_at = now + self.cfg.graceful_timeout + KILL_GRACE
-        log.log(self.quiet, "worker %d pid %d: draining (%s)", w.slot + 1, w.pid, why)
-        self.steer()  # no new connection for it from here on
-        _kill(w.pid, signal.SIGTERM)
+        serving, in_flight = [], False
+        for w in self.workers.values():
+            if w.recycle in ("memory", "lifetime"):
+                in_flight = True
+            elif w.recycle is None and w.serving:
+                serving.append(w)
+        decision = self.recycler.due(serving, time.monotonic(), self.desired, in_flight)
+        if decision is not None:
+            chosen = self.workers[decision.worker.pid]
+            self.begin_recycle(chosen, decision.reason, decision.detail)
+
+    def begin_recycle(self, w: Worker, reason: str, detail: str) -> None:
+        """A planned replacement: counted now, the worker drains once its successor is ready."""
+        w.recycle = reason
+        self.recycler.forget(w.pid)
+        self.stats.recycles[reason.replace("-", "_")] += 1
+        log.info("worker %d pid %d: recycling (%s); its replacement starts first",
+                 w.slot + 1, w.pid, detail)
+
+    def retire(self, batch: list[tuple[Worker, str]], now: float) -> None:
+        """Planned ends: steered away from, then SIGTERM (drain), SIGKILL after the
+        graceful timeout. One steer for the whole batch, so a reload of N is O(N)."""
+        leaving = [(w, why) for w, why in batch if w.retiring is None]
+        if not leaving:
+            return
+        for w, why in leaving:
+            w.retiring = why
+            w.kill_at = now + self.cfg.graceful_timeout + KILL_GRACE
+            log.log(self.quiet, "worker %d pid %d: draining (%s)", w.slot + 1, w.pid, why)
+        self.steer()  # no new connection for them from here on
+        for w, _ in leaving:
+            _kill(w.pid, signal.SIGTERM)
 
     def reap_workers(self) -> None:
         while True:
@@ -347,6 +467,10 @@ class Master:
             if pid == 0:
                 return
             w = self.workers.pop(pid, None)
+            t = self.templates.reaped(pid) if w is None and self.templates else None
+            if t is not None:
+                self.template_died(t, status, time.monotonic())
+                continue
             if w is None:
                 # As PID 1 we inherit orphans; reaping them is the whole job.
                 log.debug("reaped orphan pid %d (status %#x)", pid, status)
@@ -354,9 +478,15 @@ class Master:
             self.worker_died(w, status, time.monotonic())
 
     def worker_died(self, w: Worker, status: int, now: float) -> None:
+        # Its last words (the line saying why it cannot start) may still be in the pipe if
+        # it wrote them and exited after this turn's select: read them before judging.
+        if w.fd in self.selector.get_map():  # not yet at EOF
+            self.read_channel(w)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(w.fd)
         os.close(w.fd)
+        self.recycler.forget(w.pid)
+        self.beats.release(w.cell)  # nobody writes it any more: free for the next worker
         if self.multiproc_dir is not None:
             from prometheus_client import multiprocess
 
@@ -387,7 +517,9 @@ class Master:
             return
         ready_for = None if w.ready_at is None else now - w.ready_at
         if w.ready_at is None and w.generation == self.generation and self.generation > 0 \
-                and self.state == "reloading" and self.abort_reload(w):
+                and self.state == "reloading" and self.abort_reload(
+                    f"new worker pid {w.pid} died before becoming ready"
+                    + (f": {w.error}" if w.error else ""), w.error):
             return
         self.say_error(w)
         self.breaker = self.breaker.worker_died(w.ready_at is not None, planned=False)
@@ -432,19 +564,20 @@ class Master:
         log.warning("worker %d died: %s; failure %d in a row, respawn in %.3fs "
                     "(backoff ceiling %.3fs)", index + 1, what, slot.failures, wait, ceiling)
 
-    def abort_reload(self, w: Worker) -> bool:
-        """A new-generation worker died before ready while old ones still serve: keep them."""
+    def abort_reload(self, why: str, error: str | None = None) -> bool:
+        """The new generation cannot start while old workers still serve: keep them."""
         old = [o for o in self.workers.values() if o.generation < self.generation
                and o.retiring is None]
         if not old:
             return False
-        log.error("reload failed: new worker pid %d died before becoming ready%s; keeping "
-                  "%d workers of the previous generation", w.pid,
-                  f": {w.error}" if w.error else "", len(old))
-        for o in list(self.workers.values()):
-            if o.generation == self.generation and o.retiring is None:
-                self.retire(o, "reload-aborted", time.monotonic())
+        log.error("reload failed: %s; keeping %d workers of the previous generation", why,
+                  len(old))
+        self.said_error = error  # its siblings of the same generation fail the same way
+        self.retire([(o, "reload-aborted") for o in self.workers.values()
+                     if o.generation == self.generation], time.monotonic())
         self.generation = max(o.generation for o in old)
+        if self.templates is not None:
+            self.templates.stop_others(self.generation)
         self.state = "running"
         self.reload_pending = False
         self.notifier.ready(self.status_line() + " (reload failed)")
@@ -470,35 +603,45 @@ class Master:
                     _kill(w.pid, signal.SIGKILL)
                     w.kill_at = now + 3600  # once; reap_workers takes it from here
                 continue
-            if now - w.last_beat > self.cfg.worker_timeout:
+            silent = self.scanned_at - w.last_beat  # as of the last read of the beats
+            if silent > self.cfg.worker_timeout:
                 w.hung = True
                 w.kill_at = now + KILL_GRACE
                 log.error("worker %d pid %d silent for %.1fs (--worker-timeout); killing it",
-                          w.slot + 1, w.pid, now - w.last_beat)
+                          w.slot + 1, w.pid, silent)
                 _kill(w.pid, signal.SIGTERM)
 
     def manage_workers(self) -> None:
         self.steer()
         now = time.monotonic()
         if self.state == "stopping":
+            self.next_respawn = None
             if self.drain_at is not None and now >= self.drain_at:
                 self.start_drain(now)
             if self.drain_deadline is not None:
                 self.extend_systemd_timeout(now)
             return
+        if self.templates is not None:
+            self.manage_template(now)
+        staying = self.staying_by_slot()
+        leaving: list[tuple[Worker, str]] = []
+        self.next_respawn = None
         for index, slot in enumerate(self.slots):
-            live = [w for w in self._slot_workers(index)]
+            live = staying.get(index, ())
             current = [w for w in live if w.generation == self.generation
-                       and not w.wants_recycle]
+                       and w.recycle is None]
             if not current:
                 if now >= slot.respawn_at:
                     slot.respawn_at = 0.0
                     self.spawn_worker(index, now)
+                if slot.respawn_at > now and (self.next_respawn is None
+                                              or slot.respawn_at < self.next_respawn):
+                    self.next_respawn = slot.respawn_at
                 continue
             if any(w.ready_at is not None for w in current):
-                for w in live:
-                    if w not in current:
-                        self.retire(w, "max-requests" if w.wants_recycle else "reload", now)
+                leaving += [(w, w.recycle or "reload")
+                            for w in live if w not in current]
+        self.retire(leaving, now)
         self.update_state()
 
     def steer(self) -> None:
@@ -511,17 +654,17 @@ class Master:
         """
         if not self.listeners.groups:
             return
-        now = time.monotonic()
+        seen = self.scanned_at  # silences as of the last read of the beats, never older
         ready: set[int] = set()
         for w in self.workers.values():
             if not w.serving or w.slot >= self.desired:
                 continue
-            stalled = now - w.last_beat > STALL
+            stalled = seen - w.last_beat > STALL
             if stalled and not w.stalled:
                 self.stats.stalls += 1
                 log.debug("worker %d pid %d: no beat for %.1fs, its loop is blocked; no new "
                           "connections for it until it beats", w.slot + 1, w.pid,
-                          now - w.last_beat)
+                          seen - w.last_beat)
             w.stalled = stalled
             if not stalled:
                 ready.add(w.slot)
@@ -542,13 +685,20 @@ class Master:
                 for w in self.workers.values()) and ready >= self.desired:
             self.state = "running"
             log.info("reload complete: %d workers of generation %d", ready, self.generation)
+            if self.templates is not None:
+                self.templates.stop_others(self.generation)
             self.notifier.ready(self.status_line())
             if self.reload_pending:
                 self.reload_pending = False
                 self.reload()
 
-    def _slot_workers(self, index: int) -> list[Worker]:
-        return [w for w in self.workers.values() if w.slot == index and w.retiring is None]
+    def staying_by_slot(self) -> dict[int, list[Worker]]:
+        """The workers not being retired, by slot: one pass, so a turn stays O(workers)."""
+        staying: dict[int, list[Worker]] = {}
+        for w in self.workers.values():
+            if w.retiring is None:
+                staying.setdefault(w.slot, []).append(w)
+        return staying
 
     # ---- what others see ----------------------------------------------------------------
 
@@ -566,9 +716,9 @@ class Master:
         s.running = len(self.workers)
         s.ready = self.ready_count()
         s.steered = len(self.steered) if self.steered is not None else s.ready
+        staying = self.staying_by_slot()
         s.backoff_seconds = max((sl.respawn_at - now for i, sl in enumerate(self.slots)
-                                 if sl.respawn_at > now and not self._slot_workers(i)),
-                                default=0.0)
+                                 if sl.respawn_at > now and i not in staying), default=0.0)
         return s
 
     def readiness(self) -> tuple[bool, str]:
@@ -581,14 +731,17 @@ class Master:
             return False, f"no worker ready yet (0/{self.desired})"
         return True, f"ready: {ready}/{self.desired} workers"
 
-    def answer(self, registry: Any, path: str, accept: str) -> Response:
+    def answer(self, scrapes: Scrapes, path: str, accept: str) -> Response:
         if path == "/metrics":
+            fmt = choose_format(accept)  # the client picks one of ours; its bytes stay out
             try:
-                body, content_type = render(registry, accept)
+                body = scrapes.body(fmt, time.monotonic())
+            except RenderFailed:
+                return Response(500, b"collecting metrics failed; see the log\n")
             except Exception:  # a scrape must never take supervision down
                 log.exception("collecting metrics failed")
                 return Response(500, b"collecting metrics failed; see the log\n")
-            return Response(200, body, content_type)
+            return Response(200, body, fmt.content_type)
         if path == "/livez":
             return Response(200, b"ok: master loop turning\n")
         if path == "/readyz":
@@ -602,7 +755,10 @@ class Master:
             self.notifier.watchdog()
             self.watchdog_next = now + self.watchdog_every
         if self.state in ("running", "reloading"):
-            self.notifier.status(self.status_line())
+            line = self.status_line()
+            if line != self.last_status:  # a datagram only when there is news
+                self.last_status = line
+                self.notifier.status(line)
 
     def extend_systemd_timeout(self, now: float) -> None:
         """While draining legitimately takes long, tell systemd not to kill us yet."""

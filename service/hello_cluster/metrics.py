@@ -28,7 +28,6 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -37,6 +36,7 @@ from hello_cluster import __version__
 NAMESPACE = "hello_cluster"
 INF = float("inf")
 RESTART_REASONS = ("exit", "signal", "timeout", "oom")
+RECYCLE_REASONS = ("max_requests", "memory", "lifetime")
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -51,11 +51,13 @@ class PoolStats:
     ready: int = 0
     spawns: int = 0
     restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESTART_REASONS, 0))
+    recycles: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RECYCLE_REASONS, 0))
     backoff_seconds: float = 0.0
     crash_loop: bool = False
     reloads: int = 0
     steered: int = 0
     stalls: int = 0
+    wakeups: int = 0
 
 
 class PoolCollector:
@@ -77,12 +79,23 @@ class PoolCollector:
                        "were steered away from it (blocking code in async handlers).",
                        s.stalls)
         yield _counter("worker_spawns", "Worker processes forked.", s.spawns)
+        yield _counter("master_wakeups",
+                       "Turns of the master's loop (signals, worker messages, scrapes, "
+                       "timers): about 10 a second when idle, whatever the pool size.",
+                       s.wakeups)
         restarts = CounterMetricFamily(
             f"{NAMESPACE}_worker_restarts",
             "Unplanned worker deaths that led to a respawn, by reason.", labels=["reason"])
         for reason in RESTART_REASONS:
             restarts.add_metric([reason], s.restarts.get(reason, 0))
         yield restarts
+        recycles = CounterMetricFamily(
+            f"{NAMESPACE}_worker_recycles",
+            "Planned worker replacements (the replacement ready first), by reason.",
+            labels=["reason"])
+        for reason in RECYCLE_REASONS:
+            recycles.add_metric([reason], s.recycles.get(reason, 0))
+        yield recycles
         yield _gauge("worker_backoff_seconds",
                      "The longest pending respawn delay now (0 when none is pending).",
                      s.backoff_seconds)
@@ -130,12 +143,6 @@ def master_registry(stats: Callable[[], PoolStats], multiproc_dir: str | None) -
     if multiproc_dir is not None:
         WorkerFilesCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
     return registry
-
-
-def render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
-    """The scrape body in whichever format the scraper asked for (text or OpenMetrics)."""
-    encoder, content_type = choose_encoder(accept)
-    return encoder(registry), content_type
 
 
 class RequestMetrics:

@@ -1,8 +1,8 @@
 """The child side of fork(): become a worker, serve the app with uvicorn, report to the master.
 
 A worker imports the application itself (so a reload picks up new code and an import error
-is reported, not inherited), tells the master when it is really accepting, beats once a
-second from its event loop, and never outlives its master.
+is reported, not inherited), tells the master when it is really accepting, stamps a
+heartbeat from its event loop every tick (beats.py), and never outlives its master.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import os
 import pwd
 import signal
 import socket
+import ssl
 import sys
+import time
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -26,17 +28,25 @@ import setproctitle
 import uvicorn
 
 from hello_cluster import channel as ch
-from hello_cluster import loader, logs
+from hello_cluster import loader, logs, tls
+from hello_cluster.beats import Beater
 from hello_cluster.config import DEFAULT_APP, Config
-from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, AppLoadError, ResourceError
-from hello_cluster.protocol import WorkerProtocol, expire_slow_heads
+from hello_cluster.errors import (
+    EXIT_APP,
+    EXIT_RESOURCE,
+    EXIT_USAGE,
+    AppLoadError,
+    ResourceError,
+)
+from hello_cluster.protocol import WorkerProtocol, connection_limit, expire_slow_heads
 
 log = logging.getLogger("hello_cluster.worker")
 
 PR_SET_PDEATHSIG = 1
 UVICORN_STARTUP_FAILURE = 3  # uvicorn's exit when the app's lifespan startup fails
 # A worker's own exit statuses (seen in the master's log, never the master's exit code):
-# 0 drained, 1 crashed (or the demo), 4 app import failed, 6 resource, 70 app startup failed.
+# 0 drained, 1 crashed (or the demo), 2 TLS files unusable, 4 app import failed, 6 resource,
+# 70 app startup failed.
 EXIT_APP_STARTUP = 70
 TICK = 0.1  # uvicorn's main loop period
 # With a socket of its own (a SO_REUSEPORT group), a draining worker keeps accepting this
@@ -54,6 +64,11 @@ class WorkerSpec:
     channel_fd: int
     close_fds: Sequence[int]
     own_socket: bool = False  # its slot's socket of a steered SO_REUSEPORT group
+    beats: memoryview[float] | None = None  # the master's shared beat table (beats.py), if any
+    beat_cell: int = 0  # this worker's cell in it
+    app: Any = None  # the app as the --preload template imported it
+    reparented: bool = False  # forked by the template, adopted by the master
+    ssl_context: Any = None  # the template's TLS context, for a worker it forked
 
 
 def preload_engine() -> None:
@@ -87,8 +102,18 @@ def preload_builtin_app() -> None:
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
-def _die_with_master(master_pid: int) -> None:
-    """The kernel SIGKILLs us when the master dies, so no worker lingers after a crash."""
+def die_with_master(master_pid: int, reparented: bool = False) -> None:
+    """The kernel SIGKILLs us when the master dies, so no worker lingers after a crash.
+
+    A worker forked by the --preload template (`reparented`) is first the child of a
+    middle process that exits at once; the death signal follows the parent, so it is set
+    only once the master (a child subreaper) has become ours.
+    """
+    if reparented:
+        for _ in range(2000):  # the middle process exits right after forking us
+            if os.getppid() == master_pid:
+                break
+            time.sleep(0.001)
     _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != master_pid:  # the master died before prctl took effect
         os._exit(1)
@@ -126,8 +151,9 @@ class WorkerServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, channel: ch.WorkerChannel,
                  beat_ticks: int, max_requests: int, metrics: Any = None,
-                 listen_grace: float = 0.0) -> None:
+                 listen_grace: float = 0.0, beater: Beater | None = None) -> None:
         super().__init__(config)
+        self.beater = beater
         self.listen_grace = listen_grace
         self.metrics = metrics  # a RequestMetrics to flush each tick, or None
         self.channel = channel
@@ -157,17 +183,22 @@ class WorkerServer(uvicorn.Server):
         uvicorn_log.addFilter(said)
         try:
             await super().startup(sockets)  # sys.exit(3) when the app's startup failed
-        finally:
-            uvicorn_log.removeFilter(said)
+        except SystemExit:
             if said.reason:
                 self.channel.error(f"the app's lifespan startup failed: {said.reason}")
+            raise
+        finally:
+            uvicorn_log.removeFilter(said)
+        said.replay(uvicorn_log)  # errors that did not stop the start are the app's to show
         if self.started and not self.should_exit:
             self.channel.send(ch.READY)
 
     async def on_tick(self, counter: int) -> bool:
         if self.metrics is not None:
             self.metrics.flush()
-        if counter % self.beat_ticks == 0:
+        if self.beater is not None:
+            self.beater.beat()  # a store into shared memory: no syscall, no wake-up
+        elif counter % self.beat_ticks == 0:
             self.channel.send(ch.BEAT)
         if counter % 10 == 0:
             expire_slow_heads(self.server_state.connections, asyncio.get_running_loop().time())
@@ -195,6 +226,7 @@ class StartupErrors(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.reason = ""
+        self.held: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
@@ -203,7 +235,16 @@ class StartupErrors(logging.Filter):
         if text != "Application startup failed. Exiting." and not self.reason:
             lines = [line.strip() for line in text.splitlines() if line.strip()]
             self.reason = lines[-1] if lines else text  # a traceback's last line says what
-        return logging.getLogger().isEnabledFor(logging.DEBUG)
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            return True
+        self.held.append(record)
+        return False
+
+    def replay(self, logger: logging.Logger) -> None:
+        """The start went on after all: log what was held back (the filter is off by now)."""
+        for record in self.held:
+            logger.handle(record)
+        self.held.clear()
 
 
 class DemoExit:
@@ -227,13 +268,18 @@ class DemoExit:
             self.due = asyncio.get_running_loop().time() + self.seconds
 
 
-def build_app(cfg: Config, first: bool = True) -> tuple[Any, Any]:
-    """The app as served (with metrics and demo wrappers) and its RequestMetrics, if any."""
-    loaded = loader.load(cfg.app, cfg.app_dir, cfg.factory, cfg.interface, cfg.wsgi_threads)
-    log.log(logging.INFO if first else logging.DEBUG, "--app %s: %s%s", cfg.app,
-            loaded.why, f", {cfg.wsgi_threads} threads per worker"
-            if loaded.interface == loader.WSGI else "")
-    app = loaded.app
+def build_app(cfg: Config, first: bool = True, preloaded: Any = None) -> tuple[Any, Any]:
+    """The app as served (with metrics and demo wrappers) and its RequestMetrics, if any.
+
+    `preloaded`: the app as the --preload template loaded (and logged) it."""
+    if preloaded is None:
+        loaded = loader.load(cfg.app, cfg.app_dir, cfg.factory, cfg.interface,
+                             cfg.wsgi_threads)
+        log.log(logging.INFO if first else logging.DEBUG, "--app %s: %s%s", cfg.app,
+                loaded.why, f", {cfg.wsgi_threads} threads per worker"
+                if loaded.interface == loader.WSGI else "")
+        preloaded = loaded.app
+    app = preloaded
     metrics = None
     if cfg.request_metrics and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from hello_cluster.metrics import RequestMetrics
@@ -244,8 +290,15 @@ def build_app(cfg: Config, first: bool = True) -> tuple[Any, Any]:
     return app, metrics
 
 
-def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
-    app, metrics = build_app(cfg, first=spec.slot == 0 and spec.generation == 0)
+def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
+          ssl_context: ssl.SSLContext | None = None) -> int:
+    app, metrics = build_app(cfg, first=spec.slot == 0 and spec.generation == 0,
+                             preloaded=spec.app)
+    access_log = None
+    if cfg.access_log:  # off: not wrapped at all, nothing on the request path
+        from hello_cluster.accesslog import AccessLog
+
+        app = access_log = AccessLog(app, spec.slot + 1)
     max_requests = 0
     if cfg.max_requests:
         max_requests = cfg.max_requests + (
@@ -260,20 +313,26 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
         server_header=False,
         timeout_graceful_shutdown=max(1, int(cfg.graceful_timeout)),
         timeout_keep_alive=max(1, int(cfg.keep_alive_timeout)),
-        limit_concurrency=cfg.limit_concurrency,
+        limit_concurrency=connection_limit(cfg.limit_concurrency),
         # Off unless asked: trusting a proxy is a deployment decision (uvicorn trusts
         # 127.0.0.1 by default), and the middleware costs 0.65 us on every request
         # (bench/micro_metrics.py).
         proxy_headers=bool(cfg.forwarded_allow_ips),
         forwarded_allow_ips=list(cfg.forwarded_allow_ips) or None,
+        # Built in run() before privileges are dropped (tls.py); uvicorn serves it as is.
+        ssl_context_factory=(lambda _config, _default: ssl_context) if ssl_context else None,
     )
-    # A worker with a socket of its own beats every tick: the master takes a worker whose
-    # loop stalls out of the steering within STALL (master.py), or half the new
-    # connections would queue behind a blocking call.
+    # Beats are stamped into the master's shared table every tick (beats.py). Only a worker
+    # that got no cell (the table full) beats down its pipe: every tick with a socket of
+    # its own, as the master takes a worker whose loop stalls out of the steering within
+    # STALL (master.py), else often enough for --worker-timeout.
     beat_ticks = 1 if spec.own_socket else max(1, int(min(1.0, cfg.worker_timeout / 4) / TICK))
+    beater = Beater(spec.beats, spec.beat_cell) if spec.beats is not None else None
     server = WorkerServer(uv_config, channel, beat_ticks, max_requests, metrics,
-                          LISTEN_GRACE if spec.own_socket else 0.0)
+                          LISTEN_GRACE if spec.own_socket else 0.0, beater)
     server.run(sockets=list(spec.sockets))
+    if access_log is not None:
+        access_log.flush()  # the lines of the last tenth of a second
     return server.exit_code if server.started else EXIT_APP_STARTUP
 
 
@@ -291,7 +350,7 @@ def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, unblock)
-        _die_with_master(spec.master_pid)
+        die_with_master(spec.master_pid, spec.reparented)
         for fd in spec.close_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -299,8 +358,16 @@ def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
         setproctitle.setproctitle(f"hello-cluster: worker {spec.slot + 1}")
         channel = ch.WorkerChannel(spec.channel_fd)
         try:
+            # The key is read before dropping privileges: it may stay readable by root only.
+            # (A worker forked by the --preload template gets the template's context: the
+            # template read the key before it dropped privileges.)
+            ssl_context = spec.ssl_context if spec.reparented else (
+                tls.server_context(cfg) if tls.enabled(cfg) else None)
             drop_privileges(cfg.user, cfg.group)
-            code = serve(cfg, spec, channel)
+            code = serve(cfg, spec, channel, ssl_context)
+        except tls.TlsError as err:
+            channel.error(str(err))
+            code = EXIT_USAGE
         except AppLoadError as err:
             channel.error(str(err))
             code = EXIT_APP

@@ -11,6 +11,8 @@ from urllib.parse import parse_qs
 
 from hello_cluster.app import app as hello
 
+_leaked: list[bytes] = []  # what /leak keeps for good: a leak the worker never frees
+
 
 def _seconds(scope: dict[str, Any]) -> float:
     query = parse_qs(scope.get("query_string", b"").decode())
@@ -42,6 +44,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         query = parse_qs(scope.get("query_string", b"").decode())
         hog = b"\x01" * (int(query.get("mb", ["64"])[0]) * 1024 * 1024)
         await _reply(send, str(len(hog)).encode())
+    elif path == "/leak":  # keep this many more MiB of private memory, as a leak would
+        query = parse_qs(scope.get("query_string", b"").decode())
+        _leaked.append(os.urandom(int(query.get("mb", ["64"])[0]) * 1024 * 1024))
+        await _reply(send, f"{sum(map(len, _leaked))}".encode())
     elif path == "/env":  # which LISTEN_* variables the worker still sees
         names = sorted(k for k in os.environ if k.startswith("LISTEN_"))
         await _reply(send, ",".join(names).encode())

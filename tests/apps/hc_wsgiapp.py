@@ -19,7 +19,7 @@ def _seconds(environ: dict[str, Any]) -> float:
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     path = environ["PATH_INFO"]
     headers = [("content-type", "text/plain"), ("x-worker-pid", str(os.getpid()))]
-    if path == "/environ":  # what the view sees
+    if path.startswith("/environ") or environ["QUERY_STRING"] == "environ":  # what it sees
         seen = {key: environ.get(key) for key in
                 ("SCRIPT_NAME", "PATH_INFO", "REMOTE_ADDR", "QUERY_STRING", "wsgi.url_scheme")}
         seen["errors_is_stderr"] = environ["wsgi.errors"] is sys.stderr
