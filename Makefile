@@ -16,7 +16,7 @@ run: $(BIN)/hello-cluster
 	$(BIN)/hello-cluster $(ARGS)
 
 lint: $(BIN)/hello-cluster
-	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff check service tests bench examples
 	$(BIN)/mypy
 	$(BIN)/bandit -q -ll -r service
 

@@ -22,8 +22,25 @@ BENCH_BIN = BENCH_VENV / "bin"
 # /tmp, which other jobs on a shared machine may clean while a run is in progress.
 WORK = BENCH_VENV / "work"
 MAIN_BIN = ROOT / ".venv" / "bin"
-PEER_PACKAGES = ["gunicorn", "uvicorn[standard]", "uvicorn-worker", "granian", "py-spy"]
+PEER_PACKAGES = ["gunicorn", "uvicorn[standard]", "uvicorn-worker", "granian", "py-spy", "flask"]
 BASELINE = "uvicorn"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """What one run compares: ratios are against `baseline`, measured in the same run."""
+
+    name: str
+    baseline: str
+    metrics_on: str  # hello-cluster with request metrics (the default)
+    metrics_off: str  # the same with --no-request-metrics
+    ceiling: str | None  # a no-framework ceiling, if the suite has one
+
+
+ASGI = Suite("asgi", BASELINE, "hc", "hc-nometrics", "ceiling")
+# A Flask hello page: hello-cluster's WSGI support against the WSGI servers people run.
+# gunicorn gthread is the baseline: threads per worker, like hello-cluster's WSGI workers.
+WSGI = Suite("wsgi", "gunicorn-gthread", "hc-flask", "hc-flask-nometrics", None)
 
 
 @dataclass(frozen=True)
@@ -40,7 +57,7 @@ class Contender:
 
 def ensure_peers(quiet: bool = False) -> None:
     """Create bench/.venv with the peers if it or any peer is missing (idempotent)."""
-    needed = [BENCH_BIN / n for n in ("gunicorn", "uvicorn", "granian", "py-spy")]
+    needed = [BENCH_BIN / n for n in ("gunicorn", "uvicorn", "granian", "py-spy", "flask")]
     if all(p.exists() for p in needed):
         return
     if not (BENCH_BIN / "python").exists():
@@ -49,6 +66,11 @@ def ensure_peers(quiet: bool = False) -> None:
     print("bench: installing peers into bench/.venv:", " ".join(PEER_PACKAGES), flush=True)
     subprocess.run([*pip, *PEER_PACKAGES], check=True,
                    stdout=subprocess.DEVNULL if quiet else None)
+
+
+def flask_env() -> dict[str, str]:
+    """bench/ on the path for peer_flask; hello_cluster for its BODY (installed or service/)."""
+    return {"PYTHONPATH": f"{BENCH}{os.pathsep}{ROOT / 'service'}"}
 
 
 def peer_env() -> dict[str, str]:
@@ -116,6 +138,56 @@ def contenders(workers: int, port_of: dict[str, int], metrics_port_of: dict[str,
 
 NAMES = ["hc", "hc-nometrics", "uvicorn", "gunicorn-uvicorn", "granian", "node", "gunicorn-sync",
          "ceiling"]
+
+
+def wsgi_contenders(workers: int, threads: int, port_of: dict[str, int],
+                    metrics_port_of: dict[str, int]) -> list[Contender]:
+    """The Flask page (bench/peer_flask.py) under each WSGI server, `threads` per worker.
+
+    Every threaded contender gets the same thread count per worker (hello-cluster's
+    --wsgi-threads, gunicorn's --threads, granian's --blocking-threads); gunicorn's sync
+    worker is one request at a time by design.
+    """
+    n, t = str(workers), str(threads)
+    hc = str(MAIN_BIN / "hello-cluster")
+    gunicorn = str(BENCH_BIN / "gunicorn")
+    out: list[Contender] = []
+
+    def hello(name: str, label: str, extra: list[str]) -> Contender:
+        return Contender(
+            name, label,
+            [hc, "--bind", f"127.0.0.1:{port_of[name]}", "--workers", n,
+             "--metrics-bind", f"127.0.0.1:{metrics_port_of[name]}", "--log-level", "warning",
+             "--app", "peer_flask:app", "--interface", "wsgi", "--wsgi-threads", t, *extra],
+            env=flask_env(), kind="subject", notify=True, reload_signal=True)
+
+    out.append(hello("hc-flask", f"hello-cluster --interface wsgi --wsgi-threads {t}",
+                     ["--request-metrics"]))
+    out.append(hello("hc-flask-nometrics", "hello-cluster (WSGI) --no-request-metrics",
+                     ["--no-request-metrics"]))
+    out.append(Contender(
+        "gunicorn-gthread", f"gunicorn -k gthread --threads {t}",
+        [gunicorn, "-k", "gthread", "--threads", t, "-w", n,
+         "-b", f"127.0.0.1:{port_of['gunicorn-gthread']}", "--log-level", "warning",
+         "peer_flask:app"],
+        env=flask_env(), reload_signal=True))
+    out.append(Contender(
+        "gunicorn-sync", "gunicorn (sync worker)",
+        [gunicorn, "-w", n, "-b", f"127.0.0.1:{port_of['gunicorn-sync']}",
+         "--log-level", "warning", "peer_flask:app"],
+        env=flask_env(), reload_signal=True))
+    out.append(Contender(
+        "granian-wsgi", f"granian --interface wsgi --blocking-threads {t}",
+        [str(BENCH_BIN / "granian"), "--interface", "wsgi", "--host", "127.0.0.1",
+         "--port", str(port_of["granian-wsgi"]), "--workers", n, "--blocking-threads", t,
+         "--respawn-failed-workers", "--log-level", "warning", "--no-access-log",
+         "peer_flask:app"],
+        env=flask_env(), reload_signal=True))
+    return out
+
+
+WSGI_NAMES = ["hc-flask", "hc-flask-nometrics", "gunicorn-gthread", "gunicorn-sync",
+              "granian-wsgi"]
 
 
 CHART_PACKAGES = ["matplotlib"]

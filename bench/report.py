@@ -19,6 +19,15 @@ TARGETS = [
     ("reload_failed", "failed requests during a graceful reload (worst median)", 0, "eq"),
     ("master_rss_mb", "master RSS", 40.0, "lt"),
 ]
+# The WSGI suite (issue 14): hello-cluster serving Flask at least as fast as gunicorn gthread.
+WSGI_TARGETS = [
+    ("rps_ka_ratio", "keep-alive throughput (request metrics on) vs gunicorn gthread", 1.0, "ge"),
+    ("rps_close_ratio", "Connection: close throughput (request metrics on) vs gunicorn gthread",
+     1.0, "ge"),
+    ("respawn_ms", "respawn to accepting, median", 50.0, "lt"),
+    ("reload_failed", "failed requests during a graceful reload (worst median)", 0, "eq"),
+    ("master_rss_mb", "master RSS", 40.0, "lt"),
+]
 
 
 def med(values: list[Any]) -> float | None:
@@ -26,8 +35,8 @@ def med(values: list[Any]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def summarize(field: list[peers.Contender], records: dict[str, dict[str, Any]]
-              ) -> dict[str, Any]:
+def summarize(field: list[peers.Contender], records: dict[str, dict[str, Any]],
+              suite: peers.Suite = peers.ASGI) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for c in field:
         r = records[c.name]
@@ -51,18 +60,21 @@ def summarize(field: list[peers.Contender], records: dict[str, dict[str, Any]]
         row["rss_mb"] = med(r["rss_mb"])
         row["errors"] = list(r["errors"])
         rows[c.name] = row
-    base = rows.get(peers.BASELINE, {})
+    # Ratios against the suite's baseline; the keys keep their first name (`_vs_uvicorn`,
+    # the ASGI suite's baseline) so earlier result files read the same.
+    base = rows.get(suite.baseline, {})
     for name, row in rows.items():
         for key in ("startup_ms", "respawn_ms", "rss_mb"):
             row[f"{key}_vs_uvicorn"] = _ratio(row.get(key), base.get(key))
         for mode in ("ka", "close"):
-            row[f"{mode}_rps_vs_uvicorn"] = paired(records, name, peers.BASELINE, mode)
+            row[f"{mode}_rps_vs_uvicorn"] = paired(records, name, suite.baseline, mode)
+    on, off = suite.metrics_on, suite.metrics_off
     extra = {
-        "metrics_cost_ratio": paired(records, "hc", "hc-nometrics", "ka"),
-        "metrics_cost_ratio_close": paired(records, "hc", "hc-nometrics", "close"),
-        "hc_vs_ceiling": paired(records, "hc-nometrics", "ceiling", "ka"),
+        "metrics_cost_ratio": paired(records, on, off, "ka"),
+        "metrics_cost_ratio_close": paired(records, on, off, "close"),
+        "hc_vs_ceiling": paired(records, off, suite.ceiling, "ka") if suite.ceiling else None,
     }
-    return {"rows": rows, "derived": extra, "targets": targets(rows)}
+    return {"rows": rows, "derived": extra, "targets": targets(rows, suite)}
 
 
 def paired(records: dict[str, dict[str, Any]], a: str, b: str, mode: str) -> float | None:
@@ -80,8 +92,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def targets(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    hc, hc_off = rows.get("hc", {}), rows.get("hc-nometrics", {})
+def targets(rows: dict[str, dict[str, Any]], suite: peers.Suite = peers.ASGI
+            ) -> list[dict[str, Any]]:
+    hc, hc_off = rows.get(suite.metrics_on, {}), rows.get(suite.metrics_off, {})
     reload = [v for v in (hc.get("reload_failed_ka"), hc.get("reload_failed_close"),
                           hc_off.get("reload_failed_ka"), hc_off.get("reload_failed_close"))
               if v is not None]
@@ -93,9 +106,11 @@ def targets(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         "respawn_ms": max(respawn) if respawn else None,
         "reload_failed": max(reload) if reload else None,
         "master_rss_mb": max(rss) if rss else None,
+        "rps_ka_ratio": hc.get("ka_rps_vs_uvicorn"),
+        "rps_close_ratio": hc.get("close_rps_vs_uvicorn"),
     }
     out = []
-    for key, what, limit, op in TARGETS:
+    for key, what, limit, op in (WSGI_TARGETS if suite.name == "wsgi" else TARGETS):
         v = values[key]
         ok = None if v is None else (v >= limit if op == "ge" else v < limit if op == "lt"
                                      else v == limit)
@@ -126,18 +141,23 @@ def _x(v: float | None) -> str:
 def markdown(doc: dict[str, Any], field: list[peers.Contender]) -> str:
     m = doc["machine"]
     rows = doc["summary"]["rows"]
+    suite = doc.get("suite", "asgi")
+    base = doc["contenders"].get(doc.get("baseline", peers.BASELINE), "uvicorn --workers")
     lines = [
-        f"# hello-cluster benchmark, {doc['date'][:10]}",
+        f"# hello-cluster benchmark, {doc['date'][:10]}"
+        + (", WSGI suite (a Flask page)" if suite == "wsgi" else ""),
         "",
         f"- date: {doc['date']}",
         f"- machine: {m['cores']} cores ({m['cores_usable']} usable), {m['cpu']}, "
         f"Linux {m['kernel']}, Python {m['python']}, node {m['node']}, {m['wrk']}",
         "- peers: " + ", ".join(f"{k} {v}" for k, v in sorted(m["peers"].items())),
+        "- hello-cluster's venv: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(m.get("hello_cluster_deps", {}).items())),
         f"- command: `{doc['command']}`",
         f"- {doc['workers']} workers each, {doc['reps']} repetitions (medians), "
         f"{doc['duration_s']:g} s wrk runs (`wrk -t1 -c64 --latency`), "
         f"run took {doc['elapsed_s']} s",
-        "- ratios in parentheses are against `uvicorn --workers` measured in this run; "
+        f"- ratios in parentheses are against `{base}` measured in this run; "
         "throughput ratios are medians of per-round ratios (all contenders measured in each "
         "round, back to back)",
         "",
@@ -201,9 +221,10 @@ def markdown(doc: dict[str, Any], field: list[peers.Contender]) -> str:
         f"- request-metrics cost: throughput with metrics on / off = "
         f"{_n(d['metrics_cost_ratio'], 3)} (keep-alive), "
         f"{_n(d['metrics_cost_ratio_close'], 3)} (Connection: close)",
-        f"- hello-cluster (metrics off) / Python ceiling, keep-alive: "
-        f"{_n(d['hc_vs_ceiling'], 3)}",
     ]
+    if d.get("hc_vs_ceiling") is not None:
+        lines.append(f"- hello-cluster (metrics off) / Python ceiling, keep-alive: "
+                     f"{_n(d['hc_vs_ceiling'], 3)}")
     if d.get("micro"):
         mm = d["micro"]
         lines.append(f"- RequestMetrics in-process cost (bench/micro_metrics.py): "

@@ -1,6 +1,7 @@
 """Benchmark hello-cluster against its peers, in one run, on this machine.
 
     .venv/bin/python bench/run.py [--quick] [--workers 2] [--reps 3] [--duration 5]
+    .venv/bin/python bench/run.py --suite wsgi   # Flask: hello-cluster, gunicorn, granian
 
 Starts every contender in turn (all on 127.0.0.1, same worker count, same hello page),
 measures throughput/latency (keep-alive and Connection: close), start-up, respawn,
@@ -273,12 +274,14 @@ def machine() -> dict[str, Any]:
         return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) \
             else "?"
 
-    pkgs = subprocess.run([str(peers.BENCH_BIN / "pip"), "list", "--format=json",
-                           "--disable-pip-version-check"], capture_output=True, text=True,
-                          timeout=60)
-    wanted = {"gunicorn", "uvicorn", "uvicorn-worker", "granian", "uvloop", "httptools"}
-    versions = {p["name"].lower(): p["version"] for p in json.loads(pkgs.stdout or "[]")
+    def packages(pip: Path, wanted: set[str]) -> dict[str, str]:
+        pkgs = subprocess.run([str(pip), "list", "--format=json", "--disable-pip-version-check"],
+                              capture_output=True, text=True, timeout=60)
+        return {p["name"].lower(): p["version"] for p in json.loads(pkgs.stdout or "[]")
                 if p["name"].lower() in wanted}
+
+    versions = packages(peers.BENCH_BIN / "pip", {"gunicorn", "uvicorn", "uvicorn-worker",
+                                                  "granian", "uvloop", "httptools", "flask"})
     return {
         "loadavg_at_end": os.getloadavg()[0],
         "cores": os.cpu_count(),
@@ -289,6 +292,7 @@ def machine() -> dict[str, Any]:
         "node": version(["node", "--version"]) if shutil.which("node") else None,
         "wrk": version(["wrk", "--version"]),
         "peers": versions,
+        "hello_cluster_deps": packages(peers.MAIN_BIN / "pip", {"uvicorn", "a2wsgi", "flask"}),
         "hello_cluster": version([str(peers.MAIN_BIN / "hello-cluster"), "--version"]),
     }
 
@@ -312,23 +316,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    ap.add_argument("--suite", choices=["asgi", "wsgi"], default="asgi",
+                    help="asgi: the hello page (default); wsgi: a Flask page against gunicorn "
+                         "(sync, gthread) and granian --interface wsgi")
+    ap.add_argument("--wsgi-threads", type=int, default=None,
+                    help="threads per worker for every threaded WSGI contender (wsgi suite; "
+                         "default: hello-cluster's own --wsgi-threads default)")
     ap.add_argument("--only", default="", help="comma-separated contender names "
-                    f"({','.join(peers.NAMES)}); uvicorn is always included")
+                    f"({','.join(peers.NAMES)}; wsgi suite: {','.join(peers.WSGI_NAMES)}); "
+                    "the suite's baseline is always included")
     ap.add_argument("--no-sync", action="store_true", help="skip the gunicorn sync reference")
     ap.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                     help="py-spy a hello-cluster worker under load (auto: when it is slower "
                          "than uvicorn or far below the ceiling)")
-    ap.add_argument("--out", default=str(RESULTS), help="results directory")
+    ap.add_argument("--out", default=None,
+                    help="results directory (default bench/results, or bench/results/wsgi)")
     args = ap.parse_args(argv)
+    suite = peers.WSGI if args.suite == "wsgi" else peers.ASGI
+    if args.wsgi_threads is None:
+        from hello_cluster.config import DEFAULT_WSGI_THREADS  # the project's venv runs this
+
+        args.wsgi_threads = DEFAULT_WSGI_THREADS
+    if args.out is None:
+        args.out = str(RESULTS / "wsgi" if suite is peers.WSGI else RESULTS)
     if args.quick:
         args.reps, args.duration = 1, 2.0
     ensure_tools()
     LOGS.mkdir(parents=True, exist_ok=True)
-    ports = {n: h.free_port() for n in peers.NAMES}
-    metrics_ports = {n: h.free_port() for n in peers.NAMES}
-    field = peers.contenders(args.workers, ports, metrics_ports, include_sync=not args.no_sync)
+    names = peers.WSGI_NAMES if suite is peers.WSGI else peers.NAMES
+    ports = {n: h.free_port() for n in names}
+    metrics_ports = {n: h.free_port() for n in names}
+    if suite is peers.WSGI:
+        field = peers.wsgi_contenders(args.workers, args.wsgi_threads, ports, metrics_ports)
+    else:
+        field = peers.contenders(args.workers, ports, metrics_ports,
+                                 include_sync=not args.no_sync)
     if args.only:
-        keep = set(args.only.split(",")) | {peers.BASELINE}
+        keep = set(args.only.split(",")) | {suite.baseline}
         field = [c for c in field if c.name in keep]
     records = {c.name: new_record() for c in field}
     started = dt.datetime.now()
@@ -348,15 +372,15 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # one contender's trouble must not sink the run
                 rec["errors"].append(f"r{rep + 1}: {type(err).__name__}: {err}")
                 print(f"    ! {c.name}: {type(err).__name__}: {err}", flush=True)
-    summ = report.summarize(field, records)
-    summ["derived"]["micro"] = micro_metrics()
+    summ = report.summarize(field, records, suite)
+    summ["derived"]["micro"] = micro_metrics() if suite is peers.ASGI else None
     summ["derived"]["loadavg_at_start"] = load_at_start
     profile: dict[str, Any] | None = None
     if args.profile == "always" or (args.profile == "auto" and report.needs_profile(summ)):
         print("bench: profiling one worker each of hello-cluster and uvicorn under load "
               "with py-spy", flush=True)
         profile = profiling.profile_all(
-            [c for c in field if c.kind == "subject" or c.name == peers.BASELINE], ports, args,
+            [c for c in field if c.kind == "subject" or c.name == suite.baseline], ports, args,
             base_env(), LOGS)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -365,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join([".venv/bin/python", "bench/run.py", *(argv if argv is not None
                                                                 else sys.argv[1:])])
     doc = {"date": started.isoformat(timespec="seconds"), "command": command,
+           "suite": suite.name, "baseline": suite.baseline,
            "workers": args.workers, "reps": args.reps, "duration_s": args.duration,
            "machine": info, "contenders": {c.name: c.label for c in field},
            "summary": summ, "raw": records, "profile": profile,

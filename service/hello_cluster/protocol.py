@@ -6,6 +6,10 @@
    does a connection accepted just before the listener closed whose request bytes have not
    been read yet. Here an idle connection gets a short grace: a request that arrives is
    served with `connection: close`, and only a connection that stays silent is closed.
+   uvicorn also closes a connection after the response in progress, even when that
+   response's head already went out without `connection: close` (a streamed body, a WSGI
+   app's chunks from a thread): the client then sends its next request into a closing
+   socket. Here such a connection gets the idle grace once its response is complete.
    That is what makes reloads, scale-down and recycling lossless.
 2. Limits on the request head. httptools has no size limit and uvicorn no timeout for a
    head that never completes, so one slowloris client could hold a connection forever and a
@@ -274,10 +278,20 @@ class WorkerProtocol(HttpToolsProtocol):
 
     def shutdown(self) -> None:
         self.draining = True
-        if self.cycle is None or self.cycle.response_complete:
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
             self._idle_close = self.loop.call_later(IDLE_GRACE, self._close_if_idle)
-        else:
-            self.cycle.keep_alive = False
+        elif not cycle.response_started:
+            cycle.keep_alive = False  # its head, still to come, will say `connection: close`
+        # Otherwise the head already went out promising keep-alive, and the client will send
+        # its next request as soon as the body is in: on_response_complete grants the grace.
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.draining and not self.transport.is_closing():
+            if self._idle_close is not None:
+                self._idle_close.cancel()
+            self._idle_close = self.loop.call_later(IDLE_GRACE, self._close_if_idle)
 
     def _close_if_idle(self) -> None:
         if (self.cycle is None or self.cycle.response_complete) \
