@@ -145,8 +145,10 @@ class Templates:
         template = Template(pid, generation, read_fd, ours)
         self.live.append(template)
         self.selector.register(read_fd, selectors.EVENT_READ, lambda: self._read(template))
-        log.info("template pid %d: importing the app for generation %d (--preload)", pid,
-                 generation)
+        # At start the app's own lines follow; a failure is said once, by the exit line.
+        log.log(logging.INFO if generation else logging.DEBUG,
+                "template pid %d: importing the app for generation %d (--preload)", pid,
+                generation)
         return template
 
     def _read(self, template: Template) -> None:
