@@ -140,8 +140,9 @@ class NotifySocket:
 
 # ---- probing -----------------------------------------------------------------------------
 
-def probe(port: int, k: int = 4, timeout: float = 1.0) -> list[int]:
-    """Open k fresh connections at once, GET / on each; the worker pids that answered."""
+def probe(port: int, k: int = 4, timeout: float = 1.0, request: bytes = REQUEST) -> list[int]:
+    """Open k fresh connections at once, GET / (or `request`) on each; the worker pids that
+    answered."""
     socks: list[socket.socket] = []
     pids: list[int] = []
     try:
@@ -150,7 +151,7 @@ def probe(port: int, k: int = 4, timeout: float = 1.0) -> list[int]:
             s.settimeout(timeout)
             try:
                 s.connect(("127.0.0.1", port))
-                s.sendall(REQUEST)
+                s.sendall(request)
             except OSError:
                 s.close()
                 continue

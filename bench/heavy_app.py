@@ -3,11 +3,15 @@
 Every contender serves this same file (`heavy_app:app`, PYTHONPATH=bench), so the memory a
 pool costs differs only by how the server forks and shares it. `GET /` reads one record
 (so a request touches the data and the framework's whole request path) and answers with
-the `x-worker-pid` header the bench's probes count workers by.
+the `x-worker-pid` header the bench's probes count workers by. `GET /gc` runs a full
+collection in the worker that answers, as a long-running worker eventually does by itself:
+it visits every container the app built, and writes to each one's header unless they were
+frozen (`gc.freeze()`) before the fork.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 
@@ -26,4 +30,9 @@ async def index(request: Request) -> JSONResponse:
                         headers={"x-worker-pid": str(os.getpid())})
 
 
-app = Starlette(routes=[Route("/", index)])
+async def collect(request: Request) -> JSONResponse:
+    return JSONResponse({"collected": gc.collect(), "frozen": gc.get_freeze_count()},
+                        headers={"x-worker-pid": str(os.getpid())})
+
+
+app = Starlette(routes=[Route("/", index), Route("/gc", collect)])

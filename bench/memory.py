@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/memory.py [--workers 2,8,16] [--only hc,hc-preload,...]
                                      [--app-mb 100] [--timing-workers 8] [--reps 3]
-                                     [--no-timing] [--no-chart] [--out DIR]
+                                     [--no-timing] [--no-chart] [--out DIR] [--logs DIR]
     .venv/bin/python bench/memory.py --report result.json   # rewrite its .md (and .png)
 
 Every contender serves the same file, bench/heavy_app.py (a Starlette app over ~100 MB of
@@ -57,6 +57,7 @@ TARGET_WORKERS = 8
 TARGET_RATIO = 0.5
 ORDER = ["hc", "hc-preload", "uvicorn", "gunicorn-uvicorn", "gunicorn-uvicorn-preload"]
 MiB = 1024 * 1024
+GC_REQUEST = b"GET /gc HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
 @dataclass(frozen=True)
@@ -174,12 +175,13 @@ def tree_memory(root: int, workers: set[int]) -> dict[str, Any]:
 class Server:
     """One contender's running pool: its process group, ports, log and notify socket."""
 
-    def __init__(self, c: Contender, n: int, port: int, mport: int, app_mb: int) -> None:
+    def __init__(self, c: Contender, n: int, port: int, mport: int, app_mb: int,
+                 logs: Path) -> None:
         self.c, self.n, self.port, self.mport = c, n, port, mport
         self.notify = h.NotifySocket(peers.WORK)
         env = {**base_env(), **c.env, "HEAVY_APP_MB": str(app_mb),
                "NOTIFY_SOCKET": self.notify.path}
-        self.log_path = LOGS / f"{c.name}-{n}.log"
+        self.log_path = logs / f"{c.name}-{n}.log"
         self.log_path.unlink(missing_ok=True)
         self.t0 = time.monotonic()
         self.proc = h.Proc(c.argv, env, self.log_path)
@@ -205,6 +207,23 @@ def serve_traffic(port: int, n: int, deadline: float) -> dict[str, Any]:
     return {"requests_ok": sum(seen.values()), "errors": dict(errors),
             "workers_answered": len(pids | set(seen)), "pids": sorted(pids | set(seen)),
             "all_answered": when is not None, "s": round(time.monotonic() - t, 3)}
+
+
+def collect_everywhere(port: int, workers: set[int], deadline: float) -> dict[str, Any]:
+    """`GET /gc` on fresh connections until every worker ran a full collection (bounded).
+
+    A long-running worker collects its oldest generation by itself sooner or later; this
+    makes it happen now, so the second reading shows what the pool costs once the collector
+    has visited the app's objects (and written to their headers, where they were not frozen).
+    """
+    done: set[int] = set()
+    asked = 0
+    t = time.monotonic()
+    while not workers <= done and time.monotonic() < deadline:
+        done |= set(h.probe(port, k=4, timeout=10.0, request=GC_REQUEST))
+        asked += 4
+    return {"workers_collected": len(workers & done), "requests": asked,
+            "all": workers <= done, "s": round(time.monotonic() - t, 3)}
 
 
 def hc_workers(s: Server) -> set[int]:
@@ -251,7 +270,8 @@ def reloads(s: Server, count: int, timeout: float) -> dict[str, Any]:
             "median_old_gone_s": statistics.median(x["old_gone_s"] for x in samples)}
 
 
-def measure(name: str, n: int, hc: str, app_mb: int, timing: int | None) -> dict[str, Any]:
+def measure(name: str, n: int, hc: str, app_mb: int, timing: int | None,
+            logs: Path) -> dict[str, Any]:
     """Start one contender with n workers, make every worker serve, read the tree's memory;
     for hello-cluster with `timing` repetitions, respawns and reloads too."""
     port, mport = h.free_port(), h.free_port()
@@ -264,7 +284,7 @@ def measure(name: str, n: int, hc: str, app_mb: int, timing: int | None) -> dict
         rec["errors"].append(f"skipped: {rec['mem_available_mib_before']} MiB available, "
                              f"about {need} MiB needed")
         return rec
-    s = Server(c, n, port, mport, app_mb)
+    s = Server(c, n, port, mport, app_mb, logs)
     bound = 1 + n / 4  # generous: n imports of a big app on a shared 2-core machine
     try:
         when, pids = h.wait_for_pids(port, n, s.t0 + 60 * bound)
@@ -274,11 +294,17 @@ def measure(name: str, n: int, hc: str, app_mb: int, timing: int | None) -> dict
         rec["start_s"] = when - s.t0
         rec["traffic"] = serve_traffic(port, n, time.monotonic() + 30 * bound)
         time.sleep(SETTLE)
-        rec["memory"] = tree_memory(s.proc.pid, set(rec["traffic"]["pids"]))
-        print(f"    {name:26} {n:3} workers: total PSS {rec['memory']['pss_total_mib']:7.0f} MiB"
-              f", worker USS {fmt(rec['memory']['worker_uss_median_mib'])} MiB"
-              f", RSS {rec['memory']['rss_total_mib']:.0f} MiB, start {rec['start_s']:.1f}s",
-              flush=True)
+        workers = set(rec["traffic"]["pids"])
+        rec["memory"] = tree_memory(s.proc.pid, workers)
+        report_memory(name, n, rec["memory"], f"start {rec['start_s']:.1f}s")
+        rec["gc"] = collect_everywhere(port, workers, time.monotonic() + 30 * bound)
+        if not rec["gc"]["all"]:
+            rec["errors"].append(f"gc: only {rec['gc']['workers_collected']}/{n} workers "
+                                 "answered GET /gc in time")
+        time.sleep(SETTLE)
+        rec["memory_after_gc"] = tree_memory(s.proc.pid, workers)
+        report_memory(name, n, rec["memory_after_gc"],
+                      f"after gc.collect() in {rec['gc']['workers_collected']} workers")
         if timing and c.hello_cluster:
             rec["respawn"] = respawns(s, min(timing, n), 20 * bound)
             print(f"    {name:26} {n:3} workers: respawn median "
@@ -296,15 +322,21 @@ def measure(name: str, n: int, hc: str, app_mb: int, timing: int | None) -> dict
     return rec
 
 
+def report_memory(name: str, n: int, mem: dict[str, Any], note: str) -> None:
+    print(f"    {name:26} {n:3} workers: total PSS {mem['pss_total_mib']:7.0f} MiB, worker USS "
+          f"{fmt(mem['worker_uss_median_mib'])} MiB, RSS {mem['rss_total_mib']:.0f} MiB; {note}",
+          flush=True)
+
+
 # ---- report --------------------------------------------------------------------------------
 
 def fmt(v: Any, digits: int = 0) -> str:
     return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def pss(runs: list[dict[str, Any]], name: str, n: int) -> float | None:
+def pss(runs: list[dict[str, Any]], name: str, n: int, key: str = "memory") -> float | None:
     r = next((r for r in runs if r["contender"] == name and r["workers"] == n), None)
-    return None if r is None or "memory" not in r else float(r["memory"]["pss_total_mib"])
+    return None if r is None or key not in r else float(r[key]["pss_total_mib"])
 
 
 def verdict(runs: list[dict[str, Any]]) -> tuple[str, float | None]:
@@ -314,6 +346,21 @@ def verdict(runs: list[dict[str, Any]]) -> tuple[str, float | None]:
         return "n/a (not measured)", None
     ratio = ours / theirs
     return ("PASS" if ratio <= TARGET_RATIO else "FAIL"), ratio
+
+
+def pivot(runs: list[dict[str, Any]], names: list[str], labels: dict[str, str],
+          sizes: list[int], key: str) -> list[str]:
+    """Total PSS, one row per contender, one column per pool size, ratio to uvicorn."""
+    lines = ["| contender | " + " | ".join(f"{n} workers" for n in sizes) + " |",
+             "| --- |" + " ---: |" * len(sizes)]
+    for name in names:
+        cells = []
+        for n in sizes:
+            v, base = pss(runs, name, n, key), pss(runs, "uvicorn", n, key)
+            cells.append("failed" if v is None else f"{v:.0f}" + (
+                f" ({v / base:.2f}x)" if base else ""))
+        lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -334,16 +381,11 @@ def markdown(doc: dict[str, Any]) -> str:
              "## Total PSS of the whole process tree, MiB", "",
              "Sum of `Pss:` in /proc/PID/smaps_rollup over the supervisor and every "
              "descendant, after every worker served requests; the ratio is against "
-             "`uvicorn --workers N` at the same N.", "",
-             "| contender | " + " | ".join(f"{n} workers" for n in sizes) + " |",
-             "| --- |" + " ---: |" * len(sizes)]
-    for name in names:
-        cells = []
-        for n in sizes:
-            v, base = pss(runs, name, n), pss(runs, "uvicorn", n)
-            cells.append("failed" if v is None else f"{v:.0f}" + (
-                f" ({v / base:.2f}x)" if base else ""))
-        lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
+             "`uvicorn --workers N` at the same N.", ""]
+    lines += pivot(runs, names, labels, sizes, "memory")
+    lines += ["", "The same after `GET /gc` (a full `gc.collect()`) in every worker, as a "
+              "long-running worker does by itself sooner or later:", ""]
+    lines += pivot(runs, names, labels, sizes, "memory_after_gc")
     result, ratio = verdict(runs)
     lines += ["", "| target (issue 17) | measured | verdict |", "| --- | ---: | --- |",
               f"| hello-cluster --preload at {TARGET_WORKERS} workers <= {TARGET_RATIO}x "
@@ -351,18 +393,22 @@ def markdown(doc: dict[str, Any]) -> str:
               "## Every run", "",
               "| contender | workers | total PSS MiB | workers' PSS | others' PSS "
               "| USS per worker (median / max) | RSS per worker (median) | total RSS MiB "
-              "| processes | start to all answered s | requests | load before |",
-              "| --- |" + " ---: |" * 11]
+              "| processes | total PSS / USS per worker after gc | start to all answered s "
+              "| requests | load before |",
+              "| --- |" + " ---: |" * 12]
     for r in runs:
         mem = r.get("memory") or {}
         t = r.get("traffic") or {}
+        after = r.get("memory_after_gc") or {}
         lines.append(
             f"| {labels[r['contender']]} | {r['workers']} | {fmt(mem.get('pss_total_mib'))} | "
             f"{fmt(mem.get('workers_pss_mib'))} | {fmt(mem.get('others_pss_mib'))} | "
             f"{fmt(mem.get('worker_uss_median_mib'), 1)} / {fmt(mem.get('worker_uss_max_mib'), 1)}"
             f" | {fmt(mem.get('worker_rss_median_mib'), 1)} | {fmt(mem.get('rss_total_mib'))} | "
             f"{mem.get('measured', '-')}/{mem.get('count', '-')} ({mem.get('workers', '-')} "
-            f"workers) | {fmt(r.get('start_s'), 1)} | {t.get('requests_ok', '-')} | "
+            f"workers) | {fmt(after.get('pss_total_mib'))} / "
+            f"{fmt(after.get('worker_uss_median_mib'), 1)} | {fmt(r.get('start_s'), 1)} | "
+            f"{t.get('requests_ok', '-')} | "
             f"{r['loadavg_before'][0]:.1f} |")
     timed = [r for r in runs if "respawn" in r or "reload" in r]
     if timed:
@@ -426,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-timing", action="store_true", help="memory only")
     ap.add_argument("--no-chart", action="store_true", help="write the JSON and .md only")
     ap.add_argument("--out", default=str(RESULTS), help="results directory")
+    ap.add_argument("--logs", default=str(LOGS), help="the servers' logs go here")
     ap.add_argument("--report", type=Path, metavar="JSON",
                     help="only rewrite the .md (and .png) next to a result file from its JSON")
     args = ap.parse_args(argv)
@@ -443,20 +490,22 @@ def main(argv: list[str] | None = None) -> int:
     starlette_version = ensure_tools(names, args.hc)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    LOGS.mkdir(parents=True, exist_ok=True)
+    logs = Path(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
     scale.raise_nofile()
     started = dt.datetime.now(dt.UTC)
     load_at_start = os.getloadavg()[0]
     print(f"bench: memory of {APP} ({args.app_mb} MB) at {sizes} workers: {', '.join(names)}; "
           f"{os.cpu_count()} cores, {scale.mem_available_mib()} MiB available, "
           f"load {load_at_start:.2f}", flush=True)
-    runs = []
+    runs: list[dict[str, Any]] = []
     for n in sizes:
         print(f"[{n} workers]", flush=True)
         for name in names:
+            if runs:  # the previous server's exits and freed memory settle first
+                time.sleep(scale.SETTLE_BETWEEN)
             timing = None if args.no_timing or n != args.timing_workers else args.reps
-            runs.append(measure(name, n, args.hc, args.app_mb, timing))
-            time.sleep(scale.SETTLE_BETWEEN)
+            runs.append(measure(name, n, args.hc, args.app_mb, timing, logs))
     command = " ".join([".venv/bin/python", "bench/memory.py",
                         *(argv if argv is not None else sys.argv[1:])])
     doc = {"date": started.isoformat(timespec="seconds"), "command": command,

@@ -4,9 +4,10 @@
 
 Runs in bench/.venv (matplotlib lives there; `bench/memory.py` installs it and calls this).
 One line per contender. The left panel is what the whole pool costs the machine (the sum
-of PSS over the process tree), with issue 17's target drawn at 8 workers (half of
-uvicorn's total); the right one is what each worker holds privately (USS, median), the
-memory a worker's replacement gives back.
+of PSS over the process tree) after every worker served requests, with issue 17's target
+drawn at 8 workers (half of uvicorn's total); the middle one the same after a full
+`gc.collect()` in every worker; the right one what each worker holds privately (USS,
+median), the memory a worker's replacement gives back.
 """
 
 from __future__ import annotations
@@ -30,30 +31,33 @@ STYLES = {
     "gunicorn-uvicorn": {"color": "#1e8449", "marker": "^", "linestyle": "--"},
     "gunicorn-uvicorn-preload": {"color": "#1e8449", "marker": "^", "linestyle": "-"},
 }
-PANELS = [("pss_total_mib", "total PSS of the process tree, MiB"),
-          ("worker_uss_median_mib", "USS per worker (median), MiB")]
+PANELS = [("memory", "pss_total_mib", "total PSS of the process tree, MiB"),
+          ("memory_after_gc", "pss_total_mib",
+           "total PSS after gc.collect() in every worker, MiB"),
+          ("memory", "worker_uss_median_mib", "USS per worker (median), MiB")]
 
 
-def series(doc: dict[str, Any], name: str, key: str) -> tuple[list[int], list[float]]:
+def series(doc: dict[str, Any], name: str, reading: str,
+           key: str) -> tuple[list[int], list[float]]:
     runs = sorted((r for r in doc["runs"] if r["contender"] == name), key=lambda r: r["workers"])
-    ys = [math.nan if (r.get("memory") or {}).get(key) is None else float(r["memory"][key])
+    ys = [math.nan if (r.get(reading) or {}).get(key) is None else float(r[reading][key])
           for r in runs]
     return [r["workers"] for r in runs], ys
 
 
 def draw(doc: dict[str, Any], out: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     labels = {r["contender"]: r["label"].replace(f" {r['workers']}", " N") for r in doc["runs"]}
-    for ax, (key, title) in zip(axes, PANELS, strict=True):
+    for ax, (reading, key, title) in zip(axes, PANELS, strict=True):
         for name in ORDER:
             if name not in labels:
                 continue
-            xs, ys = series(doc, name, key)
+            xs, ys = series(doc, name, reading, key)
             ax.plot(xs, ys, label=labels[name], **STYLES[name])
             if key == "pss_total_mib" and xs:
                 ax.annotate(f"{ys[-1]:.0f}", (xs[-1], ys[-1]), xytext=(4, 0),
                             textcoords="offset points", fontsize=8, color=STYLES[name]["color"])
-        if key == "pss_total_mib":
+        if key == "pss_total_mib" and reading == "memory":
             base = [r for r in doc["runs"] if r["contender"] == "uvicorn" and r["workers"] == 8
                     and r.get("memory")]
             if base:

@@ -22,7 +22,7 @@ from conftest import BIN, ROOT, clean_env, need
 def run_bench(out: Path) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, str(ROOT / "bench" / "memory.py"), "--workers", "2",
             "--only", "hc,hc-preload", "--no-timing", "--no-chart", "--out", str(out),
-            "--hc", str(BIN)]
+            "--logs", str(out / "logs"), "--hc", str(BIN)]
     proc = subprocess.Popen(argv, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -61,5 +61,10 @@ def test_preload_shares_the_heavy_app_and_every_process_is_measured(tmp_path: Pa
     assert preload["memory"]["worker_uss_max_mib"] < plain["memory"]["worker_uss_median_mib"] / 3
     assert preload["memory"]["pss_total_mib"] < plain["memory"]["pss_total_mib"] - 50, (
         preload["memory"]["pss_total_mib"], plain["memory"]["pss_total_mib"])
+    # gc.freeze() in the template keeps a full collection in the workers off the shared pages.
+    assert preload["gc"]["all"] and plain["gc"]["all"]
+    assert preload["memory_after_gc"]["pss_total_mib"] < (
+        plain["memory_after_gc"]["pss_total_mib"] - 50), (preload["memory_after_gc"],
+                                                          plain["memory_after_gc"])
     md = result.with_suffix(".md").read_text()
     assert "| hello-cluster --preload | " in md and "n/a (not measured)" in md
