@@ -287,10 +287,13 @@ def measure(name: str, n: int, hc: str, app_mb: int, timing: int | None,
     s = Server(c, n, port, mport, app_mb, logs)
     bound = 1 + n / 4  # generous: n imports of a big app on a shared 2-core machine
     try:
-        when, pids = h.wait_for_pids(port, n, s.t0 + 60 * bound)
+        when, pids = h.wait_for_pids(port, n, s.t0 + 60 * bound, alive=s.proc.alive)
         if when is None:
-            raise scale.Timeout(f"start: {len(pids)}/{n} workers answered in {60 * bound:.0f}s"
-                                f" (exit code {s.proc.popen.poll()})")
+            code = s.proc.popen.poll()
+            raise scale.Timeout(f"start: {len(pids)}/{n} workers answered in "
+                                f"{time.monotonic() - s.t0:.0f}s" + (
+                                    "" if code is None else f"; the server exited with {code}"
+                                    f", see {s.log_path}"))
         rec["start_s"] = when - s.t0
         rec["traffic"] = serve_traffic(port, n, time.monotonic() + 30 * bound)
         time.sleep(SETTLE)
