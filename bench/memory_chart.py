@@ -7,7 +7,7 @@ One line per contender. The left panel is what the whole pool costs the machine 
 of PSS over the process tree) after every worker served requests, with issue 17's target
 drawn at 8 workers (half of uvicorn's total); the middle one the same after a full
 `gc.collect()` in every worker; the right one what each worker holds privately (USS,
-median), the memory a worker's replacement gives back.
+median; faint: after the collection), the memory a worker's replacement gives back.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ STYLES = {
 PANELS = [("memory", "pss_total_mib", "total PSS of the process tree, MiB"),
           ("memory_after_gc", "pss_total_mib",
            "total PSS after gc.collect() in every worker, MiB"),
-          ("memory", "worker_uss_median_mib", "USS per worker (median), MiB")]
+          ("memory", "worker_uss_median_mib",
+           "USS per worker (median), MiB; faint dotted: after gc.collect()")]
 
 
 def series(doc: dict[str, Any], name: str, reading: str,
@@ -54,6 +55,10 @@ def draw(doc: dict[str, Any], out: Path) -> None:
                 continue
             xs, ys = series(doc, name, reading, key)
             ax.plot(xs, ys, label=labels[name], **STYLES[name])
+            if key == "worker_uss_median_mib":  # after the full collection, faint
+                _, after = series(doc, name, "memory_after_gc", key)
+                ax.plot(xs, after, color=STYLES[name]["color"], marker=STYLES[name]["marker"],
+                        linestyle=":", alpha=0.45)
             if key == "pss_total_mib" and xs:
                 ax.annotate(f"{ys[-1]:.0f}", (xs[-1], ys[-1]), xytext=(4, 0),
                             textcoords="offset points", fontsize=8, color=STYLES[name]["color"])
