@@ -6,19 +6,21 @@
     .venv/bin/python bench/memory.py --report result.json   # rewrite its .md (and .png)
 
 Every contender serves the same file, bench/heavy_app.py (a Starlette app over ~100 MB of
-Python objects built at import by bench/heavy_data.py). For each pool size and contender
-one server is started, every worker answers requests (so each touched the framework's and
-the app's code paths), and then the memory of the whole process tree is read from the
-kernel: the sum of `Pss:` in /proc/PID/smaps_rollup over the supervisor and every
-descendant (master, template, workers, helpers), plus each worker's USS
-(Private_Clean + Private_Dirty) and RSS for context. PSS divides each shared page among the
-processes that map it, so its sum is what the pool really costs the machine; RSS counts a
-shared page once per process. Then, for hello-cluster plain and `--preload` at
+Python objects built at import by bench/heavy_data.py). For each pool size and contender one
+server is started, every worker answers requests (so each touched the framework's and the
+app's code paths), and then the memory of the whole process tree is read from the kernel:
+the sum of `Pss:` in /proc/PID/smaps_rollup over the supervisor and every descendant
+(master, template, workers, helpers), plus each worker's USS (Private_Clean + Private_Dirty)
+and RSS for context. PSS divides each shared page among the processes that map it, so its
+sum is what the pool really costs the machine; RSS counts a shared page once per process.
+The same is read again after `GET /gc` (a full `gc.collect()`) in every worker: without
+`gc.freeze()` before the fork, the collector's writes to every object's header un-share a
+preloading parent's pages. Then, for hello-cluster plain and `--preload` at
 `--timing-workers`, SIGKILLed workers' respawn times and SIGHUP reload times (medians of
-`--reps`). Writes <out>/<date>.json (every process's figures), .md (the tables, the
-command, the machine's load) and .png (bench/memory_chart.py in bench/.venv). The target
-(hello-cluster --preload at 8 workers <= 0.5x uvicorn's total PSS) is printed as
-PASS/FAIL, never asserted. See bench/README.md, "Memory".
+`--reps`). Writes <out>/<date>.json (every process's figures), .md (the tables, the command,
+the machine's load) and .png (bench/memory_chart.py in bench/.venv). The target
+(hello-cluster --preload at 8 workers <= 0.5x uvicorn's total PSS) is printed as PASS/FAIL,
+never asserted. See bench/README.md, "Memory".
 """
 
 from __future__ import annotations
