@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,8 +140,9 @@ class NotifySocket:
 
 # ---- probing -----------------------------------------------------------------------------
 
-def probe(port: int, k: int = 4, timeout: float = 1.0) -> list[int]:
-    """Open k fresh connections at once, GET / on each; the worker pids that answered."""
+def probe(port: int, k: int = 4, timeout: float = 1.0, request: bytes = REQUEST) -> list[int]:
+    """Open k fresh connections at once, GET / (or `request`) on each; the worker pids that
+    answered."""
     socks: list[socket.socket] = []
     pids: list[int] = []
     try:
@@ -150,7 +151,7 @@ def probe(port: int, k: int = 4, timeout: float = 1.0) -> list[int]:
             s.settimeout(timeout)
             try:
                 s.connect(("127.0.0.1", port))
-                s.sendall(REQUEST)
+                s.sendall(request)
             except OSError:
                 s.close()
                 continue
@@ -174,19 +175,22 @@ def probe(port: int, k: int = 4, timeout: float = 1.0) -> list[int]:
 
 def wait_for_pids(port: int, count: int, deadline: float, seen: set[int] | None = None,
                   new_only: bool = False, parallel: int = 8, interval: float = 0.002,
-                  conn_timeout: float = 2.0) -> tuple[float | None, set[int]]:
+                  conn_timeout: float = 2.0,
+                  alive: Callable[[], bool] | None = None) -> tuple[float | None, set[int]]:
     """Race fresh connections until `count` distinct pids (or one pid not in `seen`) answered.
 
     Returns (when, pids): `when` is the monotonic time the deciding response arrived (None
     on timeout). Connections are opened every `interval` s, up to `parallel` in flight, each
     `GET /` with `Connection: close`; a connection that hangs (Node's primary can hand one
-    to a worker that just died) only occupies a slot, it never delays detection.
+    to a worker that just died) only occupies a slot, it never delays detection. `alive`,
+    if given, is asked every 0.2 s: when it says the server has exited, the wait ends there.
     """
     seen = set() if seen is None else seen
     pids: set[int] = set()
     sel = selectors.DefaultSelector()
     inflight: dict[socket.socket, list[Any]] = {}  # sock -> [opened_at, buffer, sent]
     next_open = 0.0
+    next_alive = 0.0
 
     def drop(s: socket.socket) -> None:
         with contextlib.suppress(KeyError, ValueError):
@@ -196,6 +200,10 @@ def wait_for_pids(port: int, count: int, deadline: float, seen: set[int] | None 
 
     try:
         while (now := time.monotonic()) < deadline:
+            if alive is not None and now >= next_alive:
+                next_alive = now + 0.2
+                if not alive():
+                    break
             if len(inflight) < parallel and now >= next_open:
                 next_open = now + interval
                 s = socket.socket()

@@ -199,13 +199,21 @@ def ensure_chart_tools(quiet: bool = False) -> Path:
     The chart is drawn by bench/.venv's python, so the project's own venv (and what the
     service depends on) never gains a plotting library. Returns that python.
     """
+    return ensure_module("matplotlib", CHART_PACKAGES, quiet)
+
+
+def ensure_module(module: str, packages: list[str], quiet: bool = False) -> Path:
+    """`packages` into bench/.venv (created if missing) unless `module` imports there already.
+
+    Returns bench/.venv's python.
+    """
     python = BENCH_BIN / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
-    probe = subprocess.run([str(python), "-c", "import matplotlib"], capture_output=True)
+    probe = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True)
     if probe.returncode != 0:
-        print("bench: installing into bench/.venv:", " ".join(CHART_PACKAGES), flush=True)
+        print("bench: installing into bench/.venv:", " ".join(packages), flush=True)
         subprocess.run([str(BENCH_BIN / "pip"), "install", "-q", "--disable-pip-version-check",
-                        *CHART_PACKAGES], check=True,
+                        *packages], check=True,
                        stdout=subprocess.DEVNULL if quiet else None)
     return python
