@@ -116,3 +116,12 @@ def test_a_dead_template_is_replaced_and_nothing_outlives_the_master(cluster) ->
     everyone = children(c.pid)
     os.kill(c.pid, signal.SIGKILL)  # a crashed master takes template and workers along
     wait_for(lambda: not any(alive(p) for p in everyone), 10, what="no orphan left")
+
+
+def test_a_template_stuck_importing_is_stopped_by_the_startup_timeout() -> None:
+    proc = run_cli("--preload", "--workers", "2", "--app", "hc_slowimport:app",
+                   "--startup-timeout", "1s", "--metrics-bind", "off", "--bind", "127.0.0.1:0",
+                   env={"HC_SLOW_IMPORT_SECONDS": "30"})
+    assert proc.returncode == 4, proc.stderr
+    assert "did not import the app within 1s (--startup-timeout)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 3 and "Traceback" not in proc.stderr

@@ -163,3 +163,19 @@ def test_oom_kill_is_classified(cluster) -> None:  # type: ignore[no-untyped-def
         assert re.search(r"pid \d+ oom, killed by SIGKILL", c.log)
         wait_for(lambda: c.metric("hello_cluster_workers_ready") == 1, 5, what="respawn")
         c.kill_all()
+
+
+def test_a_slow_import_is_not_a_hang(cluster) -> None:  # type: ignore[no-untyped-def]
+    """Before READY a worker has no event loop to beat from: --worker-timeout (1 s here)
+    does not apply to a 2 s import; --startup-timeout does."""
+    c = cluster("--workers", "2", "--app", "hc_slowimport:app", "--worker-timeout", "1s",
+                workers=2)
+    assert "killing it" not in c.log
+    assert c.metric('hello_cluster_worker_restarts_total{reason="timeout"}') == 0
+
+
+def test_a_start_past_the_startup_timeout_is_killed_and_said(cluster) -> None:  # type: ignore[no-untyped-def]
+    c = cluster("--workers", "1", "--app", "hc_slowimport:app", "--startup-timeout", "1s",
+                "--crash-loop-limit", "2", env={"HC_SLOW_IMPORT_SECONDS": "30"}, ready=False)
+    assert c.wait_exit(30) == 5
+    assert "not ready after 1." in c.log and "(--startup-timeout)" in c.log

@@ -314,6 +314,7 @@ class Config:
     ssl_cert_reqs: str = "none"
     ssl_ciphers: str | None = None
     access_log: bool = False
+    startup_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -438,6 +439,9 @@ OPTIONS: tuple[Option, ...] = (
            "OpenSSL cipher string for TLS 1.2 and below (default: Python's)", "CIPHERS"),
     Option("access-log", parse_bool, "false",
            "one log line per request, written by the worker that served it", "BOOL"),
+    Option("startup-timeout", parse_duration, "60s",
+           "a worker not ready this long after its fork (app import, lifespan startup) is "
+           "killed and counts as a boot failure", "DURATION"),
 )
 
 
@@ -540,6 +544,8 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         raise ConfigError("--backoff-initial is larger than --backoff-max")
     if values["worker_timeout"] < 1.0:
         raise ConfigError("--worker-timeout: use at least 1s")
+    if values["startup_timeout"] < 1.0:
+        raise ConfigError("--startup-timeout: use at least 1s")
     if values["max_requests_jitter"] and not values["max_requests"]:
         raise ConfigError("--max-requests-jitter needs --max-requests")
     values["app_dir"] = resolve_app_dir(values["app_dir"])

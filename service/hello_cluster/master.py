@@ -363,7 +363,13 @@ class Master:
     def manage_template(self, now: float) -> None:
         """Keep a template for the current generation (a reload makes a new generation)."""
         assert self.templates is not None
-        if self.templates.current(self.generation) is None and now >= self.template_due:
+        t = self.templates.current(self.generation)
+        if t is not None and not t.ready and t.error is None \
+                and now - t.started_at > self.cfg.startup_timeout:
+            t.error = (f"the --preload template pid {t.pid} did not import the app within "
+                       f"{self.cfg.startup_timeout:g}s (--startup-timeout)")
+            _kill(t.pid, signal.SIGKILL)  # template_died says why, once
+        if t is None and now >= self.template_due:
             self.templates.start(self.generation, [
                 *self.fds_not_for_children(), *self.listeners.not_for_slot(-1),
                 *(sock.fileno() for sock in self.listeners.app)])
@@ -600,7 +606,13 @@ class Master:
         return "exit"
 
     def murder_workers(self) -> None:
-        """Kill the hung (silent past --worker-timeout) and the drainers past their deadline."""
+        """Kill the hung (silent past --worker-timeout), the ones not ready within
+        --startup-timeout, and the drainers past their deadline.
+
+        A worker beats from its event loop, which turns only once it serves: importing the
+        app and its lifespan startup come before, so until READY a worker is judged by how
+        long it has been starting, not by its silence.
+        """
         now = time.monotonic()
         for w in self.workers.values():
             if w.kill_at is not None:
@@ -610,13 +622,21 @@ class Master:
                     _kill(w.pid, signal.SIGKILL)
                     w.kill_at = now + 3600  # once; reap_workers takes it from here
                 continue
+            if w.ready_at is None:
+                if now - w.spawned_at > self.cfg.startup_timeout:
+                    self.kill_hung(w, now, f"not ready after {now - w.spawned_at:.1f}s "
+                                   "(--startup-timeout): its app import or lifespan startup "
+                                   "is too slow or stuck")
+                continue
             silent = self.scanned_at - w.last_beat  # as of the last read of the beats
             if silent > self.cfg.worker_timeout:
-                w.hung = True
-                w.kill_at = now + KILL_GRACE
-                log.error("worker %d pid %d silent for %.1fs (--worker-timeout); killing it",
-                          w.slot + 1, w.pid, silent)
-                _kill(w.pid, signal.SIGTERM)
+                self.kill_hung(w, now, f"silent for {silent:.1f}s (--worker-timeout)")
+
+    def kill_hung(self, w: Worker, now: float, why: str) -> None:
+        w.hung = True
+        w.kill_at = now + KILL_GRACE
+        log.error("worker %d pid %d %s; killing it", w.slot + 1, w.pid, why)
+        _kill(w.pid, signal.SIGTERM)
 
     def manage_workers(self) -> None:
         self.steer()

@@ -36,6 +36,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -70,6 +71,7 @@ class Template:
     generation: int
     fd: int  # its channel: READY or an ERROR line
     sock: socket.socket  # requests out, worker pids back
+    started_at: float = 0.0
     ready: bool = False
     error: str | None = None
     buffer: bytes = b""
@@ -142,7 +144,7 @@ class Templates:
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         ours.settimeout(SPAWN_TIMEOUT)
-        template = Template(pid, generation, read_fd, ours)
+        template = Template(pid, generation, read_fd, ours, started_at=time.monotonic())
         self.live.append(template)
         self.selector.register(read_fd, selectors.EVENT_READ, lambda: self._read(template))
         # At start the app's own lines follow; a failure is said once, by the exit line.
