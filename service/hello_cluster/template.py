@@ -46,7 +46,6 @@ import setproctitle
 from hello_cluster import channel as ch
 from hello_cluster import loader, logs, tls, worker
 from hello_cluster.config import Config
-from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, EXIT_USAGE, AppLoadError, ResourceError
 
 log = logging.getLogger("hello_cluster.master")
 
@@ -228,15 +227,8 @@ def _run_template(cfg: Config, master_pid: int, generation: int, sock: socket.so
             log.info("--app %s: %s (template for generation %d)", cfg.app, loaded.why,
                      generation)
             gc.freeze()  # and no refcount-list writes to them from the workers' collectors
-        except tls.TlsError as err:
-            channel.error(str(err))
-            os._exit(EXIT_USAGE)
-        except AppLoadError as err:
-            channel.error(str(err))
-            os._exit(EXIT_APP)
-        except ResourceError as err:
-            channel.error(str(err))
-            os._exit(EXIT_RESOURCE)
+        except worker.START_ERRORS as err:
+            os._exit(worker.report_start_error(channel, err))
         channel.send(ch.READY)
         _serve_requests(cfg, master_pid, sock, channel_fd, app, beats, ssl_context)
     except BaseException:

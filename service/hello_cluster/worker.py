@@ -340,6 +340,18 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
     return server.exit_code if server.started else EXIT_APP_STARTUP
 
 
+# Start-up failures the operator can fix: said to the master in one line, not a traceback.
+START_ERRORS = (tls.TlsError, AppLoadError, ResourceError)
+
+
+def report_start_error(channel: ch.WorkerChannel, err: Exception) -> int:
+    """Tell the master why we cannot start; the exit status that goes with it."""
+    channel.error(str(err))
+    if isinstance(err, tls.TlsError):
+        return EXIT_USAGE
+    return EXIT_APP if isinstance(err, AppLoadError) else EXIT_RESOURCE
+
+
 def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
     """Entry point in the forked child; never returns into the master's code.
 
@@ -369,15 +381,8 @@ def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
                 tls.server_context(cfg) if tls.enabled(cfg) else None)
             drop_privileges(cfg.user, cfg.group)
             code = serve(cfg, spec, channel, ssl_context)
-        except tls.TlsError as err:
-            channel.error(str(err))
-            code = EXIT_USAGE
-        except AppLoadError as err:
-            channel.error(str(err))
-            code = EXIT_APP
-        except ResourceError as err:
-            channel.error(str(err))
-            code = EXIT_RESOURCE
+        except START_ERRORS as err:
+            code = report_start_error(channel, err)
         except SystemExit as err:
             code = err.code if isinstance(err.code, int) else 1
             if code == UVICORN_STARTUP_FAILURE:
