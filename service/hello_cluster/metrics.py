@@ -204,14 +204,17 @@ class RequestMetrics:
             await self.app(scope, receive, send_status)
         finally:
             self.in_flight -= 1
-            elapsed = time.perf_counter() - start
-            key = (scope["method"], status)
-            self._counts[key] = self._counts.get(key, 0) + 1
-            if self._bulk:
-                self._buckets[bisect_left(self._bounds, elapsed)] += 1
-                self._sum += elapsed
-            else:
-                self._pending.append(elapsed)
+            self.observe(scope["method"], status, time.perf_counter() - start)
+
+    def observe(self, method: str, status: int, elapsed: float) -> None:
+        """Count one request; `--http fast` calls it from the protocol (no middleware)."""
+        key = (method, status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        if self._bulk:
+            self._buckets[bisect_left(self._bounds, elapsed)] += 1
+            self._sum += elapsed
+        else:
+            self._pending.append(elapsed)
 
     def flush(self) -> None:
         """Move what was counted since the last flush into the multiprocess metric files."""

@@ -31,6 +31,7 @@ from hello_cluster import logs
 from hello_cluster.beats import Beater
 from hello_cluster.config import Config
 from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, AppLoadError, ResourceError
+from hello_cluster.fastproto import FastProtocol
 from hello_cluster.protocol import WorkerProtocol, expire_slow_heads
 
 log = logging.getLogger("hello_cluster.worker")
@@ -216,13 +217,19 @@ class DemoExit:
 
 
 def build_app(cfg: Config) -> tuple[Any, Any]:
-    """The app as served (with metrics and demo wrappers) and its RequestMetrics, if any."""
+    """The app as served (with metrics and demo wrappers) and its RequestMetrics, if any.
+
+    With `--http fast` the protocol counts requests itself (fastproto.py), so the metrics
+    object is made but does not wrap the app.
+    """
     app = load_app(cfg.app)
     metrics = None
     if cfg.request_metrics and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from hello_cluster.metrics import RequestMetrics
 
-        app = metrics = RequestMetrics(app)
+        metrics = RequestMetrics(app)
+        if cfg.http != "fast":
+            app = metrics
     if cfg.demo_exit_after is not None:
         app = DemoExit(app, cfg.demo_exit_after)
     return app, metrics
@@ -237,7 +244,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
     uv_config = uvicorn.Config(
         app,
         loop="uvloop",
-        http=WorkerProtocol,
+        http=FastProtocol.with_metrics(metrics) if cfg.http == "fast" else WorkerProtocol,
         lifespan="auto",
         log_config=None,
         access_log=False,
