@@ -20,7 +20,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-import pytest
 import uvicorn
 
 from conftest import ROOT, need

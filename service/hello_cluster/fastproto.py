@@ -532,7 +532,7 @@ class Cycle:
         if scope["query_string"]:
             path += "?" + scope["query_string"].decode("ascii")
         self.proto.access_logger.info('%s - "%s %s HTTP/%s" %d',
-                                      "%s:%d" % client if client else "", scope["method"],
+                                      f"{client[0]}:{client[1]}" if client else "", scope["method"],
                                       path, scope["http_version"], status)
 
     def flush_head(self) -> None:
