@@ -342,7 +342,8 @@ OPTIONS: tuple[Option, ...] = (
            "proxies trusted to set X-Forwarded-For/-Proto (the app then sees the client's "
            "address and scheme): none, *, or IPs/CIDRs, comma-separated", "IPS|*|none"),
     Option("limit-concurrency", parse_int(1, 1_000_000), "1000",
-           "max concurrent connections per worker; beyond it new requests get 503", "N"),
+           "connections per worker (at most the open-file limit minus 64); at the limit idle "
+           "ones are closed, oldest first, and a request gets 503 only when all are busy", "N"),
     Option("runtime-dir", parse_path, None,
            "where runtime files go (default: $RUNTIME_DIRECTORY, else a private temp dir)",
            "DIR"),

@@ -23,8 +23,10 @@ is done:
 
 It also keeps what WorkerProtocol (protocol.py) adds to uvicorn's: the lossless drain (an
 idle connection gets IDLE_GRACE to bring one last request, answered with `connection:
-close`) and the request-head limits (MAX_HEAD_BYTES counted on the head's own bytes, 431;
-HEAD_TIMEOUT from the head's first byte, 408).
+close`), the request-head limits (MAX_HEAD_BYTES counted on the head's own bytes, 431, also
+behind pipelined requests in flight; HEAD_TIMEOUT from the head's first byte, 408), room at
+--limit-concurrency (protocol.make_room closes idle connections, oldest first, before any
+503) and a bounded pipeline (reading stays paused while pipelined requests wait).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 from uvicorn.server import ServerState
+
+from hello_cluster.protocol import make_room
 
 IDLE_GRACE = 0.5  # seconds an idle connection may still bring one last request when draining
 MAX_HEAD_BYTES = 64 * 1024  # request line plus headers (names, values, ": " and CRLF)
@@ -168,7 +172,11 @@ class FastProtocol(asyncio.Protocol):
         # Per request, filled by the parser callbacks.
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.head_bytes = 0
+        self.head_bytes = 0  # the open head's url and header lines, as parsed
+        self.head_open = False  # between on_message_begin and on_headers_complete
+        self.head_new = False  # the open head began in the read being parsed
+        self.head_raw = 0  # bytes of later reads that all belong to the open head
+        self.refused = False  # a head was refused: the parser is dead, answer no more
         self.expect_100 = False
         self.scope: dict[str, Any] = {}
 
@@ -182,6 +190,20 @@ class FastProtocol(asyncio.Protocol):
         self.scheme = "https" if is_ssl(self.transport) else "http"
         self.since = time.monotonic()  # a silent new connection counts from here
         self._arm(HEAD_TIMEOUT, HEAD_TIMEOUT)
+        limit = self.limit_concurrency
+        if limit is not None and len(self.connections) >= limit:
+            make_room(self.connections, self, limit, self.since)
+
+    @property
+    def idle(self) -> bool:
+        """No request in flight or queued: protocol.make_room may close it at the limit."""
+        cycle = self.cycle
+        return (cycle is None or cycle.response_complete) and not self.pipeline \
+            and not self.transport.is_closing()
+
+    @property
+    def head_since(self) -> float:
+        return self.since  # make_room closes the longest-idle first
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
@@ -209,6 +231,13 @@ class FastProtocol(asyncio.Protocol):
                 self.since = time.monotonic()
         try:
             self.parser.feed_data(data)
+            if self.head_open:  # a head still incomplete after this read
+                if self.head_new:  # this read may also hold a body or earlier requests
+                    self.head_new = False
+                else:  # httptools holds a header being read: bound it here
+                    self.head_raw += len(data)
+                    if self.head_raw > MAX_HEAD_BYTES:
+                        self._refuse_head()
         except httptools.HttpParserUpgrade:
             if self._upgrade() == b"websocket" and self.ws_protocol_class is not None:
                 self.handle_websocket_upgrade()
@@ -219,8 +248,8 @@ class FastProtocol(asyncio.Protocol):
                         "No supported WebSocket library detected. Please use \"pip install "
                         "'uvicorn[standard]'\", or install 'websockets' or 'wsproto' manually.")
         except httptools.HttpParserError:
-            if self.head_bytes > MAX_HEAD_BYTES:
-                self._refuse(_431)
+            if self.refused or self.head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head()
                 return
             msg = "Invalid HTTP request received."
             self.logger.warning(msg)
@@ -240,7 +269,8 @@ class FastProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
-        self.head_bytes = 0
+        self.head_bytes = self.head_raw = 0
+        self.head_open = self.head_new = True
         self.expect_100 = False
 
     def on_url(self, url: bytes) -> None:
@@ -259,6 +289,7 @@ class FastProtocol(asyncio.Protocol):
             raise ValueError("request head too large")
 
     def on_headers_complete(self) -> None:
+        self.head_open = False
         parser = self.parser
         http_version = parser.get_http_version()
         method = parser.get_method().decode("ascii")
@@ -291,6 +322,8 @@ class FastProtocol(asyncio.Protocol):
             return  # handed over when feed_data raises HttpParserUpgrade
         app = self.app
         limit = self.limit_concurrency
+        if limit is not None and len(self.connections) >= limit:
+            make_room(self.connections, self, limit, time.monotonic())
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             app = service_unavailable
             self.logger.warning("Exceeded concurrency limit.")
@@ -337,13 +370,14 @@ class FastProtocol(asyncio.Protocol):
             return
         self.since = time.monotonic()
         self.served = True
-        if self.read_paused:
-            self.read_paused = False
-            self.transport.resume_reading()
-        if self.pipeline:
+        if self.pipeline:  # reading stays paused: the queue is bounded by what was read
             next_cycle, app = self.pipeline.pop()
             self._start(next_cycle, app)
-        elif self.draining:
+            return
+        if self.read_paused and not self.refused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        if self.draining:
             self._disarm()
             self.timeout_keep_alive_task = self.loop.call_later(IDLE_GRACE, self._close_if_idle)
         elif self.timeout_keep_alive_task is None:
@@ -384,6 +418,18 @@ class FastProtocol(asyncio.Protocol):
             STATUS_LINE[400], _default_lines(self.server_state.default_headers),
             b"content-type: text/plain; charset=utf-8\r\n",
             b"content-length: %d\r\n" % len(body), _CLOSE_LINE, b"\r\n", body)))
+
+    def _refuse_head(self) -> None:
+        """431 and close; behind requests still being answered (an oversized head in a
+        pipeline), they are answered first, the last with `connection: close`, and
+        nothing more is read (as protocol.WorkerProtocol does)."""
+        self.refused = True
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            self._refuse(_431)
+        elif not self.transport.is_closing():
+            cycle.keep_alive = False
+            self._pause_reading()
 
     def _refuse(self, response: bytes) -> None:
         if not self.transport.is_closing():
@@ -628,7 +674,7 @@ class Cycle:
         if not self.disconnected and not self.response_complete \
                 and (self.delivered_last or (self.more_body and not self.body)):
             proto = self.proto
-            if proto.read_paused and proto.cycle is self:
+            if proto.read_paused and proto.cycle is self and not proto.refused:
                 proto.read_paused = False
                 self.transport.resume_reading()
             waiter = self.waiter = asyncio.get_running_loop().create_future()
@@ -639,7 +685,8 @@ class Cycle:
         if not self.more_body:
             self.delivered_last = True
         proto = self.proto
-        if proto.read_paused and proto.cycle is self and not proto.pipeline:
+        if proto.read_paused and proto.cycle is self and not proto.pipeline \
+                and not proto.refused:
             proto.read_paused = False
             self.transport.resume_reading()
         return {"type": "http.request", "body": body, "more_body": self.more_body}

@@ -32,7 +32,7 @@ from hello_cluster.beats import Beater
 from hello_cluster.config import Config
 from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE, AppLoadError, ResourceError
 from hello_cluster.fastproto import FastProtocol
-from hello_cluster.protocol import WorkerProtocol, expire_slow_heads
+from hello_cluster.protocol import WorkerProtocol, connection_limit, expire_slow_heads
 
 log = logging.getLogger("hello_cluster.worker")
 
@@ -251,7 +251,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel) -> int:
         server_header=False,
         timeout_graceful_shutdown=max(1, int(cfg.graceful_timeout)),
         timeout_keep_alive=max(1, int(cfg.keep_alive_timeout)),
-        limit_concurrency=cfg.limit_concurrency,
+        limit_concurrency=connection_limit(cfg.limit_concurrency),
         # Off unless asked: trusting a proxy is a deployment decision (uvicorn trusts
         # 127.0.0.1 by default), and the middleware costs 0.65 us on every request
         # (bench/micro_metrics.py).

@@ -1,0 +1,285 @@
+"""The app port's limits (README "Limits"): what each one refuses, and what it must not.
+
+The head limit applies to the request head alone, never to a body or to the requests of a
+pipeline; a worker at --limit-concurrency makes room by closing idle connections, oldest
+first, and answers 503 only when every connection has a request in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import re
+import resource
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from conftest import need
+from hello_cluster.protocol import (
+    FD_RESERVE,
+    HEAD_TIMEOUT,
+    MAX_HEAD_BYTES,
+    connection_limit,
+    unread_bytes,
+)
+
+# every test once per worker protocol (--http uvicorn and fast)
+pytestmark = pytest.mark.usefixtures("each_http_protocol")
+ECHO = ("--app", "hc_echo:app")
+
+
+def recv_all(s: socket.socket, limit: float = 10.0) -> bytes:
+    s.settimeout(limit)
+    chunks = []
+    try:
+        while chunk := s.recv(1 << 16):
+            chunks.append(chunk)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return b"".join(chunks)
+
+
+def test_open_head_refused_as_soon_as_it_passes_the_limit(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A head that never ends, sent in pieces: 431 once it passes the limit (it may be
+    up to one read past it), long before the head timeout."""
+    c = cluster("--workers", "1", *ECHO, workers=1)
+    with socket.create_connection(("127.0.0.1", c.port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        started = time.monotonic()
+        sent = 0
+        try:
+            for _ in range(MAX_HEAD_BYTES // 4096 + 80):  # up to 64 KiB + 320 KiB
+                s.sendall(b"X-Pad: " + b"p" * 4086 + b"\r\n")
+                sent += 4096
+                time.sleep(0.002)  # separate reads
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = recv_all(s)
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:100]
+    assert time.monotonic() - started < HEAD_TIMEOUT / 2
+    assert c.get("/")[0] == 200
+
+
+def test_pipelined_heads_measured_alone(cluster) -> None:  # type: ignore[no-untyped-def]
+    """After a 1 MiB body in the same send: a 60 KB head is served, a 70 KB one gets 431.
+    (Counting bytes per read would refuse both: the body is in the reads.)"""
+    c = cluster("--workers", "1", *ECHO, workers=1)
+    body = b"b" * (1 << 20)
+    upload = b"POST /u HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    for pad, served in ((60_000, True), (70_000, False)):
+        big = b"GET /big HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"p" * pad + b"\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", c.port), timeout=10) as s:
+            s.sendall(upload + big + b"GET /end HTTP/1.1\r\nConnection: close\r\n\r\n")
+            reply = recv_all(s)
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)
+        assert b"POST /u - 1048576 " in reply, reply[:300]
+        if served:
+            assert statuses == [b"200", b"200", b"200"] and b"GET /big - 0 " in reply
+        else:
+            # Refused. The upload's answer was still being written when the oversized
+            # head was parsed: it ends with `connection: close` instead of a 431 after it.
+            assert statuses == [b"200"] and b"GET /big" not in reply
+            assert b"connection: close" in reply
+
+
+def test_oversized_head_behind_requests_in_flight(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A 70 KB head pipelined behind a slow request and a queued one, then more bytes
+    while they are answered: both are answered whole (the last with `connection:
+    close`), then the connection closes; no 431 or 400 lands inside an answer."""
+    c = cluster("--workers", "1", *ECHO, workers=1)
+    big = b"GET /big HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"p" * 70_000 + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", c.port), timeout=10) as s:
+        s.sendall(b"GET /slow?s=1 HTTP/1.1\r\nHost: t\r\n\r\n"
+                  b"GET /queued HTTP/1.1\r\nHost: t\r\n\r\n" + big)
+        time.sleep(0.3)
+        with contextlib.suppress(OSError):
+            s.sendall(b"GET /more HTTP/1.1\r\nHost: t\r\n\r\n" * 100)
+        reply = recv_all(s)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", reply) == [b"200", b"200"], reply[:400]
+    assert reply.endswith(b"GET /queued - 0 e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca49"
+                          b"5991b7852b855\n")
+    assert b"connection: close" in reply.split(b"GET /slow")[1]
+
+
+def test_connection_limit_follows_the_fd_limit() -> None:
+    assert connection_limit(1000, 1_000_000) == 1000
+    assert connection_limit(1000, 1024) == 1024 - FD_RESERVE
+    assert connection_limit(1000, 10) == 1
+    assert connection_limit(1000, resource.RLIM_INFINITY) == 1000
+
+
+def test_unread_bytes_sees_what_the_loop_has_not_read() -> None:
+    """make_room skips a connection whose next request waits in the kernel: the check
+    works on a real uvloop transport (the event order that needs it cannot be forced
+    from outside a worker)."""
+    import asyncio
+
+    import uvloop
+
+    seen: list[int] = []
+
+    class Paused(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.pause_reading()  # type: ignore[attr-defined]
+            asyncio.get_running_loop().call_later(0.2, lambda: seen.append(unread_bytes(self)))
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Paused, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            await asyncio.sleep(0.1)
+            s.sendall(b"x" * 1234)  # arrives while reading is paused
+            await asyncio.sleep(0.3)
+        server.close()
+
+    uvloop.run(main())
+    assert seen == [1234]
+
+
+@contextmanager
+def silent_connections(port: int, count: int, keep_up: bool) -> Iterator[list[int]]:
+    """`count` connections that send nothing; with keep_up, a thread reopens each one the
+    server closes (an attacker who keeps the flood up). Yields [reopened]."""
+    sel = selectors.DefaultSelector()
+    stop = threading.Event()
+    reopened = [0]
+
+    def open_one() -> None:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+
+    def keep() -> None:
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.05):
+                sel.unregister(key.fileobj)
+                key.fileobj.close()  # type: ignore[union-attr]
+                if keep_up and not stop.is_set():
+                    open_one()
+                    reopened[0] += 1
+
+    try:
+        for _ in range(count):
+            open_one()
+        thread = threading.Thread(target=keep, daemon=True)
+        thread.start()
+        yield reopened
+    finally:
+        stop.set()
+        if "thread" in locals():
+            thread.join(timeout=10)
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        sel.close()
+
+
+def real_requests(port: int, count: int) -> list[int]:
+    statuses = []
+    for _ in range(count):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/real")
+            statuses.append(conn.getresponse().status)
+        except (OSError, http.client.HTTPException) as err:
+            statuses.append(-1)
+            print(f"request failed: {err!r}")
+        finally:
+            conn.close()
+    return statuses
+
+
+def test_idle_connections_make_room_for_requests(cluster) -> None:  # type: ignore[no-untyped-def]
+    """The mechanism at a small scale: 300 silent connections against a limit of 50. A
+    request in flight is never closed to make room; 503 only when all are busy."""
+    c = cluster("--workers", "1", "--limit-concurrency", "50", *ECHO, workers=1)
+    slow = http.client.HTTPConnection("127.0.0.1", c.port, timeout=15)
+    slow.request("GET", "/slow?s=2")
+    time.sleep(0.2)  # it is in flight
+    with silent_connections(c.port, 300, keep_up=True) as reopened:
+        time.sleep(0.5)
+        assert real_requests(c.port, 30) == [200] * 30
+        assert reopened[0] > 0  # the server closed idle ones to make room
+    assert slow.getresponse().status == 200
+    slow.close()
+
+    busy = [http.client.HTTPConnection("127.0.0.1", c.port, timeout=15) for _ in range(50)]
+    try:
+        for conn in busy:
+            conn.request("GET", "/slow?s=3")
+        time.sleep(0.5)
+        assert real_requests(c.port, 1) == [503]  # every connection has a request in flight
+        assert [conn.getresponse().status for conn in busy].count(200) >= 48
+    finally:
+        for conn in busy:
+            conn.close()
+
+
+def test_idle_flood_at_default_limit(cluster) -> None:  # type: ignore[no-untyped-def]
+    """2 workers, the default --limit-concurrency: 2100 silent connections, kept up by
+    reopening those the server closes, must not fail a real request."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4096  # 2100 silent connections, the real ones, and the test's own files
+    if soft < want:
+        try:  # root (CI) may raise the hard limit too
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+        except (ValueError, OSError):
+            need(False, f"needs an open-file limit of {want} for the test process "
+                        f"(hard limit {hard}): ulimit -n {want}")
+    c = cluster("--workers", "2", *ECHO, workers=2)
+    with silent_connections(c.port, 2100, keep_up=True):
+        time.sleep(1.0)  # both workers have accepted their share
+        statuses = real_requests(c.port, 100)
+    assert statuses == [200] * 100, {s: statuses.count(s) for s in set(statuses)}
+
+
+def rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) // 1024
+
+
+def test_endless_pipeline_is_bounded(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A client streams pipelined GETs for 3 s and reads the answers. uvicorn resumes
+    reading after every answer and queues another read's worth each time (plain uvicorn:
+    31 MiB to 1.1 GiB in 8 s); here reading waits until the queue is empty, so memory
+    stays flat and the answers keep coming."""
+    c = cluster("--workers", "1", *ECHO, workers=1)
+    (worker,) = c.workers()
+    before = rss_mib(worker)
+    answered = [0]
+    with socket.create_connection(("127.0.0.1", c.port), timeout=1) as s:
+        def read() -> None:
+            tail = b""
+            try:
+                while data := s.recv(1 << 20):
+                    answered[0] += (tail + data).count(b"HTTP/1.1 200")
+                    tail = data[-11:]  # a match split across reads counts once
+            except OSError:
+                pass
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        burst = b"GET / HTTP/1.1\r\n\r\n" * 10_000
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                s.send(burst)
+            except TimeoutError:
+                pass
+        grown = rss_mib(worker) - before
+        s.shutdown(socket.SHUT_RDWR)
+        reader.join(timeout=5)
+    assert grown < 150, f"worker grew by {grown} MiB"
+    assert answered[0] > 1000
+    assert c.get("/")[0] == 200
