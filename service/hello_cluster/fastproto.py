@@ -37,6 +37,7 @@ import logging
 import re
 import time
 import urllib.parse
+from bisect import bisect_left
 from collections import deque
 from typing import Any
 
@@ -561,9 +562,17 @@ class Cycle:
                 self.transport.close()
         finally:
             if metrics is not None:
+                # RequestMetrics.observe, inlined: this runs for every request
+                elapsed = time.perf_counter() - start
                 metrics.in_flight -= 1
-                metrics.observe(self.scope["method"], self.status,
-                                time.perf_counter() - start)
+                key = (self.scope["method"], self.status)
+                counts = metrics._counts  # noqa: SLF001
+                counts[key] = counts.get(key, 0) + 1
+                if metrics._bulk:  # noqa: SLF001
+                    metrics._buckets[bisect_left(metrics._bounds, elapsed)] += 1  # noqa: SLF001
+                    metrics._sum += elapsed  # noqa: SLF001
+                else:
+                    metrics._pending.append(elapsed)  # noqa: SLF001
 
     async def send_500_response(self) -> None:
         await self.send({"type": "http.response.start", "status": 500, "headers": [
@@ -609,26 +618,28 @@ class Cycle:
             if proto.access_log:
                 self.log_access(status)
             parts = [STATUS_LINE[status], _default_lines(proto.server_state.default_headers)]
-            has_length = has_close = False
+            framing: bool | None = None  # uvicorn's rule: the first content-length, unless
+            has_close = False  # a transfer-encoding: chunked (anywhere) makes it chunked
+            lines_get = _lines.get
             for name, value in message.get("headers", ()):
-                line, what, length = _header_line(name, value)
-                if what == _LENGTH:
-                    if not has_length and not self.chunked:
-                        has_length, self.length = True, length
-                elif what == _CHUNKED:
-                    if not has_length:
-                        self.chunked = True
-                        self.length = 0
-                elif what == _CLOSE:
-                    self.keep_alive = False
-                    has_close = True
+                hit = lines_get((name, value))
+                line, what, length = hit if hit is not None else _header_line(name, value)
+                if what:
+                    if what == _LENGTH:
+                        if framing is None:
+                            framing, self.length = False, length
+                    elif what == _CHUNKED:
+                        framing, self.length = True, 0
+                    else:
+                        self.keep_alive = False
+                        has_close = True
                 parts.append(line)
             if not self.keep_alive and not has_close:
                 parts.append(_CLOSE_LINE)
-            if not has_length and not self.chunked and self.scope["method"] != "HEAD" \
-                    and status not in (204, 304):
-                self.chunked = True
+            if framing is None and self.scope["method"] != "HEAD" and status not in (204, 304):
+                framing = True
                 parts.append(_CHUNKED_LINE)
+            self.chunked = framing is True
             parts.append(b"\r\n")
             self.head = b"".join(parts)
             self.head_flush = asyncio.get_running_loop().call_soon(self.flush_head)
