@@ -13,6 +13,9 @@ of the protocol, without the kernel. Parts, each the median of 7 runs of N reque
   (send, response head, response complete, keep-alive bookkeeping);
 - metrics: the whole request with request metrics on, minus off.
 
+Times are CPU time of this process (time.process_time), not wall time: the machine is
+shared, and time spent descheduled is not the protocol's cost.
+
 Each write is a send() syscall in a real worker; `write_us` is one 150-byte send() on a
 loopback TCP connection, measured here too. Run with hello-cluster's venv:
 `.venv/bin/python bench/micro_protocol.py` (prints one JSON object).
@@ -85,10 +88,10 @@ def parse_us() -> float:
 
     def run() -> float:
         parser = httptools.HttpRequestParser(Nothing())
-        t = time.perf_counter()
+        t = time.process_time()
         for _ in range(N):
             parser.feed_data(REQUEST)
-        return (time.perf_counter() - t) / N * 1e6
+        return (time.process_time() - t) / N * 1e6
 
     return median_us(run)
 
@@ -124,11 +127,11 @@ async def head_us(kind: str, app: Any) -> float:
         proto._start = lambda cycle, app: None
     else:
         proto._start_asgi_task = lambda cycle, app: None
-    t = time.perf_counter()
+    t = time.process_time()
     for _ in range(N):
         proto.data_received(REQUEST)
         proto.cycle = None
-    return (time.perf_counter() - t) / N * 1e6
+    return (time.process_time() - t) / N * 1e6
 
 
 async def whole_us(kind: str, app: Any, metrics: Any) -> tuple[float, float]:
@@ -136,15 +139,15 @@ async def whole_us(kind: str, app: Any, metrics: Any) -> tuple[float, float]:
     proto = make_protocol(kind, app, metrics)
     transport = proto.transport
     sleep = asyncio.sleep
-    t = time.perf_counter()
+    t = time.process_time()
     for _ in range(N):
         proto.data_received(REQUEST)
         await sleep(0)  # the task runs in this turn of the loop, the write with it
-    elapsed = (time.perf_counter() - t) / N * 1e6
-    baseline = time.perf_counter()
+    elapsed = (time.process_time() - t) / N * 1e6
+    baseline = time.process_time()
     for _ in range(N):
         await sleep(0)
-    elapsed -= (time.perf_counter() - baseline) / N * 1e6  # the benchmark's own turn
+    elapsed -= (time.process_time() - baseline) / N * 1e6  # the benchmark's own turn
     assert not transport.closed
     return elapsed, transport.writes / N
 
@@ -154,15 +157,15 @@ async def task_us() -> float:
         return None
 
     loop = asyncio.get_running_loop()
-    t = time.perf_counter()
+    t = time.process_time()
     for _ in range(N):
         loop.create_task(nothing())
         await asyncio.sleep(0)
-    elapsed = (time.perf_counter() - t) / N * 1e6
-    baseline = time.perf_counter()
+    elapsed = (time.process_time() - t) / N * 1e6
+    baseline = time.process_time()
     for _ in range(N):
         await asyncio.sleep(0)
-    return elapsed - (time.perf_counter() - baseline) / N * 1e6
+    return elapsed - (time.process_time() - baseline) / N * 1e6
 
 
 async def app_us(app: Any) -> float:
@@ -174,10 +177,10 @@ async def app_us(app: Any) -> float:
     async def receive() -> Any:
         return {"type": "http.request"}
 
-    t = time.perf_counter()
+    t = time.process_time()
     for _ in range(N):
         await app(scope, receive, send)
-    return (time.perf_counter() - t) / N * 1e6
+    return (time.process_time() - t) / N * 1e6
 
 
 def write_us() -> float:
@@ -190,10 +193,10 @@ def write_us() -> float:
             def run() -> float:
                 spent = 0.0
                 for _ in range(N // 100):
-                    t = time.perf_counter()
+                    t = time.process_time()
                     for _ in range(100):
                         client.send(payload)
-                    spent += time.perf_counter() - t
+                    spent += time.process_time() - t
                     got = 0
                     while got < 100 * len(payload):
                         got += len(peer.recv(1 << 20))
