@@ -269,7 +269,7 @@ class Config:
     user: str | None = None
     group: str | None = None
     demo_exit_after: float | None = None
-    http: str = "uvicorn"  # the workers' protocol: uvicorn's httptools one, or fastproto.py
+    http: str = "fast"  # the workers' protocol: fastproto.py, or uvicorn's httptools one
 
 
 @dataclass(frozen=True)
@@ -353,9 +353,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("demo-exit-after", parse_duration, None,
            "demo: each worker exits with status 1 this long after serving a request",
            "DURATION"),
-    Option("http", parse_choice("uvicorn", "fast"), "uvicorn",
-           "the workers' HTTP/1.1 protocol: uvicorn's httptools protocol, or fast (ours on "
-           "httptools, see README: Performance)", "uvicorn|fast"),
+    Option("http", parse_choice("fast", "uvicorn"), "fast",
+           "the workers' HTTP/1.1 protocol: fast (ours, on httptools) or uvicorn "
+           "(uvicorn's httptools protocol)", "fast|uvicorn"),
 )
 
 
