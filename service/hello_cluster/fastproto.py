@@ -83,8 +83,11 @@ _lines: dict[tuple[bytes, bytes], tuple[bytes, int, int]] = {}
 
 def _header_line(name: bytes, value: bytes) -> tuple[bytes, int, int]:
     """(encoded line, kind, content length) for one response header, validated like uvicorn."""
-    key = (name, value)
-    hit = _lines.get(key)
+    key: tuple[bytes, bytes] | None = (name, value)
+    try:
+        hit = _lines.get(key)
+    except TypeError:  # a bytearray or memoryview (allowed by uvicorn): not cached
+        key, hit = None, None
     if hit is not None:
         return hit
     if HEADER_RE.search(name):
@@ -100,6 +103,8 @@ def _header_line(name: bytes, value: bytes) -> tuple[bytes, int, int]:
     elif name == b"connection" and b"close" in [t.lower().strip() for t in value.split(b",")]:
         kind = _CLOSE
     hit = (b"".join((name, b": ", value, b"\r\n")), kind, length)
+    if key is None:
+        return hit
     if len(_lines) >= HEADER_CACHE_MAX:
         _lines.clear()  # unique values (cookies, etags) must not grow it without bound
     _lines[key] = hit
@@ -625,7 +630,10 @@ class Cycle:
             has_close = False  # a transfer-encoding: chunked (anywhere) makes it chunked
             lines_get = _lines.get
             for name, value in message.get("headers", ()):
-                hit = lines_get((name, value))
+                try:
+                    hit = lines_get((name, value))
+                except TypeError:  # unhashable: _header_line handles it
+                    hit = None
                 line, what, length = hit if hit is not None else _header_line(name, value)
                 if what:
                     if what == _LENGTH:
