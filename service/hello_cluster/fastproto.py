@@ -83,9 +83,10 @@ _lines: dict[tuple[bytes, bytes], tuple[bytes, int, int]] = {}
 
 def _header_line(name: bytes, value: bytes) -> tuple[bytes, int, int]:
     """(encoded line, kind, content length) for one response header, validated like uvicorn."""
-    key: tuple[bytes, bytes] | None = (name, value)
+    pair = (name, value)
+    key: tuple[bytes, bytes] | None = pair
     try:
-        hit = _lines.get(key)
+        hit = _lines.get(pair)
     except TypeError:  # a bytearray or memoryview (allowed by uvicorn): not cached
         key, hit = None, None
     if hit is not None:
