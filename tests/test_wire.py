@@ -213,6 +213,22 @@ def test_slow_reader_does_not_make_the_worker_buffer(server: Cluster) -> None:
     assert status == 200 and len(body) == 96 << 20
 
 
+def test_response_head_is_not_held_while_the_app_waits(server: Cluster) -> None:
+    """--http fast holds a head for its body (one write); not while the app waits."""
+    with connect(server.port) as s:
+        started = time.monotonic()
+        s.sendall(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(0.8)
+        first = s.recv(1 << 16)  # the head, well before the body's second
+        assert first.startswith(b"HTTP/1.1 200 "), first
+        assert time.monotonic() - started < 0.8
+        s.settimeout(DEADLINE)
+        reader = Reader(s)
+        reader.buf = first
+        status, headers, body = reader.response()
+        assert body == b"late" and headers[b"transfer-encoding"] == b"chunked"
+
+
 def test_websocket_upgrade_is_handed_over(server: Cluster) -> None:
     from websockets.sync.client import connect as ws_connect
 

@@ -8,6 +8,7 @@ statuses, a large streamed response for flow control, and a websocket echo.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -83,6 +84,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         for _ in range(mib):
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+    elif path == "/late":  # the head now, the body a second later (a slow upstream)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.sleep(1.0)
+        await send({"type": "http.response.body", "body": b"late"})
     elif path == "/rss":
         with open(f"/proc/{os.getpid()}/status") as f:
             rss = next(line for line in f if line.startswith("VmRSS:")).split()[1]
