@@ -256,6 +256,16 @@ def test_request_metrics_count_what_was_served(server: Cluster) -> None:
     wait_for(lambda: server.metric(name) == 3, 5, what="three PUTs counted")
 
 
+def test_requests_in_progress_gauge(server: Cluster) -> None:
+    name = "hello_cluster_http_requests_in_progress"
+    with connect(server.port) as s:
+        s.sendall(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")  # its app runs for 1 s
+        wait_for(lambda: server.metric(name) == 1, 0.9, interval=0.02,
+                 what="the running request in the gauge")
+        assert Reader(s).response()[2] == b"late"
+    wait_for(lambda: server.metric(name) == 0, 5, what="the gauge back at 0")
+
+
 def test_http_option_refuses_unknown_values(tmp_path: Path) -> None:
     done = run_cli("--http", "h2", "--metrics-bind", "off")
     assert done.returncode == 2 and "--http" in done.stderr and "fast, uvicorn" in done.stderr

@@ -32,12 +32,12 @@ behind pipelined requests in flight; HEAD_TIMEOUT from the head's first byte, 40
 from __future__ import annotations
 
 import asyncio
+import functools
 import http
 import logging
 import re
 import time
 import urllib.parse
-from bisect import bisect_left
 from collections import deque
 from typing import Any
 
@@ -124,6 +124,12 @@ def _default_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
     return encoded
 
 
+def _requests_running(tasks: set[asyncio.Task[Any]]) -> int:
+    """Requests whose app is running now (the in-progress gauge), read at flush time."""
+    code = Cycle.run.__code__
+    return sum(1 for task in tasks if getattr(task.get_coro(), "cr_code", None) is code)
+
+
 class FastProtocol(asyncio.Protocol):
     """One connection. Same constructor as uvicorn's protocols, so uvicorn.Config(http=...)
     and uvicorn's own protocol tests instantiate it unchanged."""
@@ -159,6 +165,8 @@ class FastProtocol(asyncio.Protocol):
         self.server_state = server_state
         self.connections: set[Any] = server_state.connections
         self.tasks = server_state.tasks
+        if self.metrics is not None and self.metrics.count_in_flight is None:
+            self.metrics.count_in_flight = functools.partial(_requests_running, self.tasks)
 
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.server: tuple[str, int | None] | None = None
@@ -544,7 +552,6 @@ class Cycle:
     async def run(self, app: Any) -> None:
         metrics = self.proto.metrics
         if metrics is not None:
-            metrics.in_flight += 1
             start = time.perf_counter()
         try:
             result = await app(self.scope, self.receive, self.send)
@@ -571,17 +578,9 @@ class Cycle:
         finally:
             self.proto.tasks.discard(self.task)
             if metrics is not None:
-                # RequestMetrics.observe, inlined: this runs for every request
-                elapsed = time.perf_counter() - start
-                metrics.in_flight -= 1
-                key = (self.scope["method"], self.status)
-                counts = metrics._counts  # noqa: SLF001
-                counts[key] = counts.get(key, 0) + 1
-                if metrics._bulk:  # noqa: SLF001
-                    metrics._buckets[bisect_left(metrics._bounds, elapsed)] += 1  # noqa: SLF001
-                    metrics._sum += elapsed  # noqa: SLF001
-                else:
-                    metrics._pending.append(elapsed)  # noqa: SLF001
+                # counted at the next flush (RequestMetrics.fold_records)
+                metrics.records.append((self.scope["method"], self.status,
+                                        time.perf_counter() - start))
 
     async def send_500_response(self) -> None:
         await self.send({"type": "http.response.start", "status": 500, "headers": [
