@@ -130,70 +130,86 @@ def _requests_running(tasks: set[asyncio.Task[Any]]) -> int:
     return sum(1 for task in tasks if getattr(task.get_coro(), "cr_code", None) is code)
 
 
+_LOGGER = logging.getLogger("uvicorn.error")
+_ACCESS_LOGGER = logging.getLogger("uvicorn.access")
+_by_config: dict[int, tuple[Any, ...]] = {}
+
+
+def _settings(config: Config) -> tuple[Any, ...]:
+    """What a connection takes from uvicorn's Config, worked out once per Config."""
+    found = _by_config.get(id(config))
+    if found is None or found[0] is not config:
+        if not config.loaded:
+            config.load()
+        if len(_by_config) > 64:  # tests make many configs; a worker has one
+            _by_config.clear()
+        found = _by_config[id(config)] = (
+            config, config.loaded_app, config.ws_protocol_class, config.root_path,
+            config.root_path.encode("ascii"),
+            {"version": config.asgi_version, "spec_version": "2.3"},
+            config.limit_concurrency, config.timeout_keep_alive,
+            _ACCESS_LOGGER.hasHandlers())  # as uvicorn decides it
+    return found
+
+
 class FastProtocol(asyncio.Protocol):
     """One connection. Same constructor as uvicorn's protocols, so uvicorn.Config(http=...)
     and uvicorn's own protocol tests instantiate it unchanged."""
 
     metrics: Any = None  # a RequestMetrics, set on a subclass by `with_metrics`
+    logger = _LOGGER
+    access_logger = _ACCESS_LOGGER
 
     @classmethod
     def with_metrics(cls, metrics: Any) -> type[FastProtocol]:
         return type(cls.__name__, (cls,), {"metrics": metrics})
 
+    # Per-connection state starts from these class-level defaults: a new connection (one
+    # per request with `Connection: close`) sets only what it must.
+    transport: asyncio.Transport = None  # type: ignore[assignment]
+    server: tuple[str, int | None] | None = None
+    client: tuple[str, int] | None = None
+    scheme = "http"
+    cycle: Cycle | None = None
+    read_paused = False
+    write_paused = False
+    drained: asyncio.Future[None] | None = None
+    draining = False
+    # One timer for the keep-alive and head deadlines (see _check_deadline).
+    timeout_keep_alive_task: asyncio.TimerHandle | None = None
+    armed_for = (0.0, 0.0)  # (since, limit): the timer firing means that deadline passed
+    since = 0.0  # start of the current wait for a head (connect, last response, first byte)
+    head_started = False  # bytes of the next head have arrived
+    served = False  # a response was sent: the wait for the next head is keep-alive
+    # Per request, filled by the parser callbacks.
+    url = b""
+    headers: list[tuple[bytes, bytes]] = []  # replaced (never appended to) per message
+    head_bytes = 0  # the open head's url and header lines, as parsed
+    head_open = False  # between on_message_begin and on_headers_complete
+    head_new = False  # the open head began in the read being parsed
+    head_raw = 0  # bytes of later reads that all belong to the open head
+    refused = False  # a head was refused: the parser is dead, answer no more
+    expect_100 = False
+    scope: dict[str, Any] = {}  # replaced per request
+
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
-        if not config.loaded:
-            config.load()
-        self.config = config
-        self.app = config.loaded_app
+        (self.config, self.app, self.ws_protocol_class, self.root_path, self.root_path_bytes,
+         self.asgi, self.limit_concurrency, self.timeout_keep_alive,
+         self.access_log) = _settings(config)
         self.loop = _loop or asyncio.get_event_loop()
-        self.logger = logging.getLogger("uvicorn.error")
-        self.access_logger = logging.getLogger("uvicorn.access")
-        self.access_log = self.access_logger.hasHandlers()  # as uvicorn decides it
         self.parser = httptools.HttpRequestParser(self)
         try:  # answer the first of a pipeline even when a later request is malformed
             self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         except AttributeError:  # pragma: no cover  (httptools < 0.6.3)
             pass
-        self.ws_protocol_class = config.ws_protocol_class
-        self.root_path = config.root_path
-        self.root_path_bytes = config.root_path.encode("ascii")
-        self.asgi = {"version": config.asgi_version, "spec_version": "2.3"}
-        self.limit_concurrency = config.limit_concurrency
-        self.timeout_keep_alive = config.timeout_keep_alive
         self.app_state = app_state
         self.server_state = server_state
         self.connections: set[Any] = server_state.connections
         self.tasks = server_state.tasks
+        self.pipeline: deque[tuple[Cycle, Any]] = deque()
         if self.metrics is not None and self.metrics.count_in_flight is None:
             self.metrics.count_in_flight = functools.partial(_requests_running, self.tasks)
-
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.server: tuple[str, int | None] | None = None
-        self.client: tuple[str, int] | None = None
-        self.scheme = "http"
-        self.pipeline: deque[tuple[Cycle, Any]] = deque()
-        self.cycle: Cycle | None = None
-        self.read_paused = False
-        self.write_paused = False
-        self.drained: asyncio.Future[None] | None = None
-        self.draining = False
-        # One timer for the keep-alive and head deadlines (see _check_deadline).
-        self.timeout_keep_alive_task: asyncio.TimerHandle | None = None
-        self.armed_for = (0.0, 0.0)  # (since, limit): the timer firing means that deadline passed
-        self.since = 0.0  # start of the current wait for a head (connect, last response, byte)
-        self.head_started = False  # bytes of the next head have arrived
-        self.served = False  # a response was sent: the wait for the next head is keep-alive
-        # Per request, filled by the parser callbacks.
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_bytes = 0  # the open head's url and header lines, as parsed
-        self.head_open = False  # between on_message_begin and on_headers_complete
-        self.head_new = False  # the open head began in the read being parsed
-        self.head_raw = 0  # bytes of later reads that all belong to the open head
-        self.refused = False  # a head was refused: the parser is dead, answer no more
-        self.expect_100 = False
-        self.scope: dict[str, Any] = {}
 
     # asyncio.Protocol
 
@@ -424,7 +440,7 @@ class FastProtocol(asyncio.Protocol):
         for name, value in self.scope["headers"]:
             output += [name, b": ", value, b"\r\n"]
         output.append(b"\r\n")
-        protocol = self.ws_protocol_class(  # type: ignore[misc,call-arg]
+        protocol = self.ws_protocol_class(
             config=self.config, server_state=self.server_state, app_state=self.app_state)
         protocol.connection_made(self.transport)
         protocol.data_received(b"".join(output))
