@@ -11,7 +11,8 @@ of the protocol, without the kernel. Parts, each the median of 7 runs of N reque
 - task: creating and running an asyncio Task for a coroutine that returns at once;
 - send and the rest: the whole request through the protocol minus the parts above
   (send, response head, response complete, keep-alive bookkeeping);
-- metrics: the whole request with request metrics on, minus off.
+- metrics: the whole request with request metrics on, minus off;
+- connection: a connection made and lost (what `Connection: close` adds per request).
 
 Times are CPU time of this process (time.process_time), not wall time: the machine is
 shared, and time spent descheduled is not the protocol's cost.
@@ -152,6 +153,18 @@ async def whole_us(kind: str, app: Any, metrics: Any) -> tuple[float, float]:
     return elapsed, transport.writes / N
 
 
+async def connection_us(kind: str, app: Any) -> float:
+    """A connection made and lost, no request: what `Connection: close` adds per request."""
+    proto = make_protocol(kind, app, None)
+    cls, config, state = type(proto), proto.config, proto.server_state
+    t = time.process_time()
+    for _ in range(N):
+        conn = cls(config=config, server_state=state, app_state={})
+        conn.connection_made(CountingTransport())
+        conn.connection_lost(None)
+    return (time.process_time() - t) / N * 1e6
+
+
 async def task_us() -> float:
     async def nothing() -> None:
         return None
@@ -229,11 +242,13 @@ def main() -> None:
                                "write_us": round(write_us(), 2)}
         # Interleaved (protocol, metrics off/on) runs, so background load hits all alike.
         heads: dict[str, list[float]] = {"uvicorn": [], "fast": []}
+        conns: dict[str, list[float]] = {"uvicorn": [], "fast": []}
         totals: dict[tuple[str, bool], list[float]] = {}
         writes: dict[str, float] = {}
         for _ in range(RUNS):
             for kind in ("uvicorn", "fast"):
                 heads[kind].append(uvloop.run(head_us(kind, app)))
+                conns[kind].append(uvloop.run(connection_us(kind, app)))
                 for metered in (False, True):
                     total, writes[kind] = uvloop.run(
                         whole_us(kind, app, metrics if metered else None))
@@ -249,6 +264,7 @@ def main() -> None:
                 "metrics_us": round(with_metrics - total, 2),
                 "writes_per_request": round(writes[kind], 2),
                 "with_writes_us": round(total + writes[kind] * out["write_us"], 2),
+                "connection_us": round(statistics.median(conns[kind]), 2),
             }
         print(json.dumps(out))
     finally:

@@ -242,7 +242,8 @@ def markdown(doc: dict[str, Any], field: list[peers.Contender]) -> str:
                           ("total_us", "total, metrics off"),
                           ("metrics_us", "request metrics"),
                           ("writes_per_request", "transport writes per response"),
-                          ("with_writes_us", "total with the writes' syscalls")):
+                          ("with_writes_us", "total with the writes' syscalls"),
+                          ("connection_us", "a connection made and lost (Connection: close)")):
             u, f = (mp[key] if key in mp else mp["uvicorn"][key],
                     mp[key] if key in mp else mp["fast"][key])
             lines.append(f"| {what} | {u:.2f} | {f:.2f} |")
