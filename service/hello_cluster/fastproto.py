@@ -297,16 +297,17 @@ class FastProtocol(asyncio.Protocol):
 
     # httptools callbacks
 
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.headers = []
-        self.head_bytes = self.head_raw = 0
-        self.head_open = self.head_new = True
-        self.expect_100 = False
-
     def on_url(self, url: bytes) -> None:
-        self.url += url
-        self.head_bytes += len(url)
+        if not self.head_open:  # a message's first callback (no on_message_begin: one
+            self.url = url      # Python call less per request)
+            self.headers = []
+            self.head_bytes = len(url)
+            self.head_raw = 0
+            self.head_open = self.head_new = True
+            self.expect_100 = False
+        else:  # the target continues in a later read
+            self.url += url
+            self.head_bytes += len(url)
         if self.head_bytes > MAX_HEAD_BYTES:
             raise ValueError("request head too large")
 
