@@ -190,6 +190,7 @@ class FastProtocol(asyncio.Protocol):
     head_raw = 0  # bytes of later reads that all belong to the open head
     refused = False  # a head was refused: the parser is dead, answer no more
     expect_100 = False
+    upgrading = False  # this message is a websocket upgrade we hand over (as uvicorn does)
     scope: dict[str, Any] = {}  # replaced per request
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
@@ -349,8 +350,9 @@ class FastProtocol(asyncio.Protocol):
             "headers": self.headers,
             "state": self.app_state.copy(),
         }
-        if parser.should_upgrade() and self._upgrade() == b"websocket" \
-                and self.ws_protocol_class is not None:
+        self.upgrading = parser.should_upgrade() and self._upgrade() == b"websocket" \
+            and self.ws_protocol_class is not None
+        if self.upgrading:
             return  # handed over when feed_data raises HttpParserUpgrade
         app = self.app
         limit = self.limit_concurrency
@@ -373,8 +375,7 @@ class FastProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
-        if cycle is None or cycle.response_complete or (
-                self.parser.should_upgrade() and self._upgrade() == b"websocket"):
+        if cycle is None or cycle.response_complete or self.upgrading:
             return
         cycle.body += body
         if len(cycle.body) > HIGH_WATER_LIMIT:
@@ -383,8 +384,7 @@ class FastProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         cycle = self.cycle
-        if cycle is None or cycle.response_complete or (
-                self.parser.should_upgrade() and self._upgrade() == b"websocket"):
+        if cycle is None or cycle.response_complete or self.upgrading:
             return
         cycle.more_body = False
         cycle.wake()
