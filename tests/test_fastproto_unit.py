@@ -63,3 +63,33 @@ def test_upgrade_without_websocket_support_is_plain_http() -> None:
 
     out = asyncio.run(main())
     assert out.startswith(b"HTTP/1.1 200 OK") and out.endswith(b"ok"), out
+
+
+async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"hi"})
+
+
+def test_drain_answers_every_pipelined_request() -> None:
+    """A worker draining with pipelined requests queued answers them all, and only the
+    last answer says `connection: close`."""
+
+    async def main() -> Transport:
+        config = uvicorn.Config(hello, lifespan="off", log_config=None, proxy_headers=False)
+        proto = FastProtocol(config=config, server_state=ServerState(), app_state={})
+        transport = Transport()
+        proto.connection_made(transport)
+        proto.data_received(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        proto.shutdown()
+        for _ in range(500):  # bounded: 5 s
+            if transport.closed:
+                break
+            await asyncio.sleep(0.01)
+        proto.connection_lost(None)
+        return transport
+
+    transport = asyncio.run(main())
+    answers = transport.out.split(b"HTTP/1.1 200 OK")[1:]
+    assert len(answers) == 3, transport.out
+    assert [b"connection: close" in a for a in answers] == [False, False, True]

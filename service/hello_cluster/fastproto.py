@@ -515,10 +515,8 @@ class FastProtocol(asyncio.Protocol):
         if cycle is None or cycle.response_complete:
             self._disarm()
             self.timeout_keep_alive_task = self.loop.call_later(IDLE_GRACE, self._close_if_idle)
-        else:
+        else:  # the last request parsed (queued ones are answered first) closes it
             cycle.keep_alive = False
-            for queued, _ in self.pipeline:
-                queued.keep_alive = False
 
     def _close_if_idle(self) -> None:
         self.timeout_keep_alive_task = None
