@@ -593,9 +593,11 @@ class Cycle:
         finally:
             self.proto.tasks.discard(self.task)
             if metrics is not None:
-                # counted at the next flush (RequestMetrics.fold_records)
-                metrics.records.append((self.scope["method"], self.status,
-                                        time.perf_counter() - start))
+                # as RequestMetrics.observe; the buckets at the next flush (fold_seconds)
+                metrics.seconds.append(time.perf_counter() - start)
+                counts = metrics._counts  # noqa: SLF001
+                key = (self.scope["method"], self.status)
+                counts[key] = counts.get(key, 0) + 1
 
     async def send_500_response(self) -> None:
         await self.send({"type": "http.response.start", "status": 500, "headers": [
