@@ -93,3 +93,28 @@ def test_drain_answers_every_pipelined_request() -> None:
     answers = transport.out.split(b"HTTP/1.1 200 OK")[1:]
     assert len(answers) == 3, transport.out
     assert [b"connection: close" in a for a in answers] == [False, False, True]
+
+
+def test_request_metrics_counted_like_the_middleware() -> None:
+    """The protocol's inlined counting matches RequestMetrics.observe: counts by method and
+    status, one bucket per request, the sum of durations, in-flight from running tasks."""
+    from prometheus_client import CollectorRegistry
+
+    from hello_cluster.metrics import RequestMetrics
+
+    metrics = RequestMetrics(hello, registry=CollectorRegistry())
+
+    async def main() -> None:
+        config = uvicorn.Config(hello, lifespan="off", log_config=None, proxy_headers=False)
+        cls = FastProtocol.with_metrics(metrics)
+        proto = cls(config=config, server_state=ServerState(), app_state={})
+        proto.connection_made(Transport())
+        for method in (b"GET", b"GET", b"POST"):
+            proto.data_received(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(asyncio.gather(*proto.tasks), 5)
+        assert metrics.count_in_flight is not None and metrics.count_in_flight() == 0
+        proto.connection_lost(None)
+
+    asyncio.run(main())
+    assert metrics._counts == {("GET", 200): 2, ("POST", 200): 1}
+    assert sum(metrics._buckets) == 3 and 0 < metrics._sum < 5

@@ -38,6 +38,7 @@ import logging
 import re
 import time
 import urllib.parse
+from bisect import bisect_left
 from collections import deque
 from typing import Any
 
@@ -593,11 +594,16 @@ class Cycle:
         finally:
             self.proto.tasks.discard(self.task)
             if metrics is not None:
-                # as RequestMetrics.observe; the buckets at the next flush (fold_seconds)
-                metrics.seconds.append(time.perf_counter() - start)
+                # RequestMetrics.observe, inlined (a method call costs a third of it)
+                elapsed = time.perf_counter() - start
                 counts = metrics._counts  # noqa: SLF001
                 key = (self.scope["method"], self.status)
                 counts[key] = counts.get(key, 0) + 1
+                if metrics._bulk:  # noqa: SLF001
+                    metrics._buckets[bisect_left(metrics._bounds, elapsed)] += 1  # noqa: SLF001
+                    metrics._sum += elapsed  # noqa: SLF001
+                else:
+                    metrics._pending.append(elapsed)  # noqa: SLF001
 
     async def send_500_response(self) -> None:
         await self.send({"type": "http.response.start", "status": 500, "headers": [
