@@ -283,3 +283,42 @@ def test_endless_pipeline_is_bounded(cluster) -> None:  # type: ignore[no-untype
     assert grown < 150, f"worker grew by {grown} MiB"
     assert answered[0] > 1000
     assert c.get("/")[0] == 200
+
+
+def test_keep_alive_connection_dribbling_gets_the_head_timeout(cluster) -> None:  # type: ignore[no-untyped-def]
+    """After an answer, a client that sends a partial head, or only blank lines (which
+    begin no head), a byte a second: closed at the head timeout, not held forever."""
+    c = cluster("--workers", "1", *ECHO, workers=1)
+    conns = []
+    for _ in range(2):
+        s = socket.create_connection(("127.0.0.1", c.port), timeout=1)
+        s.sendall(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"b855\n"):  # the end of the echo's body (empty sha256)
+            answer += s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+        conns.append(s)
+    partial, blank = conns
+    started = time.monotonic()
+    closed: dict[str, float] = {}
+    partial.sendall(b"GET /second HTTP/1.1\r\n")
+    while len(closed) < 2 and time.monotonic() - started < HEAD_TIMEOUT + 5:
+        for name, s, byte in (("partial", partial, b"X"), ("blank", blank, b"\r\n")):
+            if name in closed:
+                continue
+            try:
+                s.sendall(byte)
+                s.settimeout(0.01)
+                data = s.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                data = b""
+            closed[name] = time.monotonic() - started
+            if name == "partial":
+                assert data.startswith(b"HTTP/1.1 408") or data == b"", data
+        time.sleep(0.5)
+    for s in conns:
+        s.close()
+    assert set(closed) == {"partial", "blank"}, closed
+    assert all(HEAD_TIMEOUT - 1 < t < HEAD_TIMEOUT + 3 for t in closed.values()), closed

@@ -192,10 +192,12 @@ class WorkerProtocol(HttpToolsProtocol):
 
     @property
     def awaiting_head(self) -> bool:
-        """A head is due: none yet on a fresh connection, or one begun with no request in
-        flight. (Between requests, uvicorn's keep-alive timeout applies instead.)"""
+        """A head is due: none yet on a fresh connection, or bytes came after the last
+        answer (they cancel uvicorn's keep-alive timer, which otherwise applies between
+        requests). Bytes that begin no head (blank lines) count too: a client dribbling
+        CRLFs would otherwise hold the connection forever."""
         cycle = self.cycle
-        return cycle is None or (self._head_open and cycle.response_complete)
+        return cycle is None or (cycle.response_complete and self.timeout_keep_alive_task is None)
 
     def head_too_slow(self) -> None:
         if not self.transport.is_closing():
