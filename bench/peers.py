@@ -93,9 +93,14 @@ def contenders(workers: int, port_of: dict[str, int], metrics_port_of: dict[str,
              *extra],
             kind="subject", notify=True, reload_signal=True)
 
-    out.append(hello("hc", "hello-cluster (request metrics on)", ["--request-metrics"]))
-    out.append(hello("hc-nometrics", "hello-cluster --no-request-metrics",
-                     ["--no-request-metrics"]))
+    out.append(hello("hc", "hello-cluster --http uvicorn (request metrics on)",
+                     ["--http", "uvicorn", "--request-metrics"]))
+    out.append(hello("hc-nometrics", "hello-cluster --http uvicorn --no-request-metrics",
+                     ["--http", "uvicorn", "--no-request-metrics"]))
+    out.append(hello("hc-fast", "hello-cluster --http fast (request metrics on)",
+                     ["--http", "fast", "--request-metrics"]))
+    out.append(hello("hc-fast-nometrics", "hello-cluster --http fast --no-request-metrics",
+                     ["--http", "fast", "--no-request-metrics"]))
     out.append(Contender(
         "uvicorn", f"uvicorn --workers {n} (uvloop, httptools)",
         [str(BENCH_BIN / "uvicorn"), "peer_app:app", "--host", "127.0.0.1",
@@ -136,8 +141,8 @@ def contenders(workers: int, port_of: dict[str, int], metrics_port_of: dict[str,
     return out
 
 
-NAMES = ["hc", "hc-nometrics", "uvicorn", "gunicorn-uvicorn", "granian", "node", "gunicorn-sync",
-         "ceiling"]
+NAMES = ["hc", "hc-nometrics", "hc-fast", "hc-fast-nometrics", "uvicorn", "gunicorn-uvicorn",
+         "granian", "node", "gunicorn-sync", "ceiling"]
 
 
 def wsgi_contenders(workers: int, threads: int, port_of: dict[str, int],

@@ -18,6 +18,13 @@ TARGETS = [
     ("respawn_ms", "respawn to accepting, median", 50.0, "lt"),
     ("reload_failed", "failed requests during a graceful reload (worst median)", 0, "eq"),
     ("master_rss_mb", "master RSS", 40.0, "lt"),
+    # issue 18: the fast protocol with request metrics on against Node's cluster and uvicorn
+    ("fast_ka_vs_node", "--http fast, metrics on, keep-alive throughput vs Node's cluster",
+     1.0, "ge"),
+    ("fast_close_vs_uvicorn", "--http fast, metrics on, Connection: close vs uvicorn", 1.0,
+     "ge"),
+    ("fast_metrics_ratio", "--http fast keep-alive throughput, metrics on / off (cost < 3%)",
+     0.97, "ge"),
 ]
 # The WSGI suite (issue 14): hello-cluster serving Flask at least as fast as gunicorn gthread.
 WSGI_TARGETS = [
@@ -73,8 +80,15 @@ def summarize(field: list[peers.Contender], records: dict[str, dict[str, Any]],
         "metrics_cost_ratio": paired(records, on, off, "ka"),
         "metrics_cost_ratio_close": paired(records, on, off, "close"),
         "hc_vs_ceiling": paired(records, off, suite.ceiling, "ka") if suite.ceiling else None,
+        # issue 18 (ASGI suite): None where the fast contenders were not run
+        "fast_metrics_cost_ratio": paired(records, "hc-fast", "hc-fast-nometrics", "ka"),
+        "fast_metrics_cost_ratio_close": paired(records, "hc-fast", "hc-fast-nometrics",
+                                                "close"),
+        "fast_vs_node": paired(records, "hc-fast", "node", "ka"),
+        "fast_vs_ceiling": paired(records, "hc-fast-nometrics", "ceiling", "ka"),
+        "fast_metrics_vs_ceiling": paired(records, "hc-fast", "ceiling", "ka"),
     }
-    return {"rows": rows, "derived": extra, "targets": targets(rows, suite)}
+    return {"rows": rows, "derived": extra, "targets": targets(rows, suite, extra)}
 
 
 def paired(records: dict[str, dict[str, Any]], a: str, b: str, mode: str) -> float | None:
@@ -92,8 +106,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def targets(rows: dict[str, dict[str, Any]], suite: peers.Suite = peers.ASGI
-            ) -> list[dict[str, Any]]:
+def targets(rows: dict[str, dict[str, Any]], suite: peers.Suite = peers.ASGI,
+            derived: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     hc, hc_off = rows.get(suite.metrics_on, {}), rows.get(suite.metrics_off, {})
     reload = [v for v in (hc.get("reload_failed_ka"), hc.get("reload_failed_close"),
                           hc_off.get("reload_failed_ka"), hc_off.get("reload_failed_close"))
@@ -108,6 +122,9 @@ def targets(rows: dict[str, dict[str, Any]], suite: peers.Suite = peers.ASGI
         "master_rss_mb": max(rss) if rss else None,
         "rps_ka_ratio": hc.get("ka_rps_vs_uvicorn"),
         "rps_close_ratio": hc.get("close_rps_vs_uvicorn"),
+        "fast_ka_vs_node": (derived or {}).get("fast_vs_node"),
+        "fast_close_vs_uvicorn": rows.get("hc-fast", {}).get("close_rps_vs_uvicorn"),
+        "fast_metrics_ratio": (derived or {}).get("fast_metrics_cost_ratio"),
     }
     out = []
     for key, what, limit, op in (WSGI_TARGETS if suite.name == "wsgi" else TARGETS):
@@ -225,6 +242,35 @@ def markdown(doc: dict[str, Any], field: list[peers.Contender]) -> str:
     if d.get("hc_vs_ceiling") is not None:
         lines.append(f"- hello-cluster (metrics off) / Python ceiling, keep-alive: "
                      f"{_n(d['hc_vs_ceiling'], 3)}")
+    if d.get("fast_metrics_cost_ratio") is not None:
+        lines.append(
+            f"- `--http fast`: metrics on / off = {_n(d.get('fast_metrics_cost_ratio'), 3)} "
+            f"(keep-alive), {_n(d.get('fast_metrics_cost_ratio_close'), 3)} (Connection: "
+            f"close); against Node's cluster, keep-alive: {_n(d.get('fast_vs_node'), 3)}; "
+            f"against the Python ceiling: {_n(d.get('fast_vs_ceiling'), 3)} (metrics off), "
+            f"{_n(d.get('fast_metrics_vs_ceiling'), 3)} (metrics on)")
+    mp = d.get("micro_protocol")
+    if mp:
+        lines += ["", "## Per-request cost in a worker, by part (bench/micro_protocol.py)", "",
+                  "In-process, on uvloop, the wrk request through each protocol with a "
+                  f"transport that counts writes; medians of {mp['runs']} runs of "
+                  f"{mp['n']:,} requests. One send() of a small response on loopback "
+                  f"costs {mp['write_us']:.2f} us more per write in a real worker.", "",
+                  "| part (us per request) | --http uvicorn | --http fast |",
+                  "|---|---:|---:|"]
+        for key, what in (("parse_us", "parse (httptools alone)"),
+                          ("scope_us", "scope, headers, cycle"),
+                          ("app_us", "the hello app"), ("task_us", "asyncio Task"),
+                          ("send_and_rest_us", "send, response complete, bookkeeping"),
+                          ("total_us", "total, metrics off"),
+                          ("metrics_us", "request metrics"),
+                          ("writes_per_request", "transport writes per response"),
+                          ("with_writes_us", "total with the writes' syscalls"),
+                          ("connection_us", "a connection made and lost (Connection: close)")):
+            u, f = (mp[key] if key in mp else mp["uvicorn"][key],
+                    mp[key] if key in mp else mp["fast"][key])
+            lines.append(f"| {what} | {u:.2f} | {f:.2f} |")
+        lines.append("")
     if d.get("micro"):
         mm = d["micro"]
         lines.append(f"- RequestMetrics in-process cost (bench/micro_metrics.py): "

@@ -309,6 +309,18 @@ def micro_metrics() -> dict[str, Any] | None:
         return None
 
 
+def micro_protocol() -> dict[str, Any] | None:
+    """Per-request cost by part for both worker protocols (bench/micro_protocol.py)."""
+    try:
+        out = subprocess.run([str(peers.MAIN_BIN / "python"),
+                              str(peers.BENCH / "micro_protocol.py")],
+                             env={**base_env(), "PYTHONPATH": str(peers.ROOT / "service")},
+                             capture_output=True, text=True, timeout=300)
+        return dict(json.loads(out.stdout))
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Benchmark hello-cluster against its peers.")
     ap.add_argument("--quick", action="store_true",
@@ -374,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    ! {c.name}: {type(err).__name__}: {err}", flush=True)
     summ = report.summarize(field, records, suite)
     summ["derived"]["micro"] = micro_metrics() if suite is peers.ASGI else None
+    summ["derived"]["micro_protocol"] = micro_protocol() if suite is peers.ASGI else None
     summ["derived"]["loadavg_at_start"] = load_at_start
     profile: dict[str, Any] | None = None
     if args.profile == "always" or (args.profile == "auto" and report.needs_profile(summ)):

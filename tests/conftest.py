@@ -289,3 +289,13 @@ def v1_cgroup(controller: str, settings: dict[str, str]) -> Iterator[Callable[[]
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+@pytest.fixture(params=["uvicorn", "fast"])
+def each_http_protocol(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once per worker protocol (--http): clusters inherit HELLO_CLUSTER_HTTP.
+
+    Use it in a module with `pytestmark = pytest.mark.usefixtures("each_http_protocol")`.
+    """
+    monkeypatch.setenv("HELLO_CLUSTER_HTTP", request.param)
+    return str(request.param)

@@ -35,7 +35,8 @@ from conftest import Cluster, clean_env, free_port, wait_for, with_suppress
 
 # name -> extra hello-cluster arguments; the same battery runs against each.
 HC_VARIANTS: dict[str, list[str]] = {
-    "hc": ["--workers", "2"],
+    "hc": ["--workers", "2", "--http", "uvicorn"],
+    "hc-fast": ["--workers", "2", "--http", "fast"],
 }
 APP = "hc_echo:app"
 # Sent after every payload: a final request that asks the server to close, so a reply

@@ -7,7 +7,12 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import need, need_root, wait_for
+
+# every test once per worker protocol (--http uvicorn and fast)
+pytestmark = pytest.mark.usefixtures("each_http_protocol")
 
 
 def raw(port: int, payload: bytes, timeout: float = 5.0) -> bytes:

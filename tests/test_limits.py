@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from conftest import need
 from hello_cluster.protocol import (
     FD_RESERVE,
@@ -27,6 +29,8 @@ from hello_cluster.protocol import (
     unread_bytes,
 )
 
+# every test once per worker protocol (--http uvicorn and fast)
+pytestmark = pytest.mark.usefixtures("each_http_protocol")
 ECHO = ("--app", "hc_echo:app")
 
 

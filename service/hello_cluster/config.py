@@ -315,6 +315,7 @@ class Config:
     ssl_ciphers: str | None = None
     access_log: bool = False
     startup_timeout: float = 60.0
+    http: str = "fast"  # the workers' protocol: fastproto.py, or uvicorn's httptools one
 
 
 @dataclass(frozen=True)
@@ -442,6 +443,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("startup-timeout", parse_duration, "60s",
            "a worker not ready this long after its fork (app import, lifespan startup) is "
            "killed and counts as a boot failure", "DURATION"),
+    Option("http", parse_choice("fast", "uvicorn"), "fast",
+           "the workers' HTTP/1.1 protocol: fast (ours, on httptools) or uvicorn "
+           "(uvicorn's httptools protocol)", "fast|uvicorn"),
 )
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import (
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -203,16 +204,16 @@ class RequestMetrics:
     the scraper.
     """
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, registry: CollectorRegistry = REGISTRY) -> None:
         self.app = app
         self.requests = Counter(f"{NAMESPACE}_http_requests", "HTTP requests served.",
-                                ["method", "status"])
+                                ["method", "status"], registry=registry)
         self.duration = Histogram(f"{NAMESPACE}_http_request_duration_seconds",
                                   "Time from request start to the end of the response.",
-                                  buckets=DURATION_BUCKETS)
+                                  buckets=DURATION_BUCKETS, registry=registry)
         self.in_progress = Gauge(f"{NAMESPACE}_http_requests_in_progress",
                                  "HTTP requests being served now (live workers only).",
-                                 multiprocess_mode="livesum")
+                                 multiprocess_mode="livesum", registry=registry)
         self._children: dict[tuple[str, int], Any] = {}
         self._counts: dict[tuple[str, int], int] = {}
         self._bounds = list(DURATION_BUCKETS)  # bisect_left gives the bucket Histogram uses
@@ -223,6 +224,10 @@ class RequestMetrics:
         self._bulk = (getattr(self.duration, "_upper_bounds", None) == [*self._bounds, INF]
                       and hasattr(self.duration, "_buckets") and hasattr(self.duration, "_sum"))
         self.in_flight = 0
+        # `--http fast` does what observe() does inline (fastproto.Cycle.run), and counts
+        # requests in flight from its own tasks at flush time instead of two increments
+        # per request.
+        self.count_in_flight: Callable[[], int] | None = None
 
     def _child(self, method: str, status: int) -> Any:
         key = (method, status)
@@ -252,14 +257,17 @@ class RequestMetrics:
             await self.app(scope, receive, send_status)
         finally:
             self.in_flight -= 1
-            elapsed = time.perf_counter() - start
-            key = (scope["method"], status)
-            self._counts[key] = self._counts.get(key, 0) + 1
-            if self._bulk:
-                self._buckets[bisect_left(self._bounds, elapsed)] += 1
-                self._sum += elapsed
-            else:
-                self._pending.append(elapsed)
+            self.observe(scope["method"], status, time.perf_counter() - start)
+
+    def observe(self, method: str, status: int, elapsed: float) -> None:
+        """Count one request; `--http fast` calls it from the protocol (no middleware)."""
+        key = (method, status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        if self._bulk:
+            self._buckets[bisect_left(self._bounds, elapsed)] += 1
+            self._sum += elapsed
+        else:
+            self._pending.append(elapsed)
 
     def flush(self) -> None:
         """Move what was counted since the last flush into the multiprocess metric files."""
@@ -279,7 +287,8 @@ class RequestMetrics:
             pending, self._pending = self._pending, []
             for elapsed in pending:
                 self.duration.observe(elapsed)
-        self.in_progress.set(self.in_flight)
+        self.in_progress.set(self.in_flight if self.count_in_flight is None
+                             else self.count_in_flight())
 
 
 ARCHIVED_KINDS = ("counter", "histogram")  # values that only add up; gauges are left alone

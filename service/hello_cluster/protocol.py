@@ -118,7 +118,7 @@ def make_room(connections: set[Any], keep: Any, limit: int, now: float) -> int:
     """
     excess = len(connections) - limit + 1 + limit // 64
     idle = sorted((c for c in connections
-                   if c is not keep and isinstance(c, WorkerProtocol) and c.idle),
+                   if c is not keep and getattr(c, "idle", False)),  # ours, either --http
                   key=attrgetter("head_since"))
     closed = 0
     for conn in idle:

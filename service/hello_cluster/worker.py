@@ -38,6 +38,7 @@ from hello_cluster.errors import (
     AppLoadError,
     ResourceError,
 )
+from hello_cluster.fastproto import FastProtocol
 from hello_cluster.looplag import LoopLag
 from hello_cluster.protocol import WorkerProtocol, connection_limit, expire_slow_heads
 
@@ -275,7 +276,10 @@ class DemoExit:
 def build_app(cfg: Config, first: bool = True, preloaded: Any = None) -> tuple[Any, Any]:
     """The app as served (with metrics and demo wrappers) and its RequestMetrics, if any.
 
-    `preloaded`: the app as the --preload template loaded (and logged) it."""
+    `preloaded`: the app as the --preload template loaded (and logged) it. With `--http
+    fast` the protocol counts requests itself (fastproto.py), so the metrics object is made
+    but does not wrap the app.
+    """
     if preloaded is None:
         loaded = loader.load(cfg.app, cfg.app_dir, cfg.factory, cfg.interface,
                              cfg.wsgi_threads)
@@ -288,7 +292,9 @@ def build_app(cfg: Config, first: bool = True, preloaded: Any = None) -> tuple[A
     if cfg.request_metrics and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from hello_cluster.metrics import RequestMetrics
 
-        app = metrics = RequestMetrics(app)
+        metrics = RequestMetrics(app)
+        if cfg.http != "fast":
+            app = metrics
     if cfg.demo_exit_after is not None:
         app = DemoExit(app, cfg.demo_exit_after)
     return app, metrics
@@ -310,7 +316,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
     uv_config = uvicorn.Config(
         app,
         loop="uvloop",
-        http=WorkerProtocol,
+        http=FastProtocol.with_metrics(metrics) if cfg.http == "fast" else WorkerProtocol,
         lifespan="auto",
         log_config=None,
         access_log=False,

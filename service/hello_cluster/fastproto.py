@@ -1,0 +1,751 @@
+"""`--http fast`: an HTTP/1.1 protocol of our own on httptools (llhttp stays the parser).
+
+uvicorn's HttpToolsProtocol spends most of a small request outside the parser: a
+RequestResponseCycle and an asyncio.Event per request, a scope dict filled key by key, two
+regex searches and a lower() per response header, two transport writes per response (head,
+then body: two send() syscalls), a keep-alive timer armed and cancelled per request, and
+request metrics as an ASGI middleware (one more coroutine frame and closure). This module
+keeps uvicorn's behaviour (the same scope, the same framing rules, the same errors, the
+same websocket hand-over, graceful shutdown through `server_state`) and changes only how it
+is done:
+
+- one write per response when the app sends `http.response.start` and then its body in the
+  same step: the head waits for the first body message (or for the end of the task's step,
+  via one call_soon, so a streaming response's head is never held back);
+- response header lines validated once and cached by (name, value), plus the date and
+  default headers encoded once per second;
+- the request Event is replaced by a future made only when the app really waits for body;
+- one timer per connection for both the keep-alive and the request-head deadline, armed
+  when the connection first goes idle and re-armed when it fires early, instead of a timer
+  armed and cancelled on every request;
+- request metrics counted here (the same RequestMetrics counters and names) instead of in
+  a middleware.
+
+It also keeps what WorkerProtocol (protocol.py) adds to uvicorn's: the lossless drain (an
+idle connection gets IDLE_GRACE to bring one last request, answered with `connection:
+close`), the request-head limits (MAX_HEAD_BYTES counted on the head's own bytes, 431, also
+behind pipelined requests in flight; HEAD_TIMEOUT from the head's first byte, 408), room at
+--limit-concurrency (protocol.make_room closes idle connections, oldest first, before any
+503) and a bounded pipeline (reading stays paused while pipelined requests wait).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http
+import logging
+import re
+import time
+import urllib.parse
+from bisect import bisect_left
+from collections import deque
+from typing import Any
+
+import httptools
+from uvicorn.config import Config
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
+from uvicorn.server import ServerState
+
+from hello_cluster.protocol import make_room
+
+IDLE_GRACE = 0.5  # seconds an idle connection may still bring one last request when draining
+MAX_HEAD_BYTES = 64 * 1024  # request line plus headers (names, values, ": " and CRLF)
+HEAD_TIMEOUT = 10.0  # seconds from a head's first byte (or the connection's start) to its end
+HEADER_CACHE_MAX = 4096  # distinct response header lines remembered (then forgotten at once)
+
+HEADER_RE = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')  # as uvicorn
+HEADER_VALUE_RE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+
+_431 = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
+        b"connection: close\r\n\r\n")
+_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CLOSE_LINE = b"connection: close\r\n"
+_CHUNKED_LINE = b"transfer-encoding: chunked\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        phrase = b""
+    return b"HTTP/1.1 %d %s\r\n" % (status, phrase)
+
+
+STATUS_LINE = {status: _status_line(status) for status in range(100, 600)}
+
+# What a response header line means for framing, found once per distinct (name, value).
+_PLAIN, _LENGTH, _CHUNKED, _CLOSE = 0, 1, 2, 3
+_lines: dict[tuple[bytes, bytes], tuple[bytes, int, int]] = {}
+
+
+def _header_line(name: bytes, value: bytes) -> tuple[bytes, int, int]:
+    """(encoded line, kind, content length) for one response header, validated like uvicorn."""
+    pair = (name, value)
+    key: tuple[bytes, bytes] | None = pair
+    try:
+        hit = _lines.get(pair)
+    except TypeError:  # a bytearray or memoryview (allowed by uvicorn): not cached
+        key, hit = None, None
+    if hit is not None:
+        return hit
+    if HEADER_RE.search(name):
+        raise RuntimeError("Invalid HTTP header name.")
+    if HEADER_VALUE_RE.search(value):
+        raise RuntimeError("Invalid HTTP header value.")
+    name = name.lower()
+    kind, length = _PLAIN, 0
+    if name == b"content-length":
+        kind, length = _LENGTH, int(value.decode())
+    elif name == b"transfer-encoding" and value.lower() == b"chunked":
+        kind = _CHUNKED
+    elif name == b"connection" and b"close" in [t.lower().strip() for t in value.split(b",")]:
+        kind = _CLOSE
+    hit = (b"".join((name, b": ", value, b"\r\n")), kind, length)
+    if key is None:
+        return hit
+    if len(_lines) >= HEADER_CACHE_MAX:
+        _lines.clear()  # unique values (cookies, etags) must not grow it without bound
+    _lines[key] = hit
+    return hit
+
+
+_defaults: list[Any] = [None, b""]  # the server's default_headers list and its encoding
+
+
+def _default_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """uvicorn's server replaces default_headers (with the date) once a second: encode once."""
+    if _defaults[0] is not headers:
+        _defaults[1] = b"".join(b"".join((n.lower(), b": ", v, b"\r\n")) for n, v in headers)
+        _defaults[0] = headers
+    encoded: bytes = _defaults[1]
+    return encoded
+
+
+def _requests_running(tasks: set[asyncio.Task[Any]]) -> int:
+    """Requests whose app is running now (the in-progress gauge), read at flush time."""
+    code = Cycle.run.__code__
+    return sum(1 for task in tasks if getattr(task.get_coro(), "cr_code", None) is code)
+
+
+_LOGGER = logging.getLogger("uvicorn.error")
+_ACCESS_LOGGER = logging.getLogger("uvicorn.access")
+_by_config: dict[int, tuple[Any, ...]] = {}
+
+
+def _settings(config: Config) -> tuple[Any, ...]:
+    """What a connection takes from uvicorn's Config, worked out once per Config."""
+    found = _by_config.get(id(config))
+    if found is None or found[0] is not config:
+        if not config.loaded:
+            config.load()
+        if len(_by_config) > 64:  # tests make many configs; a worker has one
+            _by_config.clear()
+        found = _by_config[id(config)] = (
+            config, config.loaded_app, config.ws_protocol_class, config.root_path,
+            config.root_path.encode("ascii"),
+            {"version": config.asgi_version, "spec_version": "2.3"},
+            config.limit_concurrency, config.timeout_keep_alive,
+            _ACCESS_LOGGER.hasHandlers())  # as uvicorn decides it
+    return found
+
+
+class FastProtocol(asyncio.Protocol):
+    """One connection. Same constructor as uvicorn's protocols, so uvicorn.Config(http=...)
+    and uvicorn's own protocol tests instantiate it unchanged."""
+
+    metrics: Any = None  # a RequestMetrics, set on a subclass by `with_metrics`
+    first_bound = 0.0  # its first bucket's bound (most requests land there)
+    logger = _LOGGER
+    access_logger = _ACCESS_LOGGER
+
+    @classmethod
+    def with_metrics(cls, metrics: Any) -> type[FastProtocol]:
+        first_bound = metrics._bounds[0] if metrics is not None else 0.0  # noqa: SLF001
+        return type(cls.__name__, (cls,), {"metrics": metrics, "first_bound": first_bound})
+
+    # Per-connection state starts from these class-level defaults: a new connection (one
+    # per request with `Connection: close`) sets only what it must.
+    transport: asyncio.Transport = None  # type: ignore[assignment]
+    server: tuple[str, int | None] | None = None
+    client: tuple[str, int] | None = None
+    scheme = "http"
+    cycle: Cycle | None = None
+    read_paused = False
+    write_paused = False
+    drained: asyncio.Future[None] | None = None
+    draining = False
+    # One timer for the keep-alive and head deadlines (see _check_deadline).
+    timeout_keep_alive_task: asyncio.TimerHandle | None = None
+    armed_for = (0.0, 0.0)  # (since, limit): the timer firing means that deadline passed
+    since = 0.0  # start of the current wait for a head (connect, last response, first byte)
+    head_started = False  # bytes of the next head have arrived
+    served = False  # a response was sent: the wait for the next head is keep-alive
+    # Per request, filled by the parser callbacks.
+    url = b""
+    headers: list[tuple[bytes, bytes]] = []  # replaced (never appended to) per message
+    head_bytes = 0  # the open head's url and header lines, as parsed
+    head_open = False  # between on_message_begin and on_headers_complete
+    head_new = False  # the open head began in the read being parsed
+    head_raw = 0  # bytes of later reads that all belong to the open head
+    refused = False  # a head was refused: the parser is dead, answer no more
+    expect_100 = False
+    upgrading = False  # this message is a websocket upgrade we hand over (as uvicorn does)
+    scope: dict[str, Any] = {}  # replaced per request
+
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        (self.config, self.app, self.ws_protocol_class, self.root_path, self.root_path_bytes,
+         self.asgi, self.limit_concurrency, self.timeout_keep_alive,
+         self.access_log) = _settings(config)
+        self.loop = _loop or asyncio.get_event_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        try:  # answer the first of a pipeline even when a later request is malformed
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        except AttributeError:  # pragma: no cover  (httptools < 0.6.3)
+            pass
+        self.app_state = app_state
+        self.server_state = server_state
+        self.connections: set[Any] = server_state.connections
+        self.tasks = server_state.tasks
+        self.pipeline: deque[tuple[Cycle, Any]] = deque()
+        if self.metrics is not None and self.metrics.count_in_flight is None:
+            self.metrics.count_in_flight = functools.partial(_requests_running, self.tasks)
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.connections.add(self)
+        self.server = get_local_addr(self.transport)
+        self.client = get_remote_addr(self.transport)
+        self.scheme = "https" if is_ssl(self.transport) else "http"
+        self.since = time.monotonic()  # a silent new connection counts from here
+        self._arm(HEAD_TIMEOUT, HEAD_TIMEOUT)
+        limit = self.limit_concurrency
+        if limit is not None and len(self.connections) >= limit:
+            make_room(self.connections, self, limit, self.since)
+
+    @property
+    def idle(self) -> bool:
+        """No request in flight or queued: protocol.make_room may close it at the limit."""
+        cycle = self.cycle
+        return (cycle is None or cycle.response_complete) and not self.pipeline \
+            and not self.transport.is_closing()
+
+    @property
+    def head_since(self) -> float:
+        return self.since  # make_room closes the longest-idle first
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+        cycle = self.cycle
+        if cycle is not None:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+            cycle.wake()
+        for cycle, _ in self.pipeline:
+            cycle.disconnected = True
+        self.resume_writing()
+        if exc is None:
+            self.transport.close()
+        self._disarm()
+        self.parser = None  # type: ignore[assignment]
+
+    def eof_received(self) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        cycle = self.cycle
+        if not self.head_started and (cycle is None or cycle.response_complete):
+            self.head_started = True  # the first bytes of the next head: its deadline starts
+            if self.served:  # (on a new connection it runs from the accept)
+                self.since = time.monotonic()
+        try:
+            self.parser.feed_data(data)
+            if self.head_open:  # a head still incomplete after this read
+                if self.head_new:  # this read may also hold a body or earlier requests
+                    self.head_new = False
+                else:  # httptools holds a header being read: bound it here
+                    self.head_raw += len(data)
+                    if self.head_raw > MAX_HEAD_BYTES:
+                        self._refuse_head()
+        except httptools.HttpParserUpgrade:
+            if self._upgrade() == b"websocket" and self.ws_protocol_class is not None:
+                self.handle_websocket_upgrade()
+            else:
+                self.logger.warning("Unsupported upgrade request.")
+                if self.ws_protocol_class is None:
+                    self.logger.warning(
+                        "No supported WebSocket library detected. Please use \"pip install "
+                        "'uvicorn[standard]'\", or install 'websockets' or 'wsproto' manually.")
+        except httptools.HttpParserError:
+            if self.refused or self.head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head()
+                return
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        drained, self.drained = self.drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    # httptools callbacks
+
+    def on_url(self, url: bytes) -> None:
+        if not self.head_open:  # a message's first callback (no on_message_begin: one
+            self.url = url      # Python call less per request)
+            self.headers = []
+            self.head_bytes = len(url)
+            self.head_raw = 0
+            self.head_open = self.head_new = True
+            self.expect_100 = False
+        else:  # the target continues in a later read
+            self.url += url
+            self.head_bytes += len(url)
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise ValueError("request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100 = True
+        self.headers.append((name, value))
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise ValueError("request head too large")
+
+    def on_headers_complete(self) -> None:
+        self.head_open = False
+        parser = self.parser
+        http_version = parser.get_http_version()
+        method = parser.get_method().decode("ascii")
+        url = self.url
+        if url[:1] == b"/" and b"#" not in url:
+            raw_path, _, query = url.partition(b"?")
+        else:
+            parsed = httptools.parse_url(url)
+            raw_path, query = parsed.path, parsed.query or b""
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        self.scope = scope = {
+            "type": "http",
+            "asgi": self.asgi.copy(),
+            "http_version": http_version,
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "method": method,
+            "root_path": self.root_path,
+            "path": self.root_path + path,
+            "raw_path": self.root_path_bytes + raw_path,
+            "query_string": query,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
+        self.upgrading = parser.should_upgrade() and self._upgrade() == b"websocket" \
+            and self.ws_protocol_class is not None
+        if self.upgrading:
+            return  # handed over when feed_data raises HttpParserUpgrade
+        app = self.app
+        limit = self.limit_concurrency
+        if limit is not None and len(self.connections) >= limit:
+            make_room(self.connections, self, limit, time.monotonic())
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        keep_alive = http_version != "1.0" and parser.should_keep_alive() and not self.draining
+        previous = self.cycle
+        cycle = self.cycle = Cycle(self, scope, keep_alive, self.expect_100)
+        self.head_started = False
+        if not self.served:  # the new connection's head deadline is met; from now on the
+            self._disarm()   # timer is armed when a response completes (once, then re-armed)
+        if previous is None or previous.response_complete:
+            self._start(cycle, app)
+        else:  # pipelined: queued until the previous response is complete
+            self._pause_reading()
+            self.pipeline.appendleft((cycle, app))
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or self.upgrading:
+            return
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self._pause_reading()
+        cycle.wake()
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or self.upgrading:
+            return
+        cycle.more_body = False
+        cycle.wake()
+
+    # requests and responses
+
+    def _start(self, cycle: Cycle, app: Any) -> None:
+        # The task leaves `tasks` (what uvicorn's shutdown waits for, and what counts
+        # against --limit-concurrency) at the end of Cycle.run, not from a done callback,
+        # which would cost one more loop callback per request. (Only a task cancelled
+        # before its first step skips that; uvicorn cancels tasks only as it exits.)
+        task = cycle.task = self.loop.create_task(cycle.run(app))
+        self.tasks.add(task)
+
+    def on_response_complete(self, cycle: Cycle) -> None:
+        self.server_state.total_requests += 1
+        now = time.monotonic()
+        metrics = self.metrics
+        if metrics is not None:
+            # RequestMetrics.observe, inlined, timed with the clock readings this protocol
+            # takes anyway (the request's first byte, this moment): two perf_counter()
+            # calls and a method call per request were half of the metrics' cost.
+            cycle.counted = True
+            counts = metrics._counts  # noqa: SLF001
+            key = (cycle.scope["method"], cycle.status)
+            counts[key] = counts.get(key, 0) + 1
+            elapsed = now - cycle.started
+            if metrics._bulk:  # noqa: SLF001
+                if elapsed <= self.first_bound:
+                    metrics._buckets[0] += 1  # noqa: SLF001
+                else:
+                    metrics._buckets[bisect_left(metrics._bounds, elapsed)] += 1  # noqa: SLF001
+                metrics._sum += elapsed  # noqa: SLF001
+            else:
+                metrics._pending.append(elapsed)  # noqa: SLF001
+        if self.transport.is_closing():
+            return
+        self.since = now
+        self.served = True
+        if self.pipeline:  # reading stays paused: the queue is bounded by what was read
+            next_cycle, app = self.pipeline.pop()
+            self._start(next_cycle, app)
+            return
+        if self.read_paused and not self.refused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        if self.draining:
+            self._disarm()
+            self.timeout_keep_alive_task = self.loop.call_later(IDLE_GRACE, self._close_if_idle)
+        elif self.timeout_keep_alive_task is None:
+            self._arm(self.timeout_keep_alive, self.timeout_keep_alive)
+
+    def _pause_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _upgrade(self) -> bytes | None:
+        connection: list[bytes] = []
+        upgrade = None
+        for name, value in self.headers:
+            if name == b"connection":
+                connection = [token.lower().strip() for token in value.split(b",")]
+            elif name == b"upgrade":
+                upgrade = value.lower()
+        return upgrade if b"upgrade" in connection else None
+
+    def handle_websocket_upgrade(self) -> None:
+        """Hand the connection to uvicorn's websocket protocol, replaying the head to it."""
+        self.connections.discard(self)
+        self._disarm()
+        output = [self.scope["method"].encode(), b" ", self.url, b" HTTP/1.1\r\n"]
+        for name, value in self.scope["headers"]:
+            output += [name, b": ", value, b"\r\n"]
+        output.append(b"\r\n")
+        protocol = self.ws_protocol_class(
+            config=self.config, server_state=self.server_state, app_state=self.app_state)
+        protocol.connection_made(self.transport)
+        protocol.data_received(b"".join(output))
+        self.transport.set_protocol(protocol)
+
+    def send_400_response(self, msg: str) -> None:
+        body = msg.encode("ascii")
+        self._refuse(b"".join((
+            STATUS_LINE[400], _default_lines(self.server_state.default_headers),
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % len(body), _CLOSE_LINE, b"\r\n", body)))
+
+    def _refuse_head(self) -> None:
+        """431 and close; behind requests still being answered (an oversized head in a
+        pipeline), they are answered first, the last with `connection: close`, and
+        nothing more is read (as protocol.WorkerProtocol does)."""
+        self.refused = True
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            self._refuse(_431)
+        elif not self.transport.is_closing():
+            cycle.keep_alive = False
+            self._pause_reading()
+
+    def _refuse(self, response: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+    # deadlines and drain
+
+    def _arm(self, delay: float, limit: float) -> None:
+        self.armed_for = (self.since, limit)
+        self.timeout_keep_alive_task = self.loop.call_later(delay, self._check_deadline)
+
+    def _disarm(self) -> None:
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+
+    def _check_deadline(self) -> None:
+        """The connection's one timer fired: act if a deadline passed, else re-arm.
+
+        Waiting for a head: HEAD_TIMEOUT once its first byte came (408), the keep-alive
+        timeout while silent after a response, HEAD_TIMEOUT while silent after connecting.
+        Busy with a request: nothing; the timer is armed again when the response completes.
+        If nothing happened since it was armed, its firing is the deadline (the loop's clock
+        decides, not a comparison with ours).
+        """
+        self.timeout_keep_alive_task = None
+        cycle = self.cycle
+        if self.transport.is_closing() or not (cycle is None or cycle.response_complete) \
+                or self.pipeline:
+            return
+        waiting_head = self.head_started or not self.served
+        limit = HEAD_TIMEOUT if waiting_head else self.timeout_keep_alive
+        if self.armed_for != (self.since, limit):
+            left = self.since + limit - time.monotonic()
+            if left > 0:
+                self._arm(left, limit)
+                return
+        if self.head_started:
+            self._refuse(_408)
+        else:
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Called by uvicorn's server when the worker drains (see protocol.py: lossless)."""
+        self.draining = True
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            self._disarm()
+            self.timeout_keep_alive_task = self.loop.call_later(IDLE_GRACE, self._close_if_idle)
+        else:  # the last request parsed (queued ones are answered first) closes it
+            cycle.keep_alive = False
+
+    def _close_if_idle(self) -> None:
+        self.timeout_keep_alive_task = None
+        cycle = self.cycle
+        if (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+    def timeout_keep_alive_handler(self) -> None:
+        """uvicorn's name for closing an idle connection; kept for callers that use it."""
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+class Cycle:
+    """One request and its response: the ASGI `receive` and `send` of that request."""
+
+    # Class-level defaults: a new Cycle sets only what differs per request (the rest is
+    # written when it changes), which costs less than filling every slot.
+    body = b""
+    more_body = True
+    delivered_last = False
+    waiter: asyncio.Future[None] | None = None
+    disconnected = False
+    response_started = False
+    response_complete = False
+    chunked = False
+    length = 0
+    head = b""  # the response head, until it goes out with the first body bytes
+    status = 500
+    head_flush: asyncio.Handle | None = None
+    task: asyncio.Task[None] | None = None
+    counted = False  # in the request metrics (when its response completed)
+
+    def __init__(self, proto: FastProtocol, scope: dict[str, Any], keep_alive: bool,
+                 expect_100: bool) -> None:
+        self.proto = proto
+        self.scope = scope
+        self.transport = proto.transport
+        self.keep_alive = keep_alive
+        self.waiting_for_100_continue = expect_100
+        self.started = proto.since  # the request's first byte (or the accept, or for a
+        # request read with the one before it, that one's first byte): metrics time from here
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def run(self, app: Any) -> None:
+        try:
+            result = await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            self.proto.logger.error("Exception in ASGI application\n", exc_info=exc)
+            if not self.response_started:
+                await self.send_500_response()
+            else:
+                self.flush_head()
+                self.transport.close()
+        else:
+            if result is not None:
+                self.proto.logger.error(
+                    "ASGI callable should return None, but returned '%s'.", result)
+                self.flush_head()
+                self.transport.close()
+            elif not self.response_started and not self.disconnected:
+                self.proto.logger.error("ASGI callable returned without starting response.")
+                await self.send_500_response()
+            elif not self.response_complete and not self.disconnected:
+                self.proto.logger.error("ASGI callable returned without completing response.")
+                self.flush_head()
+                self.transport.close()
+        finally:
+            self.proto.tasks.discard(self.task)
+            metrics = self.proto.metrics
+            if metrics is not None and not self.counted:  # no complete response: counted
+                metrics.observe(self.scope["method"], self.status,  # here, as the
+                                time.monotonic() - self.started)  # middleware would
+
+    async def send_500_response(self) -> None:
+        await self.send({"type": "http.response.start", "status": 500, "headers": [
+            (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"),
+            (b"connection", b"close")]})
+        await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
+
+    def log_access(self, status: int) -> None:
+        scope = self.scope
+        client = scope["client"]
+        path = urllib.parse.quote(scope["path"])
+        if scope["query_string"]:
+            path += "?" + scope["query_string"].decode("ascii")
+        self.proto.access_logger.info('%s - "%s %s HTTP/%s" %d',
+                                      f"{client[0]}:{client[1]}" if client else "", scope["method"],
+                                      path, scope["http_version"], status)
+
+    def flush_head(self) -> None:
+        """Write a response head still held back for its body (see the module docstring)."""
+        self.head_flush = None
+        if self.head:
+            head, self.head = self.head, b""
+            if not self.disconnected:
+                self.transport.write(head)
+
+    async def send(self, message: Any) -> None:
+        proto = self.proto
+        if proto.write_paused and not self.disconnected:
+            drained = proto.drained
+            if drained is None:
+                drained = proto.drained = asyncio.get_running_loop().create_future()
+            await drained
+        if self.disconnected:
+            return
+        kind = message["type"]
+        if not self.response_started:
+            if kind != "http.response.start":
+                raise RuntimeError(
+                    f"Expected ASGI message 'http.response.start', but got '{kind}'.")
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            status = self.status = message["status"]
+            if proto.access_log:
+                self.log_access(status)
+            parts = [STATUS_LINE[status], _default_lines(proto.server_state.default_headers)]
+            framing: bool | None = None  # uvicorn's rule: the first content-length, unless
+            has_close = False  # a transfer-encoding: chunked (anywhere) makes it chunked
+            lines_get = _lines.get
+            for name, value in message.get("headers", ()):
+                try:
+                    hit = lines_get((name, value))
+                except TypeError:  # unhashable: _header_line handles it
+                    hit = None
+                line, what, length = hit if hit is not None else _header_line(name, value)
+                if what:
+                    if what == _LENGTH:
+                        if framing is None:
+                            framing, self.length = False, length
+                    elif what == _CHUNKED:
+                        framing, self.length = True, 0
+                    else:
+                        self.keep_alive = False
+                        has_close = True
+                parts.append(line)
+            if not self.keep_alive and not has_close:
+                parts.append(_CLOSE_LINE)
+            if framing is None and self.scope["method"] != "HEAD" and status not in (204, 304):
+                framing = True
+                parts.append(_CHUNKED_LINE)
+            self.chunked = framing is True
+            parts.append(b"\r\n")
+            self.head = b"".join(parts)
+            self.head_flush = asyncio.get_running_loop().call_soon(self.flush_head)
+        elif not self.response_complete:
+            if kind != "http.response.body":
+                raise RuntimeError(
+                    f"Expected ASGI message 'http.response.body', but got '{kind}'.")
+            body = message.get("body", b"")
+            more_body = message.get("more_body", False)
+            if self.scope["method"] == "HEAD":
+                out = b""
+                self.length = 0
+            elif self.chunked:
+                out = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+                if not more_body:
+                    out += _LAST_CHUNK
+            else:
+                if len(body) > self.length:
+                    raise RuntimeError("Response content longer than Content-Length")
+                self.length -= len(body)
+                out = body
+            if self.head:
+                out = self.head + out
+                self.head = b""
+            if out:
+                self.transport.write(out)
+            if not more_body:
+                if self.length != 0:
+                    raise RuntimeError("Response content shorter than Content-Length")
+                self.response_complete = True
+                self.wake()
+                if not self.keep_alive:
+                    self.transport.close()
+                proto.on_response_complete(self)
+        else:
+            raise RuntimeError(
+                f"Unexpected ASGI message '{kind}' sent, after response already completed.")
+
+    async def receive(self) -> dict[str, Any]:
+        if self.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(_CONTINUE)
+            self.waiting_for_100_continue = False
+        if not self.disconnected and not self.response_complete \
+                and (self.delivered_last or (self.more_body and not self.body)):
+            proto = self.proto
+            if proto.read_paused and proto.cycle is self and not proto.refused:
+                proto.read_paused = False
+                self.transport.resume_reading()
+            waiter = self.waiter = asyncio.get_running_loop().create_future()
+            await waiter
+        if self.disconnected or self.response_complete or self.delivered_last:
+            return {"type": "http.disconnect"}
+        body, self.body = self.body, b""
+        if not self.more_body:
+            self.delivered_last = True
+        proto = self.proto
+        if proto.read_paused and proto.cycle is self and not proto.pipeline \
+                and not proto.refused:
+            proto.read_paused = False
+            self.transport.resume_reading()
+        return {"type": "http.request", "body": body, "more_body": self.more_body}

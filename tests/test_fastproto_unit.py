@@ -1,0 +1,120 @@
+"""In-process checks of fastproto.FastProtocol for cases uvicorn's own suite leaves out."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import uvicorn
+from uvicorn.server import ServerState
+
+from hello_cluster.fastproto import FastProtocol
+
+
+class Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = b""
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8085), "peername": ("127.0.0.1", 40000)}.get(
+            name, default)
+
+    def write(self, data: Any) -> None:
+        self.out += bytes(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def reads_body(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    message = await receive()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok" if not message["more_body"]
+                else b"no"})
+
+
+def test_upgrade_without_websocket_support_is_plain_http() -> None:
+    """With no websocket library (ws="none") an upgrade request is served as HTTP, and an
+    app that reads the (empty) body gets it instead of waiting forever."""
+
+    async def main() -> bytes:
+        config = uvicorn.Config(reads_body, ws="none", lifespan="off", log_config=None,
+                                proxy_headers=False)
+        proto = FastProtocol(config=config, server_state=ServerState(), app_state={})
+        transport = Transport()
+        proto.connection_made(transport)
+        proto.data_received(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\n"
+                            b"Upgrade: websocket\r\n\r\n")
+        await asyncio.wait_for(asyncio.gather(*proto.tasks), 5)
+        proto.connection_lost(None)
+        return transport.out
+
+    out = asyncio.run(main())
+    assert out.startswith(b"HTTP/1.1 200 OK") and out.endswith(b"ok"), out
+
+
+async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"hi"})
+
+
+def test_drain_answers_every_pipelined_request() -> None:
+    """A worker draining with pipelined requests queued answers them all, and only the
+    last answer says `connection: close`."""
+
+    async def main() -> Transport:
+        config = uvicorn.Config(hello, lifespan="off", log_config=None, proxy_headers=False)
+        proto = FastProtocol(config=config, server_state=ServerState(), app_state={})
+        transport = Transport()
+        proto.connection_made(transport)
+        proto.data_received(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        proto.shutdown()
+        for _ in range(500):  # bounded: 5 s
+            if transport.closed:
+                break
+            await asyncio.sleep(0.01)
+        proto.connection_lost(None)
+        return transport
+
+    transport = asyncio.run(main())
+    answers = transport.out.split(b"HTTP/1.1 200 OK")[1:]
+    assert len(answers) == 3, transport.out
+    assert [b"connection: close" in a for a in answers] == [False, False, True]
+
+
+def test_request_metrics_counted_like_the_middleware() -> None:
+    """The protocol's inlined counting matches RequestMetrics.observe: counts by method and
+    status, one bucket per request, the sum of durations, in-flight from running tasks."""
+    from prometheus_client import CollectorRegistry
+
+    from hello_cluster.metrics import RequestMetrics
+
+    metrics = RequestMetrics(hello, registry=CollectorRegistry())
+
+    async def main() -> None:
+        config = uvicorn.Config(hello, lifespan="off", log_config=None, proxy_headers=False)
+        cls = FastProtocol.with_metrics(metrics)
+        proto = cls(config=config, server_state=ServerState(), app_state={})
+        proto.connection_made(Transport())
+        for method in (b"GET", b"GET", b"POST"):
+            proto.data_received(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(asyncio.gather(*proto.tasks), 5)
+        assert metrics.count_in_flight is not None and metrics.count_in_flight() == 0
+        proto.connection_lost(None)
+
+    asyncio.run(main())
+    assert metrics._counts == {("GET", 200): 2, ("POST", 200): 1}
+    assert sum(metrics._buckets) == 3 and 0 < metrics._sum < 5
