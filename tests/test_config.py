@@ -110,6 +110,8 @@ def test_load_config_raises_only_config_error(argv: list[str]) -> None:
         load_config(argv, {})
     except ConfigError:
         pass
+    except SystemExit as done:  # only what argparse answers and exits 0 for, asked in full
+        assert done.code == 0 and {"-h", "--help", "--version"} & set(argv), argv
 
 
 def test_unicode_digits_are_not_numbers() -> None:

@@ -459,6 +459,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
     parser = _Parser(
+        allow_abbrev=False,  # `--v` must not mean --version (nor a later option's prefix)
         prog="hello-cluster",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="A lean master forks ASGI workers that share one listening socket, "
