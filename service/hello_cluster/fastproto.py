@@ -537,8 +537,12 @@ class FastProtocol(asyncio.Protocol):
         if cycle is None or cycle.response_complete:
             self._disarm()
             self.timeout_keep_alive_task = self.loop.call_later(IDLE_GRACE, self._close_if_idle)
-        else:  # the last request parsed (queued ones are answered first) closes it
+        elif not cycle.response_started:
+            # The last request parsed (queued ones are answered first): its head, still to
+            # come, says `connection: close`.
             cycle.keep_alive = False
+        # Otherwise its head already promised keep-alive and the client will send its next
+        # request as soon as the body is in: on_response_complete grants the idle grace.
 
     def _close_if_idle(self) -> None:
         self.timeout_keep_alive_task = None
