@@ -41,10 +41,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-import setproctitle
-
 from hello_cluster import channel as ch
-from hello_cluster import loader, logs, tls, worker
+from hello_cluster import loader, tls, worker
 from hello_cluster.config import Config
 
 log = logging.getLogger("hello_cluster.master")
@@ -202,18 +200,8 @@ def _run_template(cfg: Config, master_pid: int, generation: int, sock: socket.so
                   ) -> NoReturn:
     code = 1
     try:
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
-                    signal.SIGQUIT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        worker.die_with_master(master_pid)
-        for fd in close_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        logs.ROLE["name"] = "template"
-        setproctitle.setproctitle(f"hello-cluster: template (generation {generation})")
+        worker.become_child(master_pid, [], close_fds, "template",
+                            title=f"template (generation {generation})")
         channel = ch.WorkerChannel(channel_fd)
         try:
             # The key may be readable by root only: read it before the privilege drop. A

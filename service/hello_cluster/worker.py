@@ -346,6 +346,25 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
     return server.exit_code if server.started else EXIT_APP_STARTUP
 
 
+def become_child(master_pid: int, unblock: Iterable[int], close_fds: Iterable[int],
+                 role: str, reparented: bool = False, title: str | None = None) -> None:
+    """The first steps of any child the master forks (a worker, a --preload template):
+    default signal handling, Ctrl-C left to the master, signals unblocked only now that
+    nothing can reach the master's wakeup pipe, death with the master, none of its fds."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
+                signal.SIGQUIT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, unblock)
+    die_with_master(master_pid, reparented)
+    for fd in close_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    logs.ROLE["name"] = role
+    setproctitle.setproctitle(f"hello-cluster: {title or role}")
+
+
 # Start-up failures the operator can fix: said to the master in one line, not a traceback.
 START_ERRORS = (tls.TlsError, AppLoadError, ResourceError)
 
@@ -366,18 +385,8 @@ def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
     """
     code = 1
     try:
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
-                    signal.SIGQUIT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_SETMASK, unblock)
-        die_with_master(spec.master_pid, spec.reparented)
-        for fd in spec.close_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        logs.ROLE["name"] = f"worker {spec.slot + 1}"
-        setproctitle.setproctitle(f"hello-cluster: worker {spec.slot + 1}")
+        become_child(spec.master_pid, unblock, spec.close_fds, f"worker {spec.slot + 1}",
+                     reparented=spec.reparented)
         channel = ch.WorkerChannel(spec.channel_fd)
         try:
             # The key is read before dropping privileges: it may stay readable by root only.
