@@ -66,8 +66,12 @@ class Proc:
             self.log.close()
 
 
-def _group_alive(pgid: int) -> bool:
-    """True while any process (not a zombie of ours) is still in the group."""
+def live_processes() -> list[tuple[int, int, int]]:
+    """(pid, ppid, pgid) of every process that is not a zombie, from /proc/PID/stat.
+
+    The one /proc scan the bench's process-tree helpers share (harness, scale, memory).
+    """
+    out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -76,9 +80,14 @@ def _group_alive(pgid: int) -> bool:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+        if fields[0] != "Z":
+            out.append((int(entry), int(fields[1]), int(fields[2])))
+    return out
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while any process (not a zombie of ours) is still in the group."""
+    return any(group == pgid for _, _, group in live_processes())
 
 
 def rss_mb(pid: int) -> float | None:

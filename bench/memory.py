@@ -116,16 +116,8 @@ def descendants(root: int) -> list[int]:
     """root and every live process below it (the template's workers are adopted by the
     hello-cluster master, a child subreaper, so they are its children too)."""
     kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if fields[0] != "Z":
-            kids.setdefault(int(fields[1]), []).append(int(entry))
+    for child, parent, _ in h.live_processes():
+        kids.setdefault(parent, []).append(child)
     out, todo = [], [root]
     while todo:
         pid = todo.pop()

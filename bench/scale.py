@@ -114,18 +114,7 @@ def cpu_ns(pid: int) -> int | None:
 
 def children(pid: int) -> set[int]:
     """Live (non-zombie) children of pid: the master's workers."""
-    out: set[int] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.add(int(entry))
-    return out
+    return {child for child, parent, _ in h.live_processes() if parent == pid}
 
 
 def status_kib(pid: int, key: str) -> int | None:
