@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import random
 import shutil
 import signal
 import socket
@@ -52,10 +53,38 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port that is free now and that nothing else in this run will be handed.
+
+    Taken below the kernel's ephemeral range, not with bind(0): a port from bind(0) is
+    free the moment it is returned, but the kernel may give it again to the next bind(0)
+    or to a client connection's local end before the server under test binds it, and
+    then that server exits with "address already in use" (a CI run lost uvicorn that way).
+    """
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    low = max(1024, min(_ephemeral_low(), 32768) - 12000)
+    for _ in range(200):
+        port = rng.randrange(low, low + 11000)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def http_get(port: int, path: str = "/", host: str = "127.0.0.1", timeout: float = 5.0,

@@ -83,7 +83,8 @@ def peers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
         def uvicorn_up() -> bool:
             if uv_proc.poll() is not None:
-                raise AssertionError(f"uvicorn exited {uv_proc.returncode}")
+                log = (tmp / "uvicorn.log").read_text(errors="replace")[-2000:]
+                raise AssertionError(f"uvicorn exited {uv_proc.returncode}: {log}")
             with socket.create_connection(("127.0.0.1", uv_port), timeout=1):
                 return True
 
