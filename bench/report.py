@@ -31,7 +31,11 @@ WSGI_TARGETS = [
     ("rps_ka_ratio", "keep-alive throughput (request metrics on) vs gunicorn gthread", 1.0, "ge"),
     ("rps_close_ratio", "Connection: close throughput (request metrics on) vs gunicorn gthread",
      1.0, "ge"),
-    ("respawn_ms", "respawn to accepting, median", 50.0, "lt"),
+    # Relative here: a respawned worker imports Flask (about 40 ms on this machine) before
+    # it can answer, in every contender; the supervisor's own respawn time is the ASGI
+    # suite's absolute target.
+    ("respawn_ratio", "respawn to accepting, median, vs gunicorn gthread (both import Flask)",
+     1.0, "lt"),
     ("reload_failed", "failed requests during a graceful reload (worst median)", 0, "eq"),
     ("master_rss_mb", "master RSS", 40.0, "lt"),
 ]
@@ -118,6 +122,9 @@ def targets(rows: dict[str, dict[str, Any]], suite: peers.Suite = peers.ASGI,
         "rps_nometrics_ratio": hc_off.get("ka_rps_vs_uvicorn"),
         "rps_metrics_ratio": hc.get("ka_rps_vs_uvicorn"),
         "respawn_ms": max(respawn) if respawn else None,
+        "respawn_ratio": max(ratios) if (ratios := [
+            v for v in (hc.get("respawn_ms_vs_uvicorn"), hc_off.get("respawn_ms_vs_uvicorn"))
+            if v is not None]) else None,
         "reload_failed": max(reload) if reload else None,
         "master_rss_mb": max(rss) if rss else None,
         "rps_ka_ratio": hc.get("ka_rps_vs_uvicorn"),

@@ -68,6 +68,52 @@ def test_wsgi_bodies_stream_both_ways(cluster) -> None:  # type: ignore[no-untyp
         assert b"got line two\n" in rest and rest.endswith(b"0\r\n\r\n")
 
 
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_wsgi_stream_backpressure(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A view yielding 48 MiB to a client that reads nothing for a while: the view's thread
+    waits (a few chunks are queued, not the stream), and the client then gets every byte."""
+    c = cluster("--workers", "1", *WSGI, workers=1)
+    pid = c.workers()[0]
+    assert c.get("/stream?n=4")[2] == b"x" * 4 * 65536  # warm: the pool thread exists
+    before = _rss(pid)
+    chunks = 768
+    with socket.create_connection(("127.0.0.1", c.port), timeout=20) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(f"GET /stream?n={chunks} HTTP/1.1\r\nHost: x\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        time.sleep(2.0)  # not reading: the socket buffers fill, then the transport pauses
+        grown = _rss(pid) - before
+        assert grown < 16 * 2**20, f"the worker buffered {grown} bytes for a stalled reader"
+        received = 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            received += len(data)
+    body = chunks * 65536
+    assert received > body  # the head and the chunk framing come on top of the body
+    assert received < body + chunks * 16 + 4096
+    assert c.get("/")[0] == 200
+
+
+def test_wsgi_view_that_raises(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A view's exception is a 500 with the traceback in the log, and the worker serves on."""
+    c = cluster("--workers", "1", *WSGI, workers=1)
+    pid = c.workers()[0]
+    for _ in range(3):
+        assert c.get("/boom")[0] == 500
+    assert c.get("/")[2] == b"hello from wsgi\n"
+    wait_for(lambda: "hc_wsgiapp: boom" in c.log, 5, what="the view's exception in the log")
+    assert c.workers() == [pid]
+
+
 def test_wsgi_view_blocking_past_worker_timeout(cluster) -> None:  # type: ignore[no-untyped-def]
     """A view that blocks longer than --worker-timeout holds a thread, not the event loop:
     the worker keeps beating and is not killed; once the pool is full, requests queue."""

@@ -188,9 +188,11 @@ def wsgi_to_asgi(app: Any, threads: int) -> Any:
     a2wsgi over asgiref's WsgiToAsgi and uvicorn's WSGIMiddleware: it streams both ways
     (wsgi.input reads from `receive` as the view asks, each response chunk is sent as it is
     yielded, with a bounded queue for backpressure), where WsgiToAsgi spools the whole request
-    body first and uvicorn's copy is deprecated; and its pool is an explicit size.
+    body first and uvicorn's copy is deprecated; and its pool is an explicit size. Its
+    responder is replaced by wsgiadapter.Responder, whose view thread does not wait for the
+    loop at every message it sends.
     """
-    from a2wsgi import WSGIMiddleware
+    from hello_cluster.wsgiadapter import WSGIMiddleware
 
     return WSGIMiddleware(cast(Any, WsgiEnviron(app)), workers=threads)
 

@@ -37,6 +37,12 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         time.sleep(_seconds(environ))
         start_response("200 OK", headers)
         return [f"slept in {threading.current_thread().name}\n".encode()]
+    if path == "/boom":  # a view that raises before it answers
+        raise RuntimeError("hc_wsgiapp: boom")
+    if path == "/stream":  # n chunks of 64 KiB, made as fast as the server takes them
+        count = int(parse_qs(environ["QUERY_STRING"]).get("n", ["16"])[0])
+        start_response("200 OK", headers)
+        return (b"x" * 65536 for _ in range(count))
     start_response("200 OK", headers)
     return [b"hello from wsgi\n"]
 

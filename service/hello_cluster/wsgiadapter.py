@@ -1,0 +1,148 @@
+"""a2wsgi's WSGI-to-ASGI adapter, with a view thread that never waits for the loop to send.
+
+a2wsgi (see loader.wsgi_to_asgi for why it is the adapter) hands each response message from
+the view's thread to the loop with `run_coroutine_threadsafe(queue.put(message)).result()`:
+the thread stops until the loop has run the put, three times per response (the head, the
+body, the end), and the loop then needs a task of its own to take the messages out. On a
+small page those round trips, not the view, set the throughput: hello-cluster served Flask
+at 0.87-1.14x gunicorn gthread with it (bench/results/wsgi/).
+
+Here the thread puts a message on a deque and wakes the loop only if no wake-up is pending,
+so the head, the body and the end of a small response usually reach the loop in one wake;
+the request's own coroutine sends them (no second task) and learns that the view returned
+from the same deque (no executor future to wait for). Everything else is a2wsgi's: the
+environ, the streamed `wsgi.input`, `start_response`, the iteration of the body.
+
+Streaming and backpressure are kept: each message is handed over as soon as the view makes
+it, and the thread blocks once `send_queue_size` messages are waiting for the loop (a
+semaphore instead of the bounded asyncio.Queue), so a view that yields faster than the
+client reads does not grow memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from a2wsgi import WSGIMiddleware as _A2wsgiMiddleware
+from a2wsgi.wsgi import Body, WSGIResponder, build_environ
+
+_DONE = object()  # the view returned (or raised): no more messages for this response
+
+
+class Responder(WSGIResponder):
+    """One request: the view runs in the pool, its messages are sent by this coroutine."""
+
+    def __init__(self, app: Any, executor: ThreadPoolExecutor, send_queue_size: int) -> None:
+        # Not WSGIResponder.__init__: it builds the asyncio.Queue this class does not use.
+        self.app = app
+        self.executor = executor
+        self.loop = asyncio.get_running_loop()
+        self.response_started = False
+        self.exc_info: Any = None
+        self.outbox: deque[Any] = deque()
+        self.space = threading.Semaphore(send_queue_size)
+        self.wake_pending = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.failed: BaseException | None = None  # what the view raised
+        self.broken = False  # sending failed: later messages are dropped, not queued
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        environ = build_environ(scope, Body(self.loop, receive))
+        context = contextvars.copy_context()
+        self.executor.submit(context.run, self._run_view, environ)
+        try:
+            error = await self._send_all(send)
+        except asyncio.CancelledError:
+            # Nobody will take the view's messages now: unblock its thread and make its
+            # next send raise, so the view ends instead of holding a pool thread forever.
+            self.broken = True
+            self.space.release(1 << 16)
+            raise
+        if error is not None:
+            raise error
+        if self.failed is not None:
+            raise self.failed
+        if self.exc_info is not None:
+            raise self.exc_info[0].with_traceback(self.exc_info[1], self.exc_info[2])
+
+    async def _send_all(self, send: Any) -> BaseException | None:
+        """Send what the view hands over until it returns; what sending raised, if it did."""
+        outbox = self.outbox
+        error: BaseException | None = None
+        while True:
+            if not outbox:
+                self.waiter = self.loop.create_future()
+                if not outbox:  # the thread may have filled it between the two checks
+                    await self.waiter
+                self.waiter = None
+                continue
+            message = outbox.popleft()
+            if message is _DONE:
+                break
+            if outbox and outbox[0] is not _DONE and message.get("more_body") \
+                    and outbox[0].get("type") == "http.response.body" \
+                    and not outbox[0].get("body") and not outbox[0].get("more_body"):
+                # The last chunk followed by the empty end: one message that ends the body.
+                outbox.popleft()
+                self.space.release()
+                message = {"type": "http.response.body", "body": message["body"]}
+            try:
+                if error is None:
+                    await send(message)
+            except Exception as exc:  # noqa: BLE001  (raised once the view is done)
+                error = exc
+                self.broken = True
+            finally:
+                self.space.release()
+        return error
+
+    # The view's thread.
+
+    def _run_view(self, environ: Any) -> None:
+        try:
+            self.wsgi(environ, self.start_response)
+        except BaseException as exc:  # noqa: BLE001  (handed to the loop, raised there)
+            self.failed = exc
+        finally:
+            self._hand_over(_DONE)
+
+    def send(self, message: Any) -> None:
+        """Called by a2wsgi's `start_response` and `wsgi` for each message, in the thread."""
+        if not self.broken:
+            self.space.acquire()
+        if self.broken:  # the response is gone: end the view (its iterable is closed)
+            raise ConnectionError("the response can no longer be sent")
+        self._hand_over(message)
+
+    def _hand_over(self, message: Any) -> None:
+        self.outbox.append(message)
+        if not self.wake_pending:
+            self.wake_pending = True
+            self.loop.call_soon_threadsafe(self._wake)
+
+    # The loop.
+
+    def _wake(self) -> None:
+        # Cleared before the waiter runs: a message appended after this point either is
+        # seen by the coroutine's next look at the deque or schedules a new wake.
+        self.wake_pending = False
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class WSGIMiddleware(_A2wsgiMiddleware):
+    """a2wsgi's middleware (thread pool, lifespan, websocket refusal) with Responder."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await Responder(self.app, self.executor, self.send_queue_size)(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
