@@ -109,12 +109,15 @@ def test_request_metrics_counted_like_the_middleware() -> None:
         cls = FastProtocol.with_metrics(metrics)
         proto = cls(config=config, server_state=ServerState(), app_state={})
         proto.connection_made(Transport())
-        for method in (b"GET", b"GET", b"POST"):
+        for method in (b"GET", b"GET", b"POST", b"GET", b"GET", b"GET"):  # runs and switches
             proto.data_received(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
             await asyncio.wait_for(asyncio.gather(*proto.tasks), 5)
         assert metrics.count_in_flight is not None and metrics.count_in_flight() == 0
         proto.connection_lost(None)
 
     asyncio.run(main())
-    assert metrics._counts == {("GET", 200): 2, ("POST", 200): 1}
-    assert sum(metrics._buckets) == 3 and 0 < metrics._sum < 5
+    assert metrics.counts() == {("GET", 200): 5, ("POST", 200): 1}
+    assert sum(metrics._buckets) == 6 and 0 < metrics._sum < 5
+    assert metrics.run_count == 0  # counts() folded the run in: nothing is counted twice
+    metrics.flush()
+    assert metrics.counts() == {} and sum(metrics._buckets) == 0
