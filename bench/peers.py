@@ -37,7 +37,8 @@ class Suite:
     ceiling: str | None  # a no-framework ceiling, if the suite has one
 
 
-ASGI = Suite("asgi", BASELINE, "hc", "hc-nometrics", "ceiling")
+# hello-cluster as shipped: --http fast is the default since issue 18 ("hc" is --http uvicorn).
+ASGI = Suite("asgi", BASELINE, "hc-fast", "hc-fast-nometrics", "ceiling")
 # A Flask hello page: hello-cluster's WSGI support against the WSGI servers people run.
 # gunicorn gthread is the baseline: threads per worker, like hello-cluster's WSGI workers.
 WSGI = Suite("wsgi", "gunicorn-gthread", "hc-flask", "hc-flask-nometrics", None)
@@ -101,6 +102,10 @@ def contenders(workers: int, port_of: dict[str, int], metrics_port_of: dict[str,
                      ["--http", "fast", "--request-metrics"]))
     out.append(hello("hc-fast-nometrics", "hello-cluster --http fast --no-request-metrics",
                      ["--http", "fast", "--no-request-metrics"]))
+    # The default steers each connection to a ready worker's own socket (balance.py); this
+    # is the other way to share the port, for the trade-off in the README.
+    out.append(hello("hc-shared", "hello-cluster --reuse-port off (one shared socket)",
+                     ["--http", "fast", "--reuse-port", "off"]))
     out.append(Contender(
         "uvicorn", f"uvicorn --workers {n} (uvloop, httptools)",
         [str(BENCH_BIN / "uvicorn"), "peer_app:app", "--host", "127.0.0.1",
@@ -141,8 +146,8 @@ def contenders(workers: int, port_of: dict[str, int], metrics_port_of: dict[str,
     return out
 
 
-NAMES = ["hc", "hc-nometrics", "hc-fast", "hc-fast-nometrics", "uvicorn", "gunicorn-uvicorn",
-         "granian", "node", "gunicorn-sync", "ceiling"]
+NAMES = ["hc", "hc-nometrics", "hc-fast", "hc-fast-nometrics", "hc-shared", "uvicorn",
+         "gunicorn-uvicorn", "granian", "node", "gunicorn-sync", "ceiling"]
 
 
 def wsgi_contenders(workers: int, threads: int, port_of: dict[str, int],

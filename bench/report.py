@@ -146,8 +146,8 @@ def targets(rows: dict[str, dict[str, Any]], suite: peers.Suite = peers.ASGI,
 def needs_profile(summ: dict[str, Any]) -> bool:
     """Profile when hello-cluster trails uvicorn or sits far (>30%) below the ceiling."""
     rows = summ["rows"]
-    off = rows.get("hc-nometrics", {}).get("ka_rps_vs_uvicorn")
-    on = rows.get("hc", {}).get("ka_rps_vs_uvicorn")
+    off = rows.get(peers.ASGI.metrics_off, {}).get("ka_rps_vs_uvicorn")
+    on = rows.get(peers.ASGI.metrics_on, {}).get("ka_rps_vs_uvicorn")
     ceiling = summ["derived"].get("hc_vs_ceiling")
     return any(x is not None and x < lim for x, lim in ((off, 1.0), (on, 0.9), (ceiling, 0.7)))
 
