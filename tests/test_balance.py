@@ -5,6 +5,7 @@ is checked end to end."""
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
 import signal
 import socket
@@ -175,6 +176,22 @@ def test_a_stalled_worker_gets_no_new_connections(cluster) -> None:  # type: ign
     wait_for(lambda: c.metric("hello_cluster_workers_steered") == 2, 3,
              what="the resumed worker to be steered to again")
     assert stopped in pids_answering(c.port, 60, 0.002)
+
+
+def test_connections_queued_on_a_stopped_worker_are_taken_by_its_neighbour(cluster) -> None:  # type: ignore[no-untyped-def]
+    """Connections the steering sent to a worker just before its loop stopped would wait in
+    its queue until it turned again; the neighbour slot's worker takes them (steal.py)."""
+    c = cluster("--workers", "2")
+    stopped = min(c.workers())
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:  # within the 0.3 s stall
+            answers = list(pool.map(lambda _: http_get(c.port, timeout=3), range(32)))
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert [status for status, _, _ in answers] == [200] * 32
+    assert {int(headers["x-worker-pid"]) for _, headers, _ in answers} == \
+        set(c.workers()) - {stopped}
 
 
 def test_scale_up_adds_a_steered_socket(cluster) -> None:  # type: ignore[no-untyped-def]

@@ -299,9 +299,12 @@ class Master:
         read_fd, write_fd = os.pipe()
         cell = self.beats.allocate(now)
         if template is not None:
+            neighbours = self.listeners.neighbours(slot)
             pid = template.spawn({"slot": slot, "generation": self.generation, "cell": cell,
-                                  "own_socket": bool(self.listeners.groups)},
-                                 [write_fd, *(s.fileno() for s in self.listeners.for_slot(slot))])
+                                  "own_socket": bool(self.listeners.groups),
+                                  "neighbours": len(neighbours)},
+                                 [write_fd, *(s.fileno() for s in
+                                              [*self.listeners.for_slot(slot), *neighbours])])
             error = "" if pid else f"the --preload template pid {template.pid} did not answer"
             if pid is None:
                 assert self.templates is not None
@@ -329,6 +332,7 @@ class Master:
         spec = worker.WorkerSpec(slot=slot, generation=self.generation, master_pid=self.pid,
                                  sockets=self.listeners.for_slot(slot), channel_fd=write_fd,
                                  close_fds=close_fds, own_socket=bool(self.listeners.groups),
+                                 neighbours=self.listeners.neighbours(slot),
                                  beats=self.beats.view if cell is not None else None,
                                  beat_cell=cell or 0)
         for handler in logging.getLogger().handlers:

@@ -214,9 +214,16 @@ class Listeners:
         """What a worker in `slot` serves: the shared sockets and its own in each group."""
         return [*self.app, *(g.socks[slot] for g in self.groups)]
 
+    def neighbours(self, slot: int) -> list[socket.socket]:
+        """The next slot's socket in each group, which a worker in `slot` helps (steal.py)."""
+        return [g.socks[(slot + 1) % len(g.socks)] for g in self.groups
+                if slot >= 0 and len(g.socks) > 1]
+
     def not_for_slot(self, slot: int) -> list[int]:
         """Other slots' sockets, which a worker closes so it never holds them open."""
-        return [s.fileno() for g in self.groups for i, s in enumerate(g.socks) if i != slot]
+        keep = {s.fileno() for s in self.neighbours(slot)}
+        return [s.fileno() for g in self.groups for i, s in enumerate(g.socks)
+                if i != slot and s.fileno() not in keep]
 
     def grow(self, slots: int) -> None:
         for group in self.groups:

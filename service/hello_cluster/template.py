@@ -263,9 +263,11 @@ def _fork_worker(cfg: Config, master_pid: int, request: dict[str, Any], fds: lis
         if pid == 0:
             os.close(w)
             gc.enable()
+            socks = [socket.socket(fileno=fd) for fd in socket_fds]
+            served = len(socks) - request.get("neighbours", 0)
             spec = worker.WorkerSpec(
                 slot=request["slot"], generation=request["generation"], master_pid=master_pid,
-                sockets=[socket.socket(fileno=fd) for fd in socket_fds], channel_fd=channel_fd,
+                sockets=socks[:served], channel_fd=channel_fd, neighbours=socks[served:],
                 close_fds=keep_out, own_socket=request["own_socket"],
                 beats=beats if request["cell"] is not None else None,
                 beat_cell=request["cell"] or 0, app=app, reparented=True,

@@ -20,7 +20,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -41,6 +41,7 @@ from hello_cluster.errors import (
 from hello_cluster.fastproto import FastProtocol
 from hello_cluster.looplag import LoopLag
 from hello_cluster.protocol import WorkerProtocol, connection_limit, expire_slow_heads
+from hello_cluster.steal import Helper
 
 log = logging.getLogger("hello_cluster.worker")
 
@@ -66,6 +67,7 @@ class WorkerSpec:
     channel_fd: int
     close_fds: Sequence[int]
     own_socket: bool = False  # its slot's socket of a steered SO_REUSEPORT group
+    neighbours: Sequence[socket.socket] = ()  # the next slot's sockets (steal.Helper)
     beats: memoryview[float] | None = None  # the master's shared beat table (beats.py), if any
     beat_cell: int = 0  # this worker's cell in it
     app: Any = None  # the app as the --preload template imported it
@@ -153,8 +155,11 @@ class WorkerServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, channel: ch.WorkerChannel,
                  beat_ticks: int, max_requests: int, metrics: Any = None,
-                 listen_grace: float = 0.0, beater: Beater | None = None) -> None:
+                 listen_grace: float = 0.0, beater: Beater | None = None,
+                 neighbours: Sequence[socket.socket] = ()) -> None:
         super().__init__(config)
+        self.neighbours = neighbours
+        self.helper: Helper | None = None
         self.beater = beater
         self.listen_grace = listen_grace
         self.metrics = metrics  # a RequestMetrics to flush each tick, or None
@@ -174,6 +179,8 @@ class WorkerServer(uvicorn.Server):
         yield
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.helper is not None:
+            self.helper.stop()
         if self.listen_grace:
             await asyncio.sleep(self.listen_grace)  # still accepting: see LISTEN_GRACE
         await super().shutdown(sockets)
@@ -194,7 +201,19 @@ class WorkerServer(uvicorn.Server):
             uvicorn_log.removeFilter(said)
         said.replay(uvicorn_log)  # errors that did not stop the start are the app's to show
         if self.started and not self.should_exit:
+            if self.neighbours:
+                own = [s for s in sockets or () if s.family in (socket.AF_INET, socket.AF_INET6)]
+                self.helper = Helper(self.neighbours, own, self.protocol_factory(),
+                                     self.config.ssl, self.config.backlog)
+                self.helper.start()
             self.channel.send(ch.READY)
+
+    def protocol_factory(self) -> Callable[[], Any]:
+        """What uvicorn's startup makes for its listeners (Server.startup's create_protocol)."""
+        config, state, app_state = self.config, self.server_state, self.lifespan.state
+        loop = asyncio.get_running_loop()
+        return lambda: config.http_protocol_class(  # type: ignore[call-arg]
+            config=config, server_state=state, app_state=app_state, _loop=loop)
 
     async def on_tick(self, counter: int) -> bool:
         if self.loop_lag is not None:
@@ -339,7 +358,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
     beat_ticks = 1 if spec.own_socket else max(1, int(min(1.0, cfg.worker_timeout / 4) / TICK))
     beater = Beater(spec.beats, spec.beat_cell) if spec.beats is not None else None
     server = WorkerServer(uv_config, channel, beat_ticks, max_requests, metrics,
-                          LISTEN_GRACE if spec.own_socket else 0.0, beater)
+                          LISTEN_GRACE if spec.own_socket else 0.0, beater, spec.neighbours)
     server.run(sockets=list(spec.sockets))
     if access_log is not None:
         access_log.flush()  # the lines of the last tenth of a second
