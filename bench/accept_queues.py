@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(row)
     for label in ("steered (default)", "shared (--reuse-port off)"):
         rows = [r for r in results if r["run"] == label]
-        print(f"{label}: req/s median {statistics.median(r['rps'] for r in rows)}, "  # type: ignore[misc]
+        rps = [int(str(r["rps"])) for r in rows if r["rps"] is not None]
+        print(f"{label}: req/s median {statistics.median(rps) if rps else None}, "
               f"idle CPU {[r['idle_cpu_pct'] for r in rows]}%, longest minus shortest "
               f"accept queue, median per run {[r['queue_gap_median'] for r in rows]}")
     return 0

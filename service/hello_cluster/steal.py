@@ -7,13 +7,21 @@ With a connection per request (`Connection: close`) that is what kept the steere
 below one shared socket (bench/accept_queues.py: queues at 63/0, the machine 11% idle).
 
 So each worker also watches the socket of the next slot in its group (slot i watches i + 1,
-the last watches the first). When connections wait there while our own queue is empty, we
-open a listener of our own on a duplicate of that socket for HELP_WINDOW: the event loop's
-native accept path takes what waits, exactly as on one shared socket, and the window closes
-again. A free owner accepts a connection within microseconds, so on a quiet machine there is
-nothing to take when we look and the even spread stays (tests/test_balance.py). We look on a
-readable event, and after a look that found our own queue busy only after RECHECK, so the
-watching costs a bounded number of wake-ups whatever the rate.
+the last watches the first). When connections wait there while our own queue is empty (two
+or more, or one that is still there RECHECK later), we open a listener of our own on a
+duplicate of that socket for HELP_WINDOW: the event loop's native accept path takes what
+waits, as on one shared socket, and the window closes again. A free owner accepts a
+connection within microseconds, so on a quiet machine there is nothing to take when we look
+and the even spread stays (tests/test_balance.py). A stalled or stopped worker's queue is
+emptied by its neighbour instead of waiting for it to turn again. We look on a readable
+event, and after a look that found our own queue busy only after RECHECK, so watching costs
+a bounded number of wake-ups whatever the rate. listen() on the duplicate only re-sets the
+backlog of a socket that already listens, so the group's order, which the steering program
+indexes, does not change; closing the window closes the duplicate alone.
+
+Tuned on this machine with `wrk -H "Connection: close"` against 2 workers: windows of 5, 20,
+50 and 100 ms with rechecks of 0.5-2 ms gave about 23k, 25-27k, 28.5-29.3k and 28.6-29.8k
+req/s (one shared socket: 28-30k).
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ class Helper:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.servers: dict[int, asyncio.AbstractServer] = {}  # neighbour fd -> open window
         self.stopped = False
-        self.windows = 0  # windows opened, for the tests
+        self.windows = 0  # windows opened: said at debug level when the worker drains
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -67,6 +75,7 @@ class Helper:
     def stop(self) -> None:
         """Draining: no more windows; an open one stops accepting now."""
         self.stopped = True
+        log.debug("helped the next slot's worker in %d windows", self.windows)
         if self.loop is None:
             return
         for sock in self.socks:
