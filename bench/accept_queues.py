@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as h  # noqa: E402
-import peers  # noqa: E402
+from metrics_ab import start  # noqa: E402
 
 SAMPLE_EVERY = 0.2
 
@@ -46,15 +45,8 @@ def queues(port: int) -> list[int]:
 
 
 def one_run(label: str, extra: list[str], workers: int, duration: float) -> dict[str, object]:
-    port, metrics_port = h.free_port(), h.free_port()
-    argv = [str(peers.MAIN_BIN / "hello-cluster"), "--bind", f"127.0.0.1:{port}",
-            "--workers", str(workers), "--metrics-bind", f"127.0.0.1:{metrics_port}",
-            "--log-level", "warning", *extra]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HELLO_CLUSTER_",
-                                                                     "NOTIFY_SOCKET", "LISTEN_"))}
-    proc = h.Proc(argv, env, peers.WORK / "logs" / "accept_queues.log")
+    proc, port = start("accept_queues", extra, workers)
     try:
-        h.wait_for_pids(port, workers, time.monotonic() + 30)
         time.sleep(0.5)
         before = cpu_times()
         samples: list[list[int]] = []

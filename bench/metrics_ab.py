@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -28,17 +27,14 @@ import peers  # noqa: E402
 
 
 def start(name: str, extra: list[str], workers: int) -> tuple[h.Proc, int]:
-    port, metrics_port = h.free_port(), h.free_port()
-    argv = [str(peers.MAIN_BIN / "hello-cluster"), "--bind", f"127.0.0.1:{port}",
-            "--workers", str(workers), "--metrics-bind", f"127.0.0.1:{metrics_port}",
-            "--log-level", "warning", *extra]
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HELLO_CLUSTER_", "NOTIFY_SOCKET", "LISTEN_"))}
-    proc = h.Proc(argv, env, peers.WORK / "logs" / f"metrics_ab-{name}.log")
+    """hello-cluster on a free port, returned once every worker has answered."""
+    port = h.free_port()
+    log = peers.WORK / "logs" / f"{name}.log"
+    proc = h.Proc(peers.hello_argv(port, h.free_port(), workers, extra), peers.clean_env(), log)
     when, _ = h.wait_for_pids(port, workers, time.monotonic() + 30)
     if when is None:
         proc.stop()
-        raise SystemExit(f"metrics_ab: {name} did not start; see {peers.WORK / 'logs'}")
+        raise SystemExit(f"bench: hello-cluster {' '.join(extra)} did not start; see {log}")
     return proc, port
 
 
@@ -49,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--close", action="store_true", help="Connection: close instead of keep-alive")
     args = ap.parse_args(argv)
-    on, on_port = start("on", [], args.workers)
+    on, on_port = start("metrics_ab-on", [], args.workers)
     off = None
     try:
-        off, off_port = start("off", ["--no-request-metrics"], args.workers)
+        off, off_port = start("metrics_ab-off", ["--no-request-metrics"], args.workers)
         h.wrk(on_port, 1, args.close)  # warm both
         h.wrk(off_port, 1, args.close)
         ratios = []

@@ -78,20 +78,30 @@ def peer_env() -> dict[str, str]:
     return {"PYTHONPATH": f"{ROOT / 'service'}{os.pathsep}{BENCH}"}
 
 
+def hello_argv(port: int, metrics_port: int, workers: int, extra: list[str]) -> list[str]:
+    """hello-cluster on loopback as every bench script starts it."""
+    return [str(MAIN_BIN / "hello-cluster"), "--bind", f"127.0.0.1:{port}",
+            "--workers", str(workers), "--metrics-bind", f"127.0.0.1:{metrics_port}",
+            "--log-level", "warning", *extra]
+
+
+def clean_env() -> dict[str, str]:
+    """Our environment without what would change how a contender starts or where it logs."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("HELLO_CLUSTER_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_",
+                                 "PROMETHEUS_MULTIPROC_DIR", "VIRTUAL_ENV", "PYTHONPATH"))}
+
+
 def contenders(workers: int, port_of: dict[str, int], metrics_port_of: dict[str, int],
                include_sync: bool = True) -> list[Contender]:
     """All contenders, in report order; ports are chosen by the caller (free ports)."""
     n = str(workers)
-    hc = str(MAIN_BIN / "hello-cluster")
     py = str(BENCH_BIN / "python")
     out: list[Contender] = []
 
     def hello(name: str, label: str, extra: list[str]) -> Contender:
         return Contender(
-            name, label,
-            [hc, "--bind", f"127.0.0.1:{port_of[name]}", "--workers", n,
-             "--metrics-bind", f"127.0.0.1:{metrics_port_of[name]}", "--log-level", "warning",
-             *extra],
+            name, label, hello_argv(port_of[name], metrics_port_of[name], workers, extra),
             kind="subject", notify=True, reload_signal=True)
 
     out.append(hello("hc", "hello-cluster --http uvicorn (request metrics on)",
@@ -159,16 +169,15 @@ def wsgi_contenders(workers: int, threads: int, port_of: dict[str, int],
     worker is one request at a time by design.
     """
     n, t = str(workers), str(threads)
-    hc = str(MAIN_BIN / "hello-cluster")
     gunicorn = str(BENCH_BIN / "gunicorn")
     out: list[Contender] = []
 
     def hello(name: str, label: str, extra: list[str]) -> Contender:
         return Contender(
             name, label,
-            [hc, "--bind", f"127.0.0.1:{port_of[name]}", "--workers", n,
-             "--metrics-bind", f"127.0.0.1:{metrics_port_of[name]}", "--log-level", "warning",
-             "--app", "peer_flask:app", "--interface", "wsgi", "--wsgi-threads", t, *extra],
+            hello_argv(port_of[name], metrics_port_of[name], workers,
+                       ["--app", "peer_flask:app", "--interface", "wsgi", "--wsgi-threads", t,
+                        *extra]),
             env=flask_env(), kind="subject", notify=True, reload_signal=True)
 
     out.append(hello("hc-flask", f"hello-cluster --interface wsgi --wsgi-threads {t}",

@@ -55,10 +55,7 @@ def ensure_tools() -> None:
 
 
 def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HELLO_CLUSTER_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_",
-                                "PROMETHEUS_MULTIPROC_DIR", "VIRTUAL_ENV", "PYTHONPATH"))}
-    return env
+    return peers.clean_env()
 
 
 class Session:
