@@ -64,20 +64,10 @@ TARGETS = [
 
 # ---- small readers -------------------------------------------------------------------------
 
-def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 def readyz(port: int) -> tuple[int, int] | None:
     """(ready, desired) from the master's /readyz, None while it does not answer."""
     try:
-        _, body = http_get(port, "/readyz", timeout=2.0)
+        _, body = h.http_get(port, "/readyz", timeout=2.0)
     except OSError:
         return None
     m = READYZ.search(body)
@@ -286,7 +276,7 @@ def phase_start(p: Pool, timeout: float) -> dict[str, Any]:
     ready = wait_until("start to READY=1", max(1.0, timeout - out["readyz_s"]),
                        lambda: p.notify.first("READY=1"))
     out["notify_s"] = ready - p.t0
-    _, body = http_get(p.mport, "/metrics", timeout=30)
+    _, body = h.http_get(p.mport, "/metrics", timeout=30)
     out["workers_ready_gauge"] = metric_sum(body, "hello_cluster_workers_ready")
     return out
 
@@ -342,7 +332,7 @@ def phase_scrape(p: Pool) -> dict[str, Any]:
     body = b""
     for _ in range(SCRAPES):
         t = time.monotonic()
-        status, body = http_get(p.mport, "/metrics", timeout=30)
+        status, body = h.http_get(p.mport, "/metrics", timeout=30)
         ms.append((time.monotonic() - t) * 1000)
         if status != 200:
             raise Timeout(f"scrape: status {status}")
@@ -373,7 +363,7 @@ def phase_reload(p: Pool, timeout: float) -> dict[str, Any]:
     out["old_gone_s"] = time.monotonic() - t
     new = children(p.proc.pid)
     out["new_workers"] = len(new - old)
-    _, body = http_get(p.mport, "/metrics", timeout=30)
+    _, body = h.http_get(p.mport, "/metrics", timeout=30)
     out["reloads_total"] = metric_sum(body, "hello_cluster_reloads_total")
     out["workers_ready_gauge"] = metric_sum(body, "hello_cluster_workers_ready")
     return out

@@ -16,11 +16,9 @@ The markdown table goes to stdout and to `bench/results/scrape-cost-<YYYY-MM-DD>
 from __future__ import annotations
 
 import argparse
-import http.client
 import math
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,25 +26,17 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness as h  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "hello-cluster"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def get(port: int, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    return h.http_get(port, path, timeout=30)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -70,7 +60,7 @@ def wait_ready(metrics_port: int, workers: int, proc: subprocess.Popen[bytes]) -
 
 
 def measure(binary: str, workers: int, reps: int) -> dict[str, float]:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = h.free_port(), h.free_port()
     with tempfile.TemporaryDirectory(prefix="hc-scrape-cost-") as tmp:
         log = open(Path(tmp) / "log", "wb")
         proc = subprocess.Popen([binary, "--workers", str(workers), "--bind",
