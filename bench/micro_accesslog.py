@@ -54,8 +54,8 @@ def _via_logging(n: int) -> float:
 
 def main() -> None:
     from hello_cluster import logs
-    from hello_cluster.accesslog import AccessLog
     from hello_cluster.app import app
+    from hello_cluster.http.accesslog import AccessLog
 
     results: dict[str, float] = {}
     with tempfile.TemporaryFile() as sink:

@@ -20,9 +20,9 @@ import socket
 import time
 from collections.abc import Callable
 
-from hello_cluster.endpoint import Endpoint, Response
-from hello_cluster.metrics import PoolStats, master_registry
-from hello_cluster.scrape import Scrapes, choose_format
+from hello_cluster.observe.endpoint import Endpoint, Response
+from hello_cluster.observe.metrics import PoolStats, master_registry
+from hello_cluster.observe.scrape import Scrapes, choose_format
 
 N = 2000
 def scraper(i: int) -> bytes:

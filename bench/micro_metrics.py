@@ -43,7 +43,7 @@ def main() -> None:
         from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
         from hello_cluster.app import app
-        from hello_cluster.metrics import RequestMetrics
+        from hello_cluster.observe.metrics import RequestMetrics
 
         wrapped = RequestMetrics(app)
         proxied = ProxyHeadersMiddleware(app, trusted_hosts="127.0.0.1")

@@ -101,8 +101,8 @@ def make_protocol(kind: str, app: Any, metrics: Any) -> Any:
     import uvicorn
     from uvicorn.server import ServerState
 
-    from hello_cluster.fastproto import FastProtocol
-    from hello_cluster.protocol import WorkerProtocol
+    from hello_cluster.http.fastproto import FastProtocol
+    from hello_cluster.http.uvicornproto import WorkerProtocol
 
     if kind == "fast":
         cls: Any = FastProtocol.with_metrics(metrics)
@@ -233,7 +233,7 @@ def main() -> None:
         import uvloop
 
         from hello_cluster.app import app
-        from hello_cluster.metrics import RequestMetrics
+        from hello_cluster.observe.metrics import RequestMetrics
 
         metrics = RequestMetrics(app)
         out: dict[str, Any] = {"n": N, "runs": RUNS, "parse_us": round(parse_us(), 2),

@@ -21,7 +21,7 @@ import harness as h
 import peers
 
 FRAME_RE = re.compile(r"^(?P<fn>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
-METRICS_FILES = ("hello_cluster/metrics.py", "prometheus_client/")
+METRICS_FILES = ("hello_cluster/observe/metrics.py", "prometheus_client/")
 TOP = 15
 
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import wait_for
-from hello_cluster.accesslog import client, escape, target
+from hello_cluster.http.accesslog import client, escape, target
 
 TEXT_LINE = re.compile(
     r'hello-cluster\[(\d+)\] worker (\d+) INFO (\S+) "(\S+) (\S+) HTTP/([\d.]+)" '
@@ -99,7 +99,7 @@ def test_lines_have_the_shape_of_the_rest_of_the_log() -> None:
     import os
 
     from hello_cluster import logs
-    from hello_cluster.accesslog import AccessLog
+    from hello_cluster.http.accesslog import AccessLog
 
     record = logging.LogRecord("hello_cluster.worker", logging.INFO, __file__, 1, "served",
                                None, None)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import need, need_root, run_cli
-from hello_cluster.loader import ASGI, WSGI, detect_interface
+from hello_cluster.worker.loader import ASGI, WSGI, detect_interface
 
 BASE = ("--bind", "127.0.0.1:0", "--metrics-bind", "off", "--workers", "2")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hello_cluster.backoff import Breaker, Policy, ceiling, delay, failures_after_death
+from hello_cluster.supervisor.backoff import Breaker, Policy, ceiling, delay, failures_after_death
 
 policies = st.builds(
     Policy,

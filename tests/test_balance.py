@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import http_get, run_cli, wait_for
-from hello_cluster import balance
+from hello_cluster.system import balance
 
 AD_RANDOM = balance.SKF_AD_RANDOM
 

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import v1_cgroup
-from hello_cluster.cpus import (
+from hello_cluster.system.cpus import (
     cgroup_cpu_limit,
     decide_workers,
     parse_cfs,

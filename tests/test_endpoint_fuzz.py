@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import Cluster, http_get
-from hello_cluster.endpoint import Endpoint, Response
+from hello_cluster.observe.endpoint import Endpoint, Response
 
 REQUEST_TIMEOUT = 5.0  # the endpoint's per-connection deadline (endpoint.REQUEST_TIMEOUT)
 OUR_TYPES = (b"text/plain; version=0.0.4; charset=utf-8",

@@ -8,7 +8,7 @@ from typing import Any
 import uvicorn
 from uvicorn.server import ServerState
 
-from hello_cluster.fastproto import FastProtocol
+from hello_cluster.http.fastproto import FastProtocol
 
 
 class Transport(asyncio.Transport):
@@ -100,7 +100,7 @@ def test_request_metrics_counted_like_the_middleware() -> None:
     status, one bucket per request, the sum of durations, in-flight from running tasks."""
     from prometheus_client import CollectorRegistry
 
-    from hello_cluster.metrics import RequestMetrics
+    from hello_cluster.observe.metrics import RequestMetrics
 
     metrics = RequestMetrics(hello, registry=CollectorRegistry())
 

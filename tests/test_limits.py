@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import pytest
 
 from conftest import need
-from hello_cluster.protocol import (
+from hello_cluster.http.uvicornproto import (
     FD_RESERVE,
     HEAD_TIMEOUT,
     MAX_HEAD_BYTES,

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from conftest import TEST_APPS, Load, alive, children, run_cli, wait_for
-from hello_cluster import memory
+from hello_cluster.supervisor import memory
 
 MiB = 1024 * 1024
 VERSIONED = '''

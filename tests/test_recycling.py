@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import Load, run_cli, wait_for
-from hello_cluster import memory
 from hello_cluster.config import parse_size
 from hello_cluster.errors import ConfigError
-from hello_cluster.recycling import MEMORY_SAMPLE, MEMORY_STRIKES, Recycler
+from hello_cluster.supervisor import memory
+from hello_cluster.supervisor.recycling import MEMORY_SAMPLE, MEMORY_STRIKES, Recycler
 
 MiB = 1024 * 1024
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 
-from hello_cluster.beats import SCAN, Beater, BeatTable
+from hello_cluster.system.beats import SCAN, Beater, BeatTable
 
 
 def test_cells_are_handed_out_once_and_reused_after_release() -> None:

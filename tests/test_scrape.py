@@ -12,9 +12,9 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from hello_cluster.endpoint import Response, encode_response
-from hello_cluster.metrics import PoolStats, master_registry
-from hello_cluster.scrape import (
+from hello_cluster.observe.endpoint import Response, encode_response
+from hello_cluster.observe.metrics import PoolStats, master_registry
+from hello_cluster.observe.scrape import (
     MAX_PARAMS,
     MAX_RANGES,
     OPENMETRICS,

@@ -20,7 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import BIN, Cluster, clean_env, free_port, run_cli, wait_for
-from hello_cluster import looplag, procstat, statuscmd
+from hello_cluster.observe import status_command as statuscmd
+from hello_cluster.system import procstat
+from hello_cluster.worker import looplag
 
 STATES = {"starting", "ready", "stalled", "draining", "hung", "backoff"}
 
@@ -374,7 +376,7 @@ def test_key_prefixes_match_prometheus_client_keys() -> None:
     prometheus-client's key format must fail here, not silently zero the counts."""
     from prometheus_client.mmap_dict import mmap_key
 
-    from hello_cluster import status
+    from hello_cluster.observe import status_page as status
 
     cases = [(status.REQUESTS_KEY, "hello_cluster_http_requests",
               "hello_cluster_http_requests_total", ["method", "status"], ["GET", "200"]),

@@ -24,8 +24,8 @@ from conftest import (
     wait_for,
 )
 from hello_cluster.errors import ListenerError
-from hello_cluster.notify import watchdog_interval
-from hello_cluster.sockets import parse_listen_env
+from hello_cluster.system.notify import watchdog_interval
+from hello_cluster.system.sockets import parse_listen_env
 
 
 class _Any(dict):  # type: ignore[type-arg]

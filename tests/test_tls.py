@@ -26,9 +26,9 @@ from test_systemd_contract import activate, stop
 from tls_pki import Pki, client_context, https_get, plain_http_status
 
 from conftest import TEST_APPS, free_port, need_command, run_cli, wait_for
-from hello_cluster import tls
 from hello_cluster.config import Config, load_config
 from hello_cluster.errors import ConfigError
+from hello_cluster.http import tls
 
 HELLO = b"<h1>Hello Python!</h1><p>Hello Cluster!</p>"
 

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import setproctitle
 
-from hello_cluster import logs, tls
+from hello_cluster import logs
 from hello_cluster.config import Config, load_config
-from hello_cluster.cpus import auto_workers
 from hello_cluster.errors import EXIT_INTERNAL, ClusterError, ConfigError, ResourceError
-from hello_cluster.notify import Notifier
-from hello_cluster.sockets import open_listeners
+from hello_cluster.http import tls
+from hello_cluster.system.cpus import auto_workers
+from hello_cluster.system.notify import Notifier
+from hello_cluster.system.sockets import open_listeners
 
 log = logging.getLogger("hello_cluster")
 
@@ -125,8 +126,8 @@ def run(cfg: Config) -> int:
             metrics_dir = make_metrics_dir(runtime, cfg)
             # prometheus_client picks its value class when first imported: set this first.
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        from hello_cluster.master import run_master
-        from hello_cluster.worker import preload_builtin_app, preload_engine
+        from hello_cluster.supervisor.master import run_master
+        from hello_cluster.worker.process import preload_builtin_app, preload_engine
 
         preload_engine()
         preload_builtin_app()
@@ -145,7 +146,7 @@ def run(cfg: Config) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["status"]:  # `hello-cluster status`: a client of a running master
-        from hello_cluster.statuscmd import main as status_main
+        from hello_cluster.observe.status_command import main as status_main
 
         return status_main(args[1:])
     try:

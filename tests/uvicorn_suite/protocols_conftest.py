@@ -7,7 +7,7 @@ overrides that fixture: the whole file then runs against hello-cluster's protoco
 
 import pytest
 
-from hello_cluster.fastproto import FastProtocol
+from hello_cluster.http.fastproto import FastProtocol
 
 
 @pytest.fixture(params=[FastProtocol], ids=["fast"])

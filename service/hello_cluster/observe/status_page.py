@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.mmap_dict import MmapedDict
 
-from hello_cluster import __version__, procstat
-from hello_cluster.endpoint import Response
-from hello_cluster.looplag import LAG_METRIC
-from hello_cluster.metrics import NAMESPACE, SlotSample
+from hello_cluster import __version__
+from hello_cluster.observe.endpoint import Response
+from hello_cluster.observe.metrics import LAG_METRIC, NAMESPACE, SlotSample
+from hello_cluster.system import procstat
 
 if TYPE_CHECKING:
-    from hello_cluster.master import Master, Worker
+    from hello_cluster.supervisor.master import Master, Worker
 
 REQUESTS = f"{NAMESPACE}_http_requests_total"
 IN_FLIGHT = f"{NAMESPACE}_http_requests_in_progress"

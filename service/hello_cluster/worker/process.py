@@ -27,9 +27,7 @@ from typing import Any, NoReturn
 import setproctitle
 import uvicorn
 
-from hello_cluster import channel as ch
-from hello_cluster import loader, logs, tls
-from hello_cluster.beats import Beater
+from hello_cluster import logs
 from hello_cluster.config import DEFAULT_APP, Config
 from hello_cluster.errors import (
     EXIT_APP,
@@ -38,10 +36,14 @@ from hello_cluster.errors import (
     AppLoadError,
     ResourceError,
 )
-from hello_cluster.fastproto import FastProtocol
-from hello_cluster.looplag import LoopLag
-from hello_cluster.protocol import WorkerProtocol, connection_limit, expire_slow_heads
-from hello_cluster.steal import Helper
+from hello_cluster.http import tls
+from hello_cluster.http.fastproto import FastProtocol
+from hello_cluster.http.uvicornproto import WorkerProtocol, connection_limit, expire_slow_heads
+from hello_cluster.system import channel as ch
+from hello_cluster.system.beats import Beater
+from hello_cluster.worker import loader
+from hello_cluster.worker.looplag import LoopLag
+from hello_cluster.worker.neighbours import Helper
 
 log = logging.getLogger("hello_cluster.worker")
 
@@ -309,7 +311,7 @@ def build_app(cfg: Config, first: bool = True, preloaded: Any = None) -> tuple[A
     app = preloaded
     metrics = None
     if cfg.request_metrics and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from hello_cluster.metrics import RequestMetrics
+        from hello_cluster.observe.metrics import RequestMetrics
 
         metrics = RequestMetrics(app)
         if cfg.http != "fast":
@@ -325,7 +327,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
                              preloaded=spec.app)
     access_log = None
     if cfg.access_log:  # off: not wrapped at all, nothing on the request path
-        from hello_cluster.accesslog import AccessLog
+        from hello_cluster.http.accesslog import AccessLog
 
         app = access_log = AccessLog(app, spec.slot + 1)
     max_requests = 0

@@ -47,7 +47,7 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavai
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 from uvicorn.server import ServerState
 
-from hello_cluster.protocol import make_room
+from hello_cluster.http.uvicornproto import make_room
 
 IDLE_GRACE = 0.5  # seconds an idle connection may still bring one last request when draining
 MAX_HEAD_BYTES = 64 * 1024  # request line plus headers (names, values, ": " and CRLF)

@@ -20,7 +20,7 @@ actually high.
 
 from __future__ import annotations
 
-from hello_cluster import procstat
+from hello_cluster.system import procstat
 
 
 def parse_smaps_rollup_uss(text: str) -> int:

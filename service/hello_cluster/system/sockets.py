@@ -16,9 +16,9 @@ import stat
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
-from hello_cluster import balance
 from hello_cluster.config import BindAddress, is_decimal
 from hello_cluster.errors import ListenerError
+from hello_cluster.system import balance
 
 log = logging.getLogger("hello_cluster.sockets")
 

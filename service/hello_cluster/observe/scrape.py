@@ -29,7 +29,7 @@ from prometheus_client.openmetrics.exposition import (
 )
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from hello_cluster.metrics import PoolStats
+from hello_cluster.observe.metrics import PoolStats
 
 WINDOW = 0.25  # seconds a render is shared; below a worker's 0.1 s flush times a few
 

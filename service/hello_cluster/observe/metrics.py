@@ -35,6 +35,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from hello_cluster import __version__
 
 NAMESPACE = "hello_cluster"
+# Observed by each worker (worker/looplag.py), summed by /status: one name for both.
+LAG_METRIC = f"{NAMESPACE}_event_loop_lag_seconds"
 INF = float("inf")
 RESTART_REASONS = ("exit", "signal", "timeout", "oom")
 RECYCLE_REASONS = ("max_requests", "memory", "lifetime")

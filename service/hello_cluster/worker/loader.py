@@ -192,7 +192,7 @@ def wsgi_to_asgi(app: Any, threads: int) -> Any:
     responder is replaced by wsgiadapter.Responder, whose view thread does not wait for the
     loop at every message it sends.
     """
-    from hello_cluster.wsgiadapter import WSGIMiddleware
+    from hello_cluster.http.wsgi import WSGIMiddleware
 
     return WSGIMiddleware(cast(Any, WsgiEnviron(app)), workers=threads)
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from hello_cluster.config import is_decimal
-from hello_cluster.cpus import parse_mountinfo, parse_proc_cgroup
+from hello_cluster.system.cpus import parse_mountinfo, parse_proc_cgroup
 
 
 def parse_oom_kills(text: str) -> int | None:

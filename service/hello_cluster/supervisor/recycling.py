@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from hello_cluster import memory
+from hello_cluster.supervisor import memory
 
 log = logging.getLogger("hello_cluster.master")
 

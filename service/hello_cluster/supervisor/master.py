@@ -22,21 +22,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hello_cluster import backoff, worker
-from hello_cluster import channel as ch
-from hello_cluster.beats import SCAN, BeatTable
 from hello_cluster.config import MAX_WORKERS, Config
-from hello_cluster.endpoint import Endpoint, Response
 from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK, EXIT_RESOURCE
-from hello_cluster.metrics import PoolStats, master_registry
-from hello_cluster.notify import Notifier, watchdog_interval
-from hello_cluster.oom import OomWatch
-from hello_cluster.procstat import SlotCpu
-from hello_cluster.recycling import Recycler
-from hello_cluster.scrape import RenderFailed, Scrapes, choose_format
-from hello_cluster.sockets import Listeners
-from hello_cluster.status import slot_samples, status_response
-from hello_cluster.template import Template, Templates, become_subreaper
+from hello_cluster.observe.endpoint import Endpoint, Response
+from hello_cluster.observe.metrics import PoolStats, master_registry
+from hello_cluster.observe.scrape import RenderFailed, Scrapes, choose_format
+from hello_cluster.observe.status_page import slot_samples, status_response
+from hello_cluster.supervisor import backoff
+from hello_cluster.supervisor.oom import OomWatch
+from hello_cluster.supervisor.recycling import Recycler
+from hello_cluster.supervisor.template import Template, Templates, become_subreaper
+from hello_cluster.system import channel as ch
+from hello_cluster.system.beats import SCAN, BeatTable
+from hello_cluster.system.notify import Notifier, watchdog_interval
+from hello_cluster.system.procstat import SlotCpu
+from hello_cluster.system.sockets import Listeners
+from hello_cluster.worker import process as worker
 
 log = logging.getLogger("hello_cluster.master")
 
@@ -506,7 +507,7 @@ class Master:
         if self.multiproc_dir is not None:
             from prometheus_client import multiprocess
 
-            from hello_cluster.metrics import archive_dead_worker
+            from hello_cluster.observe.metrics import archive_dead_worker
 
             multiprocess.mark_process_dead(w.pid, self.multiproc_dir)
             try:

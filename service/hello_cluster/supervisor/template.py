@@ -41,9 +41,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from hello_cluster import channel as ch
-from hello_cluster import loader, tls, worker
 from hello_cluster.config import Config
+from hello_cluster.http import tls
+from hello_cluster.system import channel as ch
+from hello_cluster.worker import loader
+from hello_cluster.worker import process as worker
 
 log = logging.getLogger("hello_cluster.master")
 

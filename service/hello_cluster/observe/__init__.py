@@ -1,0 +1,1 @@
+"""What operators see: metrics, the master's endpoint, /status and its command."""

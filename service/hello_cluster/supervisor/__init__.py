@@ -1,0 +1,1 @@
+"""The master: forks, watches and replaces workers; never serves traffic."""

@@ -1,0 +1,1 @@
+"""The operating system's contracts: sockets, systemd notify, cgroups, /proc."""

@@ -1,0 +1,1 @@
+"""A worker process: imports the app and serves it on the inherited sockets."""
