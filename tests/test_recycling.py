@@ -121,7 +121,8 @@ def test_smaps_parser_raises_only_value_error(text: str) -> None:
 
 @pytest.mark.parametrize(("text", "size"), [
     ("0", 0), ("300M", 300 * MiB), ("1G", 1024 * MiB), ("1.5g", 1536 * MiB),
-    ("512K", 512 * 1024), ("100MiB", 100 * MiB), ("2048", 2048), (" 64 MB ", 64 * MiB)])
+    ("512K", 512 * 1024), ("100MiB", 100 * MiB), ("2048", 2048), (" 64 MiB ", 64 * MiB),
+    ("300MB", 300_000_000), ("1kB", 1000), ("2Gi", 2048 * MiB), ("1.5GB", 1_500_000_000)])
 def test_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
 

@@ -763,6 +763,39 @@ def test_g_config_error_is_not_restarted(sd: NsSystemd) -> None:
         sd.systemctl("daemon-reload", check=False)
 
 
+def test_g2_a_failing_activation_is_bounded_and_recoverable(sd: NsSystemd,
+                                                             net: NetnsClient) -> None:
+    """A waiting connection re-triggers a start that fails (exit 2) until systemd's start
+    limit: StartLimitBurst=3 bounds it (systemd's default is 5 in 10 s), and the documented
+    reset-failed + start brings the sockets back."""
+    if sd.prop(SERVICE, "ActiveState") not in ("inactive", "failed"):
+        sd.systemctl("stop", SERVICE)
+    sd.systemctl("reset-failed", SERVICE, check=False)
+    sd.systemctl("start", APP_SOCKET, METRICS_SOCKET)
+    dropin = f"/run/systemd/system/{SERVICE}.d/50-bad-flag.conf"
+    sd.write(dropin, f"[Service]\nExecStart=\nExecStart={BIN} --workers many\n")
+    cursor = sd.cursor()
+    try:
+        sd.systemctl("daemon-reload")
+        waiting = net.submit(http_get, APP_PORT, "/", timeout=20)
+        wait_for(lambda: sd.prop(APP_SOCKET, "ActiveState") == "failed", 30, interval=0.2,
+                 what=f"{APP_SOCKET} failed after the start limit")
+        with suppress(Exception):
+            waiting.result(25)  # refused or reset once the socket closed: either is fine
+        assert sd.prop(APP_SOCKET, "Result") == "service-start-limit-hit", sd.journal(lines=30)
+        starts = sd.journal("-u", SERVICE, after=cursor).count("status=2/INVALIDARGUMENT")
+        assert 1 <= starts <= 3, sd.journal("-u", SERVICE, after=cursor)
+    finally:
+        sd.remove(dropin)
+        sd.systemctl("daemon-reload", check=False)
+    # The recovery the unit file and docs/systemd.md give, word for word.
+    sd.systemctl("reset-failed", SERVICE, APP_SOCKET, METRICS_SOCKET)
+    sd.systemctl("start", APP_SOCKET, METRICS_SOCKET)
+    status, _, body = net.get(APP_PORT, "/", timeout=30)
+    assert status == 200 and HELLO in body
+    ensure_running(sd, net)
+
+
 def test_h_tls_key_from_load_credential(sd: NsSystemd, net: NetnsClient,
                                         tmp_path: Path) -> None:
     """The README's TLS recipe: the DynamicUser cannot read a root-only key, LoadCredential=

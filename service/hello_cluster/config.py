@@ -140,18 +140,25 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_SIZE_UNIT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([kmgt])(i?)(b?))?\s*$", re.IGNORECASE)
+_POWER = {"k": 1, "m": 2, "g": 3, "t": 4}
 MAX_SIZE = 1024**5
 
 
 def parse_size(text: str) -> int:
-    """Bytes from `300M`, `1.5G`, `512K`, `1T` or plain bytes; units are binary (M = MiB),
-    as systemd's MemoryMax= reads them. `0` means off."""
+    """Bytes from `300M`, `1.5G`, `512K`, `300MiB`, `300MB` or plain bytes; `0` means off.
+
+    A bare letter and the IEC spellings are binary (M = MiB), as systemd's MemoryMax= reads
+    them; the SI spellings (kB, MB, GB, TB) are decimal, so `300MB` is 300,000,000 bytes and
+    never silently a MiB figure.
+    """
     match = _SIZE.match(text)
     if not match:
-        raise ConfigError(f"{text!r} is not a size; use e.g. 300M, 1.5G or 0 (off)")
-    size = float(match.group(1)) * _SIZE_UNIT[match.group(2).lower()]
+        raise ConfigError(f"{text!r} is not a size; use e.g. 300M (MiB), 300MB (10^6), 1.5G "
+                          "or 0 (off)")
+    number, letter, iec, byte = match.groups()
+    base = 1000 if letter and byte and not iec else 1024
+    size = float(number) * base ** _POWER[letter.lower()] if letter else float(number)
     if size > MAX_SIZE:
         raise ConfigError(f"{text!r} is larger than 1 PiB")
     return int(size)
@@ -328,6 +335,8 @@ class Option:
     help: str
     metavar: str = "VALUE"
     repeat: bool = False
+    env_only: bool = False  # refused as a flag, so --help does not offer it
+
 
     @property
     def flag(self) -> str:
@@ -427,7 +436,7 @@ OPTIONS: tuple[Option, ...] = (
            "its PEM private key (default: in --ssl-certfile)", "PATH"),
     Option("ssl-keyfile-password", parse_secret, None,
            "the key's password: environment only (a flag shows in ps); or use "
-           "--ssl-keyfile-password-file", "PASSWORD"),
+           "--ssl-keyfile-password-file", "PASSWORD", env_only=True),
     Option("ssl-keyfile-password-file", parse_path, None,
            "a file holding the key's password (systemd credential, Kubernetes Secret)",
            "PATH"),
@@ -480,8 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(opt.flag, dest=opt.dest, action="append", metavar=opt.metavar,
                                 help=f"{opt.help} {shown}")
         else:
+            # An env-only option is still parsed as a flag, to refuse it with the reason.
             parser.add_argument(opt.flag, dest=opt.dest, metavar=opt.metavar,
-                                help=f"{opt.help} {shown}")
+                                help=argparse.SUPPRESS if opt.env_only else f"{opt.help} {shown}")
     return parser
 
 

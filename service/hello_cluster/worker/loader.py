@@ -51,7 +51,12 @@ def use_app_dir(app_dir: str | None) -> None:
 
 
 def _where(err: BaseException) -> str:
-    frames = traceback.extract_tb(err.__traceback__)
+    """The innermost frame of the app's own code: importlib's frozen frames say nothing to
+    an operator (`<frozen importlib._bootstrap>:241`), and a SyntaxError carries its own."""
+    if isinstance(err, SyntaxError) and err.filename:
+        return f" ({err.filename}:{err.lineno})"
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if not f.filename.startswith("<frozen ")]
     return f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
 
 
@@ -148,6 +153,9 @@ def detect_interface(app: Any) -> tuple[str | None, str]:
         return WSGI, "a plain callable of (environ, start_response): WSGI"
     if _accepts(shape, 3) and not _accepts(shape, 2):
         return ASGI, "a plain callable of (scope, receive, send): ASGI 3"
+    if shape == (0, 0):
+        return None, ("it takes no arguments: if it builds and returns the app, add --factory "
+                      "(HELLO_CLUSTER_FACTORY=1)")
     return None, (f"it takes {shape[0]} to {shape[1]} positional arguments, neither ASGI 3 "
                   "(scope, receive, send) nor WSGI (environ, start_response)")
 
