@@ -20,12 +20,15 @@ rotate an encrypted key together with its password.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import os
 import ssl
 from collections.abc import Callable
 from typing import Any
+
+import uvloop
 
 from hello_cluster.config import Config
 from hello_cluster.errors import ConfigError
@@ -254,3 +257,30 @@ def forget_password_env() -> None:
     """Once read into the Config, keep the password out of what the app and its children
     inherit through os.environ."""
     os.environ.pop(PASSWORD_ENV, None)
+
+
+# A TLS handshake gets what a request head gets on the plain port (HEAD_TIMEOUT of the
+# protocols): asyncio's and uvloop's default is 60 s, and a handshake in progress is not yet
+# a connection of the protocol, so neither --limit-concurrency nor the head deadline sees it.
+# 1,300 silent clients on the TLS port pinned a worker at its fd limit for that minute.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class HandshakeDeadlineLoop(uvloop.Loop):
+    """uvloop, with every TLS listener's handshakes bounded by HANDSHAKE_TIMEOUT.
+
+    uvicorn's Server.startup (and the neighbour help's listeners) call create_server with
+    `ssl=` only; this is the one place every one of those calls passes through.
+    """
+
+    async def create_server(  # type: ignore[override]  # forwards every overload as is
+            self, *args: Any, **kwargs: Any) -> asyncio.AbstractServer:
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", HANDSHAKE_TIMEOUT)
+        server: asyncio.AbstractServer = await super().create_server(*args, **kwargs)
+        return server
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvicorn's `loop=` hook: a custom import string names the loop factory itself."""
+    return HandshakeDeadlineLoop()

@@ -336,7 +336,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
             int.from_bytes(os.urandom(4), "big") % (cfg.max_requests_jitter + 1))
     uv_config = uvicorn.Config(
         app,
-        loop="uvloop",
+        loop="hello_cluster.http.tls:new_event_loop",  # uvloop, TLS handshakes bounded
         http=FastProtocol.with_metrics(metrics) if cfg.http == "fast" else WorkerProtocol,
         lifespan="auto",
         log_config=None,
