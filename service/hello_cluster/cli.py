@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import setproctitle
 
 from hello_cluster import logs
-from hello_cluster.config import Config, load_config
+from hello_cluster.config import Config, describe, load_config
 from hello_cluster.errors import EXIT_INTERNAL, ClusterError, ConfigError, ResourceError
 from hello_cluster.http import tls
 from hello_cluster.system.cpus import auto_workers
@@ -149,6 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hello_cluster.observe.status_command import main as status_main
 
         return status_main(args[1:])
+    if args[:1] == ["config"]:  # `hello-cluster config [flags]`: what would run, and why
+        try:
+            print("\n".join(describe(args[1:])))
+        except ConfigError as err:
+            print(f"hello-cluster: error: {err}", file=sys.stderr)
+            return err.exit_code
+        return 0
     try:
         cfg = load_config(argv)
     except ConfigError as err:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import ipaddress
+import json
 import math
 import os
 import re
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from hello_cluster import __version__
+from hello_cluster.configfile import FileValue, parse_config, read_config
 from hello_cluster.errors import EXIT_CODES, ConfigError
 
 ENV_PREFIX = "HELLO_CLUSTER_"
@@ -323,6 +325,7 @@ class Config:
     access_log: bool = False
     startup_timeout: float = 60.0
     http: str = "fast"  # the workers' protocol: fastproto.py, or uvicorn's httptools one
+    config: str | None = None  # --config FILE, already applied: kept for `hello-cluster config`
 
 
 @dataclass(frozen=True)
@@ -455,6 +458,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("http", parse_choice("fast", "uvicorn"), "fast",
            "the workers' HTTP/1.1 protocol: fast (ours, on httptools) or uvicorn "
            "(uvicorn's httptools protocol)", "fast|uvicorn"),
+    Option("config", parse_path, None,
+           "read settings from this TOML file, keys the long option names (workers = 4, "
+           "bind = [\"0.0.0.0:8085\"]); flags and env vars override it", "FILE"),
 )
 
 
@@ -495,8 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(opt: Option, flag_value: Any, env: Mapping[str, str]) -> Any:
-    """Flag, else env, else default; parse it and name the source in any error."""
+def _resolve(opt: Option, flag_value: Any, env: Mapping[str, str],
+             file_values: Mapping[str, FileValue] | None = None, file_path: str = ""
+             ) -> tuple[Any, str]:
+    """Flag, else env, else the config file, else default: the parsed value and where it
+    came from, naming that source in any error."""
+    file_values = file_values or {}
     if opt.env in env and flag_value is not None:
         _resolve(opt, None, env)  # a bad env value is an error even where a flag overrides it
     if flag_value is not None:
@@ -505,20 +515,33 @@ def _resolve(opt: Option, flag_value: Any, env: Mapping[str, str]) -> Any:
         source, raw = opt.env, env[opt.env]
         if opt.repeat:
             raw = [part for part in raw.split(",")]
+    elif opt.name in file_values:
+        source, raw = f"--config {file_path}: {opt.name}", file_values[opt.name]
     else:
         source, raw = f"{opt.flag} default", opt.default
         if raw is None:
-            return None
+            return None, "unset"
         if opt.repeat:
             raw = [raw]
     if isinstance(raw, bool):
-        return raw
+        return raw, source
     try:
         if opt.repeat:
-            return tuple(opt.parse(item) for item in raw)
-        return opt.parse(raw)
+            return tuple(opt.parse(item) for item in raw), source
+        return opt.parse(raw), source
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+
+
+def _file_values(path: str | None) -> dict[str, FileValue]:
+    if path is None:
+        return {}
+    return parse_config(
+        read_config(path), path, [o.name for o in OPTIONS if o.name != "config"],
+        frozenset(o.name for o in OPTIONS if o.repeat),
+        frozenset(o.name for o in OPTIONS if o.parse is parse_bool),
+        {o.name: f"not in a file, which others may read; use {o.env} or its -file option"
+         for o in OPTIONS if o.env_only})
 
 
 def check_env_names(env: Mapping[str, str]) -> None:
@@ -544,12 +567,39 @@ def resolve_app_dir(app_dir: str | None) -> str:
     return path
 
 
-def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Build the Config from argv and env, or raise ConfigError with a one-line message."""
+def resolve_all(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+                ) -> tuple[argparse.Namespace, dict[str, tuple[Any, str]]]:
+    """Every option's value and its source (flag, env, config file or default)."""
     env = os.environ if env is None else env
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     check_env_names(env)
-    values = {opt.dest: _resolve(opt, getattr(args, opt.dest), env) for opt in OPTIONS}
+    config_opt = next(o for o in OPTIONS if o.name == "config")
+    config_path, _ = _resolve(config_opt, args.config, env)
+    file_values = _file_values(config_path)
+    return args, {opt.dest: _resolve(opt, getattr(args, opt.dest), env, file_values,
+                                     config_path or "")
+                  for opt in OPTIONS}
+
+
+def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build the Config from argv, env and --config, or raise ConfigError (one line)."""
+    args, resolved = resolve_all(argv, env)
+    values = {dest: value for dest, (value, _) in resolved.items()}
+    try:
+        return _checked(args, values)
+    except ConfigError as err:
+        # A cross-option check names flags; say so when a named one came from the file.
+        named = re.findall(r"--([a-z-]+)", str(err))
+        sources = [resolved[n.replace("-", "_")][1] for n in named
+                   if n.replace("-", "_") in resolved]
+        from_file = next((s for s in sources if s.startswith("--config ")), None)
+        if from_file is not None and not str(err).startswith("--config "):
+            raise ConfigError(f"{from_file.split(': ')[0]}: {err}") from None
+        raise
+
+
+def _checked(args: argparse.Namespace, values: dict[str, Any]) -> Config:
+    """The checks that involve more than one option, on the parsed values."""
     binds = values.pop("bind")
     if len(set(binds)) != len(binds):
         raise ConfigError("--bind: the same address is given twice")
@@ -569,3 +619,38 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
                           "to every user (ps, /proc/PID/cmdline); use --ssl-keyfile-password-"
                           "file PATH or HELLO_CLUSTER_SSL_KEYFILE_PASSWORD")
     return Config(binds=binds, **values)
+
+
+def describe(argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
+    """`hello-cluster config`: the effective settings as TOML, each line saying its source.
+
+    Parsed values are shown (durations in seconds, sizes in bytes), so what is printed is
+    what the master will use; a secret is only said to be set.
+    """
+    cfg = load_config(argv, env)  # every cross-option check: print nothing that would not run
+    _, resolved = resolve_all(argv, env)
+    if resolved["app_dir"][0] is None:
+        resolved["app_dir"] = (cfg.app_dir, "the working directory at start")
+    lines = []
+    for opt in OPTIONS:
+        value, source = resolved[opt.dest]
+        if opt.name == "config":  # as a comment: a config file cannot name another
+            lines.append(f"# config = {_toml(value) if value else '(none)'}  # {source}")
+        elif value is None:
+            lines.append(f"# {opt.name} = (unset)")
+        elif opt.env_only or opt.parse is parse_secret:
+            lines.append(f"# {opt.name} = (set, not shown)  # {source}")
+        else:
+            lines.append(f"{opt.name} = {_toml(value)}  # {source}")
+    return lines
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))
+
