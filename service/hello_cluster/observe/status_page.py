@@ -1,9 +1,11 @@
 """The operator's view of the pool: the /status document and the per-slot metric samples.
 
-Both are built from the master's own state (read only) plus what the kernel and the
-workers' metric files say at the moment of asking, so the workers do nothing extra for
-them. The work is bounded by the pool: one /proc/PID/stat read and up to three small
-metric files per live worker (the README gives the measured cost at 128 workers).
+Both are built from a snapshot the master hands out (`PoolSnapshot`: plain values, no
+reference to the master's own objects, so this layer never imports the supervisor) plus
+what the kernel and the workers' metric files say at the moment of asking, so the workers
+do nothing extra for them. The work is bounded by the pool: one /proc/PID/stat read and
+up to three small metric files per live worker (the docs give the measured cost at 128
+workers).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client.mmap_dict import MmapedDict
 
@@ -21,24 +23,58 @@ from hello_cluster.observe.endpoint import Response
 from hello_cluster.observe.metrics import LAG_METRIC, NAMESPACE, SlotSample
 from hello_cluster.system import procstat
 
-if TYPE_CHECKING:
-    from hello_cluster.supervisor.master import Master, Worker
-
 REQUESTS = f"{NAMESPACE}_http_requests_total"
 IN_FLIGHT = f"{NAMESPACE}_http_requests_in_progress"
 JSON = "application/json"
 
 
-def worker_state(w: Worker) -> str:
+@dataclass(frozen=True)
+class WorkerView:
+    """One live worker as the master sees it, at the moment of the snapshot."""
+
+    pid: int
+    slot: int  # 0-based
+    generation: int
+    spawned_at: float  # monotonic
+    state: str  # starting, ready, stalled, draining or hung (worker_state)
+    staying: bool  # not being retired: it holds its slot
+
+
+@dataclass(frozen=True)
+class SlotView:
+    restarts: int  # unplanned deaths since the master started
+    respawn_at: float  # monotonic; in the past when no respawn is pending
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    """What /status and the per-slot samples need of the master, and nothing else."""
+
+    pid: int
+    state: str  # starting, running, reloading, stopping
+    started_at: float
+    desired: int
+    ready: int
+    reloads: int
+    restarts: int
+    crash_loop: bool
+    request_metrics: bool
+    multiproc_dir: str | None
+    workers: tuple[WorkerView, ...]
+    slots: tuple[SlotView, ...]
+    slot_cpu: procstat.SlotCpu  # reaped workers' CPU time per slot (read only here)
+
+
+def worker_state(hung: bool, retiring: bool, ready: bool, stalled: bool) -> str:
     """starting, ready, stalled, draining or hung: the first that holds, in that order
     of precedence from the worst down."""
-    if w.hung:
+    if hung:
         return "hung"
-    if w.retiring is not None:
+    if retiring:
         return "draining"
-    if w.ready_at is None:
+    if not ready:
         return "starting"
-    if w.stalled:
+    if stalled:
         return "stalled"
     return "ready"
 
@@ -101,76 +137,74 @@ def read_worker_counts(directory: str, pid: int) -> WorkerCounts:
     return counts
 
 
-def worker_row(master: Master, w: Worker, now: float) -> dict[str, Any]:
+def worker_row(pool: PoolSnapshot, w: WorkerView, now: float) -> dict[str, Any]:
     stat = procstat.read_stat(w.pid)
-    counts = (read_worker_counts(master.multiproc_dir, w.pid)
-              if master.multiproc_dir is not None else WorkerCounts())
-    slot = master.slots[w.slot] if w.slot < len(master.slots) else None
+    counts = (read_worker_counts(pool.multiproc_dir, w.pid)
+              if pool.multiproc_dir is not None else WorkerCounts())
     return {
         "slot": w.slot + 1,
         "pid": w.pid,
         "generation": w.generation,
-        "state": worker_state(w),
+        "state": w.state,
         "uptime_seconds": round(now - w.spawned_at, 3),
-        "restarts": getattr(slot, "restarts", 0),
+        "restarts": pool.slots[w.slot].restarts if w.slot < len(pool.slots) else 0,
         "rss_bytes": stat.rss_bytes if stat else None,
         "cpu_seconds": round(stat.cpu_seconds, 2) if stat else None,
         # No counter file yet: the worker has served nothing (unless the metrics are off).
         "requests": counts.requests if counts.requests is not None else (
-            0 if master.cfg.request_metrics and master.multiproc_dir else None),
+            0 if pool.request_metrics and pool.multiproc_dir else None),
         "in_flight": counts.in_flight,
         "loop_lag": {"sum_seconds": counts.lag_sum, "ticks": counts.lag_ticks},
     }
 
 
-def document(master: Master, now: float | None = None) -> dict[str, Any]:
+def document(pool: PoolSnapshot, now: float | None = None) -> dict[str, Any]:
     """The /status document: the master, then one row per live worker and per slot
     waiting to respawn, in slot order."""
     now = time.monotonic() if now is None else now
-    rows = [worker_row(master, w, now) for w in master.workers.values()]
-    if master.state != "stopping":
-        occupied = {w.slot for w in master.workers.values() if w.retiring is None}
-        for index, slot in enumerate(master.slots):
+    rows = [worker_row(pool, w, now) for w in pool.workers]
+    if pool.state != "stopping":
+        occupied = {w.slot for w in pool.workers if w.staying}
+        for index, slot in enumerate(pool.slots):
             if index not in occupied:
                 rows.append({"slot": index + 1, "pid": None, "state": "backoff",
-                             "restarts": getattr(slot, "restarts", 0),
+                             "restarts": slot.restarts,
                              "respawn_in_seconds": round(max(0.0, slot.respawn_at - now), 3)})
     rows.sort(key=lambda r: (r["slot"], r["pid"] or 0))
-    stats = master.stats
     return {
         "master": {
-            "pid": master.pid,
-            "state": master.state,
-            "uptime_seconds": round(now - master.started_at, 3),
+            "pid": pool.pid,
+            "state": pool.state,
+            "uptime_seconds": round(now - pool.started_at, 3),
             "version": __version__,
-            "workers": {"desired": master.desired, "ready": master.ready_count(),
-                        "running": len(master.workers)},
-            "reloads": stats.reloads,
-            "restarts": sum(stats.restarts.values()),
-            "crash_loop": stats.crash_loop,
+            "workers": {"desired": pool.desired, "ready": pool.ready,
+                        "running": len(pool.workers)},
+            "reloads": pool.reloads,
+            "restarts": pool.restarts,
+            "crash_loop": pool.crash_loop,
         },
         "workers": rows,
     }
 
 
-def status_response(master: Master) -> Response:
-    body = json.dumps(document(master), separators=(",", ":")).encode() + b"\n"
+def status_response(pool: PoolSnapshot) -> Response:
+    body = json.dumps(document(pool), separators=(",", ":")).encode() + b"\n"
     return Response(200, body, JSON)
 
 
-def slot_samples(master: Master) -> list[SlotSample]:
+def slot_samples(pool: PoolSnapshot) -> list[SlotSample]:
     """Per-slot /proc numbers for SlotCollector: every desired slot, plus any slot that
     still has a live (draining) worker or a dead one's CPU time."""
     live: dict[int, list[procstat.ProcStat]] = {}
-    for w in master.workers.values():
+    for w in pool.workers:
         stat = procstat.read_stat(w.pid)
         if stat is not None:
             live.setdefault(w.slot, []).append(stat)
-    slots = set(range(master.desired)) | set(live) | set(master.slot_cpu.dead)
+    slots = set(range(pool.desired)) | set(live) | set(pool.slot_cpu.dead)
     samples = []
     for slot in sorted(slots):
         stats = live.get(slot, [])
-        cpu = master.slot_cpu.total(slot, sum(s.cpu_seconds for s in stats))
+        cpu = pool.slot_cpu.total(slot, sum(s.cpu_seconds for s in stats))
         if not stats:
             samples.append(SlotSample(slot, cpu))
             continue

@@ -27,7 +27,14 @@ from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK, EXIT_RESOUR
 from hello_cluster.observe.endpoint import Endpoint, Response
 from hello_cluster.observe.metrics import PoolStats, master_registry
 from hello_cluster.observe.scrape import RenderFailed, Scrapes, choose_format
-from hello_cluster.observe.status_page import slot_samples, status_response
+from hello_cluster.observe.status_page import (
+    PoolSnapshot,
+    SlotView,
+    WorkerView,
+    slot_samples,
+    status_response,
+    worker_state,
+)
 from hello_cluster.supervisor import backoff
 from hello_cluster.supervisor.oom import OomWatch
 from hello_cluster.supervisor.recycling import Recycler
@@ -136,8 +143,9 @@ class Master:
             self.templates = Templates(self.cfg, self.pid, self.beats.view, self.selector,
                                        on_news=lambda: None)
         if self.listeners.metrics is not None:
-            scrapes = Scrapes(master_registry(self.pool_stats, self.multiproc_dir,
-                                              lambda: slot_samples(self)), self.pool_stats)
+            registry = master_registry(self.pool_stats, self.multiproc_dir,
+                                       lambda: slot_samples(self.snapshot()))
+            scrapes = Scrapes(registry, self.pool_stats)
             self.endpoint = Endpoint(self.listeners.metrics, self.selector,
                                      lambda m, p, a: self.answer(scrapes, p, a))
         log.info("master ready to fork %d workers on %s%s", self.desired,
@@ -753,6 +761,21 @@ class Master:
                                  if sl.respawn_at > now and i not in staying), default=0.0)
         return s
 
+    def snapshot(self) -> PoolSnapshot:
+        """The pool as /status and the per-slot samples see it: values, not our objects."""
+        return PoolSnapshot(
+            pid=self.pid, state=self.state, started_at=self.started_at, desired=self.desired,
+            ready=self.ready_count(), reloads=self.stats.reloads,
+            restarts=sum(self.stats.restarts.values()), crash_loop=self.stats.crash_loop,
+            request_metrics=self.cfg.request_metrics, multiproc_dir=self.multiproc_dir,
+            workers=tuple(WorkerView(
+                w.pid, w.slot, w.generation, w.spawned_at,
+                worker_state(w.hung, w.retiring is not None, w.ready_at is not None,
+                             w.stalled), w.retiring is None)
+                for w in self.workers.values()),
+            slots=tuple(SlotView(s.restarts, s.respawn_at) for s in self.slots),
+            slot_cpu=self.slot_cpu)
+
     def readiness(self) -> tuple[bool, str]:
         ready = self.ready_count()
         if self.stats.crash_loop:
@@ -775,7 +798,7 @@ class Master:
                 return Response(500, b"collecting metrics failed; see the log\n")
             return Response(200, body, fmt.content_type)
         if path == "/status":
-            return status_response(self)
+            return status_response(self.snapshot())
         if path == "/livez":
             return Response(200, b"ok: master loop turning\n")
         if path == "/readyz":
