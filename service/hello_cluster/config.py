@@ -271,6 +271,20 @@ def parse_path(text: str) -> str:
     return text
 
 
+_ROOT_PATH = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+")
+
+
+def parse_root_path(text: str) -> str:
+    """A URL path prefix the app is mounted under: empty, or `/a/b` (no trailing slash)."""
+    text = text.strip()
+    if text in ("", "/"):
+        return ""
+    if not _ROOT_PATH.fullmatch(text):
+        raise ConfigError(f"{text!r} is not a URL path prefix; use e.g. /api (a leading "
+                          "slash, no trailing one, no spaces)")
+    return text
+
+
 def parse_secret(text: str) -> str:
     """Any non-empty text; the error never echoes it (it may be a password)."""
     if not text or "\0" in text:
@@ -325,6 +339,7 @@ class Config:
     access_log: bool = False
     startup_timeout: float = 60.0
     http: str = "fast"  # the workers' protocol: fastproto.py, or uvicorn's httptools one
+    root_path: str = ""  # ASGI root_path, WSGI SCRIPT_NAME
     config: str | None = None  # --config FILE, already applied: kept for `hello-cluster config`
 
 
@@ -458,6 +473,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("http", parse_choice("fast", "uvicorn"), "fast",
            "the workers' HTTP/1.1 protocol: fast (ours, on httptools) or uvicorn "
            "(uvicorn's httptools protocol)", "fast|uvicorn"),
+    Option("root-path", parse_root_path, "",
+           "the URL prefix the app is mounted under behind a proxy that strips it (e.g. /api): "
+           "ASGI root_path, WSGI SCRIPT_NAME", "PATH"),
     Option("config", parse_path, None,
            "read settings from this TOML file, keys the long option names (workers = 4, "
            "bind = [\"0.0.0.0:8085\"]); flags and env vars override it", "FILE"),

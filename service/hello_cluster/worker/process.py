@@ -345,6 +345,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
         timeout_graceful_shutdown=max(1, int(cfg.graceful_timeout)),
         timeout_keep_alive=max(1, int(cfg.keep_alive_timeout)),
         limit_concurrency=connection_limit(cfg.limit_concurrency),
+        root_path=cfg.root_path,  # both protocols put it in front of scope["path"]
         # Off unless asked: trusting a proxy is a deployment decision (uvicorn trusts
         # 127.0.0.1 by default), and the middleware costs 0.65 us on every request
         # (bench/micro_metrics.py).
