@@ -21,7 +21,7 @@ lint: $(BIN)/hello-cluster
 	$(BIN)/bandit -q -ll -r service
 
 test: $(BIN)/hello-cluster lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 4 --dist loadgroup
 
 soak: $(BIN)/hello-cluster
 	HC_SOAK_SECONDS=300 $(BIN)/pytest -q -m slow tests

@@ -73,8 +73,16 @@ def free_port() -> int:
     """
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     low = max(1024, min(_ephemeral_low(), 32768) - 12000)
+    span = 11000
+    # Under pytest-xdist each worker (gw0, gw1, ...) gets its own disjoint slice of the range,
+    # so two workers can never hand out the same port.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if worker.startswith("gw") and worker[2:].isdigit() and count > 1:
+        span //= count
+        low += int(worker[2:]) % count * span
     for _ in range(200):
-        port = rng.randrange(low, low + 11000)
+        port = rng.randrange(low, low + span)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as s:
@@ -111,6 +119,13 @@ def wait_for(check: Callable[[], bool], timeout: float, interval: float = 0.05,
             pass
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05,
+               what: str | None = None) -> None:
+    """Poll `predicate` until it is true; fail after `timeout` seconds saying what was awaited."""
+    wait_for(predicate, timeout, interval,
+             what=what or getattr(predicate, "__name__", "condition"))
 
 
 def children(pid: int) -> list[int]:

@@ -32,7 +32,7 @@ import pytest
 
 from conftest import ROOT, TEST_APPS, free_port, http_get, need, need_command, need_root, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("podman")]
 
 CONTAINERFILE = ROOT / "deploy" / "container" / "Containerfile"
 BASE_REPO = "localhost/hello-cluster-test-base"

@@ -209,15 +209,25 @@ def test_status_watch_redraws_until_interrupted(cluster: Callable[..., Cluster])
                             text=True, start_new_session=True)
     try:
         assert proc.stdout is not None
+        # Read in a thread: a bare readline() blocks past any deadline when the child is slow
+        # to start under load (the loop's deadline was never checked then, and the run hung).
+        import queue
+        import threading
+        lines: queue.Queue[str] = queue.Queue()
+        stdout = proc.stdout
+        threading.Thread(target=lambda: [lines.put(x) for x in stdout], daemon=True).start()
         frames = 0
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while frames < 3 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
+            try:
+                line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
             if line.startswith("hello-cluster "):
                 frames += 1
-        assert frames == 3
+        assert frames == 3, f"saw {frames} frames in 60 s"
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
+        assert proc.wait(timeout=30) == 0
         assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
     finally:
         if proc.poll() is None:

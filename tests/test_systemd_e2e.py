@@ -35,7 +35,7 @@ import pytest
 
 from conftest import BIN, ROOT, TEST_APPS, http_get, need, need_command, need_root, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("systemd")]
 
 UNITS = ROOT / "deploy" / "systemd"
 SERVICE = "hello-cluster.service"
