@@ -343,3 +343,10 @@ def each_http_protocol(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
     """
     monkeypatch.setenv("HELLO_CLUSTER_HTTP", request.param)
     return str(request.param)
+
+
+def manual() -> str:
+    """The README and every page of docs/: where options, exit codes and limits are written."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return "\n".join(page.read_text() for page in pages)
+

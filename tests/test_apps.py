@@ -215,11 +215,11 @@ def test_private_app_dir_is_read_by_the_worker_user(cluster, tmp_path: Path) -> 
 
 
 def test_docs_and_deploy_say_where_the_app_lives() -> None:
-    """Every option has a README row; the unit and the image name the app's directory."""
-    from conftest import ROOT
+    """Every option has a row in the manual; the unit and the image name the app's directory."""
+    from conftest import ROOT, manual
     from hello_cluster.config import OPTIONS
 
-    readme = (ROOT / "README.md").read_text()
+    readme = manual()
     for opt in OPTIONS:
         assert f"`{opt.flag}" in readme or f"`--[no-]{opt.name}" in readme, opt.flag
         assert f"`{opt.env}`" in readme, opt.env

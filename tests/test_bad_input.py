@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, clean_env, run_cli
+from conftest import BIN, clean_env, manual, run_cli
 
 BASE = ("--bind", "127.0.0.1:0", "--metrics-bind", "off")
 
@@ -164,6 +164,6 @@ def test_exit_codes_are_documented() -> None:
         assert f"\n  {code}  " in proc.stdout
     for opt in ("HELLO_CLUSTER_WORKERS", "HELLO_CLUSTER_BIND", "default auto"):
         assert opt in proc.stdout
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = manual()
     for code in range(7):
         assert f"| {code} |" in readme

@@ -96,3 +96,35 @@ def test_the_checker_sees_type_only_and_function_level_imports(tmp_path: Path) -
     probe = tmp_path / "probe.py"
     probe.write_text(source)
     assert imports(probe) == {"hello_cluster.supervisor.master", "hello_cluster.worker.process"}
+
+
+def test_the_readme_is_the_front_door_and_its_links_resolve() -> None:
+    """README at most 300 lines (issue 21); every relative link in it and in docs/ points
+    at a file that exists, and every #anchor at a heading of that file."""
+    import re
+
+    root = PACKAGE.parent.parent
+    readme = root / "README.md"
+    assert len(readme.read_text().splitlines()) <= 300
+
+    def anchors(path: Path) -> set[str]:
+        found, in_code = set(), False
+        for line in path.read_text().splitlines():
+            if line.startswith("```"):
+                in_code = not in_code
+            elif not in_code and (m := re.match(r"#{1,6} (.*)", line)):
+                found.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+        return found
+
+    broken = []
+    for page in [readme, *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            file_part, _, anchor = target.partition("#")
+            dest = (page.parent / file_part).resolve() if file_part else page
+            if not dest.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
