@@ -206,7 +206,12 @@ def test_status_watch_redraws_until_interrupted(cluster: Callable[..., Cluster])
     proc = subprocess.Popen([str(BIN), "status", "--watch", "--interval", "0.2",
                              "--metrics-url", f"http://127.0.0.1:{c.metrics_port}"],
                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            # A test runner started in the background (`cmd &`, as CI may
+                            # be) has SIGINT ignored, and an ignored signal stays ignored
+                            # across exec: Python then installs no KeyboardInterrupt handler
+                            # and the SIGINT below did nothing (the flaky timeout).
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout is not None
         # Read in a thread: a bare readline() blocks past any deadline when the child is slow
