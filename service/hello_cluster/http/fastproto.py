@@ -75,6 +75,9 @@ def _status_line(status: int) -> bytes:
 
 
 STATUS_LINE = {status: _status_line(status) for status in range(100, 600)}
+# What an app may start a response with: an int, not 1xx (an informational response is no
+# final answer, and h11 refuses one with a body), nor outside the three digits of RFC 9110.
+FINAL_LINE = {status: STATUS_LINE[status] for status in range(200, 600)}
 
 # What a response header line means for framing, found once per distinct (name, value).
 _PLAIN, _LENGTH, _CHUNKED, _CLOSE = 0, 1, 2, 3
@@ -658,12 +661,17 @@ class Cycle:
             if kind != "http.response.start":
                 raise RuntimeError(
                     f"Expected ASGI message 'http.response.start', but got '{kind}'.")
+            status = message["status"]
+            line = FINAL_LINE.get(status) if type(status) is int else None
+            if line is None:  # before anything is kept: run() answers 500, the worker serves on
+                raise RuntimeError(f"the app's response status {status!r} is not an int from "
+                                   "200 to 599")
             self.response_started = True
             self.waiting_for_100_continue = False
-            status = self.status = message["status"]
+            self.status = status
             if proto.access_log:
                 self.log_access(status)
-            parts = [STATUS_LINE[status], _default_lines(proto.server_state.default_headers)]
+            parts = [line, _default_lines(proto.server_state.default_headers)]
             framing: bool | None = None  # uvicorn's rule: the first content-length, unless
             has_close = False  # a transfer-encoding: chunked (anywhere) makes it chunked
             lines_get = _lines.get

@@ -302,3 +302,28 @@ class WorkerProtocol(HttpToolsProtocol):
         if self._idle_close is not None:
             self._idle_close.cancel()
         super().connection_lost(exc)
+
+
+def checked_status(app: Any) -> Any:
+    """uvicorn's protocol writes any status an app sends ("200" raises after the response
+    began; 101 goes out as an upgrade nobody asked for): refuse it before uvicorn sees it,
+    so its cycle answers 500 and the worker serves on, as --http fast does (fastproto's
+    FINAL_LINE)."""
+
+    async def checked(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_checked(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status = message.get("status")
+                if type(status) is not int or not 200 <= status <= 599:
+                    raise RuntimeError(f"the app's response status {status!r} is not an int "
+                                       "from 200 to 599")
+            await send(message)
+
+        await app(scope, receive, send_checked)
+
+    return checked
+

@@ -243,7 +243,10 @@ class RequestMetrics:
         child = self._children.get(key)
         if child is None:
             label_method = method if method in METHODS else "other"
-            label_status = str(status) if 100 <= status <= 599 else "other"
+            # An app's status is anything it sent ("200", 200.0, None): never let it raise here,
+            # at the flush, outside any request (a str once killed the worker a second later).
+            label_status = str(status) if type(status) is int and 100 <= status <= 599 \
+                else "other"
             child = self._children[key] = self.requests.labels(label_method, label_status)
         return child
 
