@@ -121,13 +121,6 @@ def wait_for(check: Callable[[], bool], timeout: float, interval: float = 0.05,
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05,
-               what: str | None = None) -> None:
-    """Poll `predicate` until it is true; fail after `timeout` seconds saying what was awaited."""
-    wait_for(predicate, timeout, interval,
-             what=what or getattr(predicate, "__name__", "condition"))
-
-
 def children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
