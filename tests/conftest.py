@@ -154,7 +154,7 @@ class Cluster:
         self.log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(argv + args, env=full_env, stdout=self.log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     **popen)  # type: ignore[call-overload]
+                                     **popen)
         self.pid = self.proc.pid
 
     @property
@@ -165,11 +165,11 @@ class Cluster:
         return [p for p in children(self.pid) if alive(p)]
 
     def get(self, path: str = "/", **kw: object) -> tuple[int, dict[str, str], bytes]:
-        return http_get(self.port, path, **kw)  # type: ignore[arg-type]
+        return http_get(self.port, path, **kw)
 
     def metrics_get(self, path: str, **kw: object) -> tuple[int, dict[str, str], bytes]:
         assert self.metrics_port is not None
-        return http_get(self.metrics_port, path, **kw)  # type: ignore[arg-type]
+        return http_get(self.metrics_port, path, **kw)
 
     def metric(self, name: str) -> float:
         """One sample's value from /metrics, e.g. 'hello_cluster_workers_ready' or with labels."""
@@ -247,7 +247,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20.0
     proc = subprocess.Popen([*(wrapper or []), str(BIN), *args], env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,
-                            **kw)  # type: ignore[call-overload]
+                            **kw)
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:

@@ -36,7 +36,7 @@ def test_keywords_become_the_same_flags() -> None:
 def test_mistakes_raise_before_anything_starts(app: object, options: dict[str, object],
                                                words: list[str]) -> None:
     with pytest.raises(OptionError) as caught:
-        argv_for(app, options)  # type: ignore[arg-type]
+        argv_for(app, options)
     for word in words:
         assert word in str(caught.value)
 

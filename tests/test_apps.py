@@ -95,7 +95,7 @@ def make_app(tmp_path: Path, name: str, text: str) -> Path:
     return directory
 
 
-def test_app_dir_and_factory(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_app_dir_and_factory(cluster, tmp_path: Path) -> None:
     """--app-dir (flag, or env relative to the working directory) and --factory."""
     app_dir = make_app(tmp_path, "mine", ASGI_APP)
     elsewhere = tmp_path / "elsewhere"
@@ -194,7 +194,7 @@ def test_privilege_drop_failure_said_once() -> None:
     assert len(proc.stderr.strip().splitlines()) <= 3 and "Traceback" not in proc.stderr
 
 
-def test_private_app_dir_is_read_by_the_worker_user(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_private_app_dir_is_read_by_the_worker_user(cluster, tmp_path: Path) -> None:
     """The user's app is imported after the privilege drop: a dir the user cannot read is
     named, with the fix. The built-in app is imported by the master before the drop, so it
     is served from a private working directory all the same."""

@@ -113,7 +113,7 @@ def test_bad_socket_activation(name: str, make_fd3: str, env: dict[str, str],
     assert len(errors) == 1 and words in errors[0], proc.stderr
 
 
-def test_listen_pid_of_another_process_is_not_ours(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_listen_pid_of_another_process_is_not_ours(cluster) -> None:
     c = cluster("--workers", "1", env={"LISTEN_PID": "1", "LISTEN_FDS": "1"}, workers=1)
     assert c.get("/")[0] == 200
     assert "socket activation" not in c.log
@@ -142,7 +142,7 @@ def test_runtime_dir_not_writable(tmp_path: Path, where: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_runtime_dir_is_created_when_missing(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_runtime_dir_is_created_when_missing(cluster, tmp_path: Path) -> None:
     c = cluster("--workers", "1", "--runtime-dir", str(tmp_path / "rt"), workers=1)
     assert (tmp_path / "rt" / f"metrics-{c.pid}").is_dir()
 

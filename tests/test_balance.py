@@ -126,7 +126,7 @@ def pids_answering(port: int, count: int, gap: float) -> collections.Counter[int
     return pids
 
 
-def test_connections_spread_evenly(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_connections_spread_evenly(cluster) -> None:
     """Spaced connections to a shared socket go in long streaks to one worker; steered,
     each worker gets about half."""
     c = cluster("--workers", "2")
@@ -135,7 +135,7 @@ def test_connections_spread_evenly(cluster) -> None:  # type: ignore[no-untyped-
     assert len(pids) == 2 and min(pids.values()) >= 60, pids
 
 
-def no_request_waits(c, count: int = 60, limit: float = 0.5) -> None:  # type: ignore[no-untyped-def]
+def no_request_waits(c, count: int = 60, limit: float = 0.5) -> None:
     slow = []
     for _ in range(count):
         t = time.monotonic()
@@ -146,7 +146,7 @@ def no_request_waits(c, count: int = 60, limit: float = 0.5) -> None:  # type: i
     assert not slow, f"{len(slow)} of {count} requests waited: {slow}"
 
 
-def test_no_connection_waits_for_a_slot_in_backoff(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_no_connection_waits_for_a_slot_in_backoff(cluster) -> None:
     """A slot whose respawn is delayed gets no new connections meanwhile. (The delay is
     drawn from [0, 30 s]; if it comes out short the replacement is simply there.)"""
     c = cluster("--workers", "2", "--backoff-initial", "30s", "--backoff-max", "30s")
@@ -160,7 +160,7 @@ def test_no_connection_waits_for_a_slot_in_backoff(cluster) -> None:  # type: ig
     no_request_waits(c)
 
 
-def test_a_stalled_worker_gets_no_new_connections(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_a_stalled_worker_gets_no_new_connections(cluster) -> None:
     """A worker whose loop is blocked cannot accept: within STALL the master steers new
     connections to the others, and back once the worker turns again."""
     c = cluster("--workers", "2")
@@ -178,7 +178,7 @@ def test_a_stalled_worker_gets_no_new_connections(cluster) -> None:  # type: ign
     assert stopped in pids_answering(c.port, 60, 0.002)
 
 
-def test_connections_queued_on_a_stopped_worker_are_taken_by_its_neighbour(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_connections_queued_on_a_stopped_worker_are_taken_by_its_neighbour(cluster) -> None:
     """Connections the steering sent to a worker just before its loop stopped would wait in
     its queue until it turned again; the neighbour slot's worker takes them (steal.py)."""
     c = cluster("--workers", "2")
@@ -194,7 +194,7 @@ def test_connections_queued_on_a_stopped_worker_are_taken_by_its_neighbour(clust
         set(c.workers()) - {stopped}
 
 
-def test_scale_up_adds_a_steered_socket(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_scale_up_adds_a_steered_socket(cluster) -> None:
     c = cluster("--workers", "2")
     c.signal(signal.SIGTTIN)
     c.wait_ready(workers=3)
@@ -202,7 +202,7 @@ def test_scale_up_adds_a_steered_socket(cluster) -> None:  # type: ignore[no-unt
     assert len(pids) == 3 and min(pids.values()) >= 20, pids
 
 
-def test_a_second_instance_on_the_port_is_refused(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_a_second_instance_on_the_port_is_refused(cluster) -> None:
     """SO_REUSEPORT would let a second instance of the same user join the group and take
     half the traffic; a plain bind is tried first, so it fails as on any busy port."""
     c = cluster("--workers", "2")
@@ -212,7 +212,7 @@ def test_a_second_instance_on_the_port_is_refused(cluster) -> None:  # type: ign
     assert "Traceback" not in proc.stderr
 
 
-def test_reuse_port_off_shares_one_socket(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_reuse_port_off_shares_one_socket(cluster) -> None:
     c = cluster("--workers", "2", "--reuse-port", "off")
     assert "SO_REUSEPORT" not in c.log
     assert c.get()[0] == 200

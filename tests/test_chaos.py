@@ -43,7 +43,7 @@ def zombies(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_chaos_soak(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_chaos_soak(cluster) -> None:
     c = cluster("--workers", "3", "--worker-timeout", "2s", "--backoff-max", "500ms",
                 "--graceful-timeout", "5s", workers=3)
     for _ in range(50):  # warm up: the first scrapes and requests allocate for good

@@ -84,11 +84,11 @@ def podman() -> Iterator[Podman]:
     def run(*args: str, check: bool = True, timeout: float = 120,
             **kw: object) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([*prefix, *args], capture_output=True, text=True,
-                                timeout=timeout, **kw)  # type: ignore[call-overload]
+                                timeout=timeout, **kw)
         if check and result.returncode != 0:
             raise AssertionError(f"podman {' '.join(args)} exited {result.returncode}:\n"
                                  f"{result.stdout}\n{result.stderr}")
-        return result  # type: ignore[no-any-return]
+        return result
 
     before = cgroup_dirs()
     try:
@@ -346,7 +346,7 @@ def test_image_runs_like_the_deployment(image: str, container: Callable[..., Con
     c.podman("stop", "--time", "20", c.name, timeout=90)
     client.join(timeout=30)
     assert "error" not in result, f"{result.get('error')}\n{c.logs()}"
-    status, _, body = result["response"]  # type: ignore[misc]
+    status, _, body = result["response"]
     assert (status, body) == (200, b"slow done\n"), c.logs()
-    assert result["done"] > stop_sent  # type: ignore[operator]
+    assert result["done"] > stop_sent
     assert c.state("ExitCode") == "0", c.logs()

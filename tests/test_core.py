@@ -14,7 +14,7 @@ import pytest
 from conftest import alive, need_command, need_root, run_cli, wait_for
 
 
-def test_three_workers_share_the_port(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_three_workers_share_the_port(cluster) -> None:
     c = cluster("--workers", "3", workers=3)
     workers = c.workers()
     assert len(workers) == 3
@@ -33,7 +33,7 @@ def test_three_workers_share_the_port(cluster) -> None:  # type: ignore[no-untyp
     assert c.pid not in pids  # the master never serves traffic
 
 
-def test_sigkill_worker_is_replaced_within_a_second(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_sigkill_worker_is_replaced_within_a_second(cluster) -> None:
     c = cluster("--workers", "3", workers=3)
     victim = c.workers()[0]
     os.kill(victim, signal.SIGKILL)
@@ -49,7 +49,7 @@ def test_sigkill_worker_is_replaced_within_a_second(cluster) -> None:  # type: i
     assert re.search(rf"pid {victim} signal, killed by SIGKILL", c.log)
 
 
-def test_graceful_stop_finishes_in_flight_request(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_graceful_stop_finishes_in_flight_request(cluster) -> None:
     c = cluster("--workers", "2", "--app", "hc_testapp:app", "--graceful-timeout", "10s",
                 workers=2)
     tree = [c.pid, *c.workers()]
@@ -79,7 +79,7 @@ def test_graceful_stop_finishes_in_flight_request(cluster) -> None:  # type: ign
     wait_for(lambda: not any(alive(p) for p in tree), 2, what="no process of the tree left")
 
 
-def test_workers_die_with_the_master(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_workers_die_with_the_master(cluster) -> None:
     c = cluster("--workers", "2", workers=2)
     workers = c.workers()
     os.kill(c.pid, signal.SIGKILL)
@@ -87,7 +87,7 @@ def test_workers_die_with_the_master(cluster) -> None:  # type: ignore[no-untype
     wait_for(lambda: not any(alive(p) for p in workers), 2, what="workers to die with master")
 
 
-def test_sigquit_stops_at_once(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_sigquit_stops_at_once(cluster) -> None:
     c = cluster("--workers", "2", "--app", "hc_testapp:app", workers=2)
     workers = c.workers()
     c.signal(signal.SIGQUIT)
@@ -95,7 +95,7 @@ def test_sigquit_stops_at_once(cluster) -> None:  # type: ignore[no-untyped-def]
     wait_for(lambda: not any(alive(p) for p in workers), 2, what="workers gone")
 
 
-def _one_line_error(proc, code: int, *words: str) -> None:  # type: ignore[no-untyped-def]
+def _one_line_error(proc, code: int, *words: str) -> None:
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "ERROR" in line or "error:" in line]
@@ -104,7 +104,7 @@ def _one_line_error(proc, code: int, *words: str) -> None:  # type: ignore[no-un
         assert word in proc.stderr, proc.stderr
 
 
-def test_port_in_use(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_port_in_use(tmp_path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -137,7 +137,7 @@ def test_app_errors(app: str, code: int, words: list[str]) -> None:
     assert proc.stderr.count("cannot start") <= 2
 
 
-def test_demo_exit_after_seed_experiment(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_demo_exit_after_seed_experiment(cluster) -> None:
     """Node's seed demo: workers exit 1 s after each request; every request is still served."""
     c = cluster("--workers", "2", "--demo-exit-after", "1s", workers=2)
     for _ in range(5):
@@ -149,7 +149,7 @@ def test_demo_exit_after_seed_experiment(cluster) -> None:  # type: ignore[no-un
     assert c.log.count("respawn in") >= 3
 
 
-def test_json_logs_and_auto_workers(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_json_logs_and_auto_workers(cluster) -> None:
     """--log-format json: every line is one object; auto sizing says what it decided and why."""
     import json
 
@@ -164,7 +164,7 @@ def test_json_logs_and_auto_workers(cluster) -> None:  # type: ignore[no-untyped
     assert {e["role"] for e in entries} >= {"master"}
 
 
-def test_forwarded_headers_only_from_trusted_proxies(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_forwarded_headers_only_from_trusted_proxies(cluster) -> None:
     """By default X-Forwarded-* are not believed; --forwarded-allow-ips names who may set them."""
     forged = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
     plain = cluster("--workers", "1", "--app", "hc_testapp:app", metrics=False)

@@ -54,7 +54,7 @@ def test_v2_tree(tmp_path: Path) -> None:
         "/sys/fs/cgroup/kubepods/pod1/cpu.max": "150000 100000\n",  # nested: parent limits
         "/sys/fs/cgroup/kubepods/cpu.max": "max 100000\n",
     })
-    cpus, where = cgroup_cpu_limit(root)  # type: ignore[misc]
+    cpus, where = cgroup_cpu_limit(root)
     assert cpus == 1.5 and where.endswith("kubepods/pod1/cpu.max")
     assert decide_workers(4, (cpus, where)).workers == 2
 
@@ -83,7 +83,7 @@ def test_container_view_with_mount_root(tmp_path: Path) -> None:
         "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000",
     })
     assert cgroup_cpu_limit(root) is not None
-    assert cgroup_cpu_limit(root)[0] == 0.5  # type: ignore[index]
+    assert cgroup_cpu_limit(root)[0] == 0.5
 
 
 def test_no_quota_and_garbage(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_parsers_never_raise(text: str) -> None:
     parse_mountinfo(text)
 
 
-def test_real_v1_cpu_cgroup_gives_one_worker(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_real_v1_cpu_cgroup_gives_one_worker(cluster) -> None:
     """A real cgroup v1 CPU quota of half a CPU: `--workers auto` forks one worker."""
     quota = {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "50000"}
     with v1_cgroup("cpu", quota) as enter:

@@ -152,7 +152,7 @@ def parse(raw: bytes, method: str = "GET") -> list[tuple[int, bytes]]:
         start = stream.file.tell()
         if raw.startswith(b"HTTP/1.1 100 ", start):
             out.append((100, b""))
-        response = http.client.HTTPResponse(stream, method=method)  # type: ignore[arg-type]
+        response = http.client.HTTPResponse(stream, method=method)
         try:
             response.begin()
             body = response.read()

@@ -69,7 +69,7 @@ class KeepAliveClients:
             t.join(timeout=15)
 
 
-def test_reload_mid_response_loses_no_keep_alive_request(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_reload_mid_response_loses_no_keep_alive_request(cluster) -> None:
     c: Cluster = cluster("--workers", "2", "--app", "hc_streamed:app", workers=2)
     reloads = 3
     with KeepAliveClients(c.port) as clients:
@@ -77,7 +77,7 @@ def test_reload_mid_response_loses_no_keep_alive_request(cluster) -> None:  # ty
             time.sleep(SECONDS / (reloads + 1))
             old = set(c.workers())
             c.signal(signal.SIGHUP)
-            wait_for(lambda o=old: not set(c.workers()) & o and len(c.workers()) == 2,  # type: ignore[misc]
+            wait_for(lambda o=old: not set(c.workers()) & o and len(c.workers()) == 2,
                      30, what=f"reload {n} to replace every worker")
         time.sleep(0.5)
     assert clients.ok > 100, clients.ok

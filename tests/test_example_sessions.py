@@ -119,7 +119,7 @@ def reload_done(c: Cluster, old: set[int]) -> Callable[[], bool]:
                     and c.metric("hello_cluster_workers_ready") == 2)
 
 
-def test_redis_sessions_count_on_across_workers_reload_and_kill(cluster, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_redis_sessions_count_on_across_workers_reload_and_kill(cluster, redis_server) -> None:
     c = cluster("--workers", "2", *SERVE, env=example_env("redis", redis_server.url),
                 workers=2)
     client = Client(c.port)
@@ -153,7 +153,7 @@ def test_redis_sessions_count_on_across_workers_reload_and_kill(cluster, redis_s
     assert set(c.workers()) == workers
 
 
-def test_in_process_sessions_break_across_workers(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_in_process_sessions_break_across_workers(cluster) -> None:
     c = cluster("--workers", "2", *SERVE, env=example_env("memory"), workers=2)
     client = Client(c.port)
 
@@ -171,7 +171,7 @@ def test_in_process_sessions_break_across_workers(cluster) -> None:  # type: ign
     assert client.visit()[0] == 1  # every session left with the old workers
 
 
-def test_any_session_cookie_is_a_fresh_session(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_any_session_cookie_is_a_fresh_session(cluster) -> None:
     """A client-chosen id is never adopted: any cookie gets visit 1 and a new id, never a 5xx."""
     c = cluster("--workers", "1", *SERVE, env=example_env("memory"))
 

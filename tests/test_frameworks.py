@@ -146,7 +146,7 @@ def survive_reload_and_kill(c: Cluster) -> None:
 
 
 @pytest.mark.parametrize("name", list(APPS))
-def test_framework_app_from_its_directory(cluster, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_framework_app_from_its_directory(cluster, tmp_path: Path, name: str) -> None:
     files, spec, interface = APPS[name]
     app_dir = write_app(tmp_path / name, files)
     # No PYTHONPATH to the app: only the working directory (the default --app-dir) finds it.

@@ -30,7 +30,7 @@ def raw(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
         return b"".join(chunks)
 
 
-def test_malformed_and_oversized_requests(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_and_oversized_requests(cluster) -> None:
     c = cluster("--workers", "2", workers=2)
     workers = set(c.workers())
     assert raw(c.port, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400")
@@ -46,7 +46,7 @@ def test_malformed_and_oversized_requests(cluster) -> None:  # type: ignore[no-u
              >= 1, 3, what="the good request counted")
 
 
-def test_slowloris_does_not_starve_others(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_slowloris_does_not_starve_others(cluster) -> None:
     """200 connections dribbling a request head: others are served; the head times out."""
     c = cluster("--workers", "2", workers=2)
     loris = []
@@ -69,7 +69,7 @@ def test_slowloris_does_not_starve_others(cluster) -> None:  # type: ignore[no-u
     assert c.get("/")[0] == 200
 
 
-def test_workers_drop_privileges(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_workers_drop_privileges(cluster) -> None:
     need_root()
     import pwd
 
@@ -87,7 +87,7 @@ def test_workers_drop_privileges(cluster) -> None:  # type: ignore[no-untyped-de
         what="request metrics written by unprivileged workers")
 
 
-def test_metrics_expose_no_secrets(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_expose_no_secrets(cluster, tmp_path: Path) -> None:
     c = cluster("--workers", "1", "--runtime-dir", str(tmp_path),
                 env={"HC_SECRET_TOKEN": "s3cr3t-value"}, workers=1)
     for path in ("/metrics", "/livez", "/readyz", "/nope"):

@@ -66,7 +66,7 @@ def resources() -> dict[str, dict[str, Any]]:
 def container() -> dict[str, Any]:
     containers = resources()["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
-    return containers[0]  # type: ignore[no-any-return]
+    return containers[0]
 
 
 def env() -> dict[str, str]:

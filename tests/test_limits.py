@@ -45,7 +45,7 @@ def recv_all(s: socket.socket, limit: float = 10.0) -> bytes:
     return b"".join(chunks)
 
 
-def test_open_head_refused_as_soon_as_it_passes_the_limit(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_open_head_refused_as_soon_as_it_passes_the_limit(cluster) -> None:
     """A head that never ends, sent in pieces: 431 once it passes the limit (it may be
     up to one read past it), long before the head timeout."""
     c = cluster("--workers", "1", *ECHO, workers=1)
@@ -66,7 +66,7 @@ def test_open_head_refused_as_soon_as_it_passes_the_limit(cluster) -> None:  # t
     assert c.get("/")[0] == 200
 
 
-def test_pipelined_heads_measured_alone(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_pipelined_heads_measured_alone(cluster) -> None:
     """After a 1 MiB body in the same send: a 60 KB head is served, a 70 KB one gets 431.
     (Counting bytes per read would refuse both: the body is in the reads.)"""
     c = cluster("--workers", "1", *ECHO, workers=1)
@@ -88,7 +88,7 @@ def test_pipelined_heads_measured_alone(cluster) -> None:  # type: ignore[no-unt
             assert b"connection: close" in reply
 
 
-def test_oversized_head_behind_requests_in_flight(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_oversized_head_behind_requests_in_flight(cluster) -> None:
     """A 70 KB head pipelined behind a slow request and a queued one, then more bytes
     while they are answered: both are answered whole (the last with `connection:
     close`), then the connection closes; no 431 or 400 lands inside an answer."""
@@ -164,7 +164,7 @@ def silent_connections(port: int, count: int, keep_up: bool) -> Iterator[list[in
         while not stop.is_set() and time.monotonic() < deadline:
             for key, _ in sel.select(timeout=0.05):
                 sel.unregister(key.fileobj)
-                key.fileobj.close()  # type: ignore[union-attr]
+                key.fileobj.close()
                 if keep_up and not stop.is_set():
                     open_one()
                     reopened[0] += 1
@@ -180,7 +180,7 @@ def silent_connections(port: int, count: int, keep_up: bool) -> Iterator[list[in
         if "thread" in locals():
             thread.join(timeout=10)
         for key in list(sel.get_map().values()):
-            key.fileobj.close()  # type: ignore[union-attr]
+            key.fileobj.close()
         sel.close()
 
 
@@ -199,7 +199,7 @@ def real_requests(port: int, count: int) -> list[int]:
     return statuses
 
 
-def test_idle_connections_make_room_for_requests(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_idle_connections_make_room_for_requests(cluster) -> None:
     """The mechanism at a small scale: 300 silent connections against a limit of 50. A
     request in flight is never closed to make room; 503 only when all are busy."""
     c = cluster("--workers", "1", "--limit-concurrency", "50", *ECHO, workers=1)
@@ -231,7 +231,7 @@ def test_idle_connections_make_room_for_requests(cluster) -> None:  # type: igno
             conn.close()
 
 
-def test_idle_flood_at_default_limit(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_idle_flood_at_default_limit(cluster) -> None:
     """2 workers, the default --limit-concurrency: 2100 silent connections, kept up by
     reopening those the server closes, must not fail a real request."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -255,7 +255,7 @@ def rss_mib(pid: int) -> int:
     return int(line.split()[1]) // 1024
 
 
-def test_endless_pipeline_is_bounded(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_endless_pipeline_is_bounded(cluster) -> None:
     """A client streams pipelined GETs for 3 s and reads the answers. uvicorn resumes
     reading after every answer and queues another read's worth each time (plain uvicorn:
     31 MiB to 1.1 GiB in 8 s); here reading waits until the queue is empty, so memory
@@ -291,7 +291,7 @@ def test_endless_pipeline_is_bounded(cluster) -> None:  # type: ignore[no-untype
     assert c.get("/")[0] == 200
 
 
-def test_keep_alive_connection_dribbling_gets_the_head_timeout(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_keep_alive_connection_dribbling_gets_the_head_timeout(cluster) -> None:
     """After an answer, a client that sends a partial head, or only blank lines (which
     begin no head), a byte a second: closed at the head timeout, not held forever."""
     c = cluster("--workers", "1", *ECHO, workers=1)

@@ -27,7 +27,7 @@ async def app(scope, receive, send):
 '''
 
 
-def templates(c) -> list[int]:  # type: ignore[no-untyped-def]
+def templates(c) -> list[int]:
     return [p for p in children(c.pid) if alive(p)
             and "template" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
 
@@ -36,7 +36,7 @@ def private_mib(pids: list[int]) -> list[float]:
     return [(memory.uss_bytes(p) or 0) / MiB for p in pids]
 
 
-def test_workers_share_the_preloaded_app(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_workers_share_the_preloaded_app(cluster) -> None:
     """hc_heavy builds ~60 MB at import: each worker of a plain pool holds its own copy;
     forked from the template, a worker's private memory is a small fraction of it."""
     plain = cluster("--workers", "2", "--app", "hc_heavy:app", workers=2)
@@ -51,7 +51,7 @@ def test_workers_share_the_preloaded_app(cluster) -> None:  # type: ignore[no-un
     assert max(shared_uss) < min(plain_uss) / 3, (shared_uss, plain_uss)
 
 
-def test_a_reload_loads_new_code_and_respawns_fork_from_the_template(cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_reload_loads_new_code_and_respawns_fork_from_the_template(cluster, tmp_path) -> None:
     app_file = tmp_path / "versioned.py"
     app_file.write_text(VERSIONED.format(version="one"))
     c = cluster("--workers", "2", "--app", "versioned:app", "--preload", "--log-level", "debug",
@@ -79,7 +79,7 @@ def test_a_reload_loads_new_code_and_respawns_fork_from_the_template(cluster, tm
     assert {c.get()[2] for _ in range(10)} == {b"version two"}
 
 
-def test_broken_new_code_abandons_the_reload(cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_broken_new_code_abandons_the_reload(cluster, tmp_path) -> None:
     app_file = tmp_path / "versioned.py"
     app_file.write_text(VERSIONED.format(version="good"))
     c = cluster("--workers", "2", "--app", "versioned:app", "--preload",
@@ -104,7 +104,7 @@ def test_an_app_that_cannot_be_imported_fails_the_start_once() -> None:
     assert len(errors) == 1 and len(lines) <= 3, lines  # said once, by the exit line
 
 
-def test_a_dead_template_is_replaced_and_nothing_outlives_the_master(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_template_is_replaced_and_nothing_outlives_the_master(cluster) -> None:
     c = cluster("--workers", "2", "--preload", workers=2)
     [template] = templates(c)
     os.kill(template, signal.SIGKILL)

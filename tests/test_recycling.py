@@ -147,16 +147,16 @@ def test_bad_values_exit_2_with_one_line(args: tuple[str, str]) -> None:
 
 # ---- the real master ----------------------------------------------------------------------
 
-def recycles(c, reason: str) -> float:  # type: ignore[no-untyped-def]
+def recycles(c, reason: str) -> float:
     return c.metric(f'hello_cluster_worker_recycles_total{{reason="{reason}"}}')
 
 
-def unplanned(c) -> float:  # type: ignore[no-untyped-def]
+def unplanned(c) -> float:
     return sum(c.metric(f'hello_cluster_worker_restarts_total{{reason="{r}"}}')
                for r in ("exit", "signal", "timeout", "oom"))
 
 
-def test_a_leaking_worker_is_recycled_without_a_failed_request(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_a_leaking_worker_is_recycled_without_a_failed_request(cluster) -> None:
     c = cluster("--workers", "2", "--app", "hc_testapp:app", "--max-worker-memory", "40M")
     before = set(c.workers())
     with Load(c.port, max_seconds=30) as load:
@@ -174,14 +174,14 @@ def test_a_leaking_worker_is_recycled_without_a_failed_request(cluster) -> None:
     assert f"pid {leaker}" in line and re.search(r"[0-9.]+ MiB USS over", line), line
 
 
-def test_a_worker_over_the_limit_from_the_start_is_said_once_not_recycled(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_over_the_limit_from_the_start_is_said_once_not_recycled(cluster) -> None:
     c = cluster("--workers", "2", "--max-worker-memory", "1M")
     time.sleep(MEMORY_SAMPLE * (MEMORY_STRIKES + 2))
     assert recycles(c, "memory") == 0
     assert c.log.count("just after start, over --max-worker-memory") == 1
 
 
-def test_lifetimes_recycle_one_at_a_time_without_a_failed_request(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_lifetimes_recycle_one_at_a_time_without_a_failed_request(cluster) -> None:
     c = cluster("--workers", "2", "--max-worker-lifetime", "2s")
     first = set(c.workers())
     with Load(c.port, max_seconds=30) as load:

@@ -38,14 +38,14 @@ def test_a_forked_worker_stamps_what_the_master_reads() -> None:
     assert before <= table.last_beat(cell) <= time.monotonic()
 
 
-def wakeups_per_second(c, seconds: float = 2.0) -> float:  # type: ignore[no-untyped-def]
+def wakeups_per_second(c, seconds: float = 2.0) -> float:
     first = c.metric("hello_cluster_master_wakeups_total")
     time.sleep(seconds)
     # The scrape itself wakes the master once or twice: included, and small.
     return (c.metric("hello_cluster_master_wakeups_total") - first) / seconds
 
 
-def test_idle_master_wakeups_do_not_grow_with_the_pool(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_idle_master_wakeups_do_not_grow_with_the_pool(cluster) -> None:
     """With one pipe byte per beat, 24 workers woke the master ~240 times a second; read
     from the table, 2 or 24 workers cost the same ~1/SCAN wake-ups."""
     rates = {}
@@ -62,7 +62,7 @@ def test_idle_master_wakeups_do_not_grow_with_the_pool(cluster) -> None:  # type
     assert rates[24] <= rates[2] * 1.5 + 2, rates
 
 
-def test_the_first_workers_are_forked_at_once(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_the_first_workers_are_forked_at_once(cluster) -> None:
     """The loop's first turn forks: no one-second timer stands between start and the
     workers (a regression the bench caught twice). The log's clock, with a wide margin."""
     c = cluster("--workers", "2", "--log-level", "debug", workers=2)

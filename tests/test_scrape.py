@@ -90,7 +90,7 @@ RANGES = st.lists(st.lists(PIECES, min_size=1, max_size=6).map(";".join), max_si
 
 @settings(max_examples=300)
 @given(RANGES, st.randoms(use_true_random=False))
-def test_the_order_of_ranges_and_whitespace_do_not_matter(ranges: list[str], rnd) -> None:  # type: ignore[no-untyped-def]
+def test_the_order_of_ranges_and_whitespace_do_not_matter(ranges: list[str], rnd) -> None:
     """Preference is by q and specificity (RFC 9110), never by position; OWS is ignored."""
     shuffled = list(ranges)
     rnd.shuffle(shuffled)
@@ -181,7 +181,7 @@ def test_a_failed_render_is_shared_too() -> None:
     stats = PoolStats()
     registry = master_registry(lambda: stats, None)
     broken = Broken()
-    registry.register(broken)  # type: ignore[arg-type]
+    registry.register(broken)
     scrapes = Scrapes(registry, lambda: stats, window=0.25)
     with pytest.raises(OSError):
         scrapes.body(TEXT, now=10.0)
@@ -192,7 +192,7 @@ def test_a_failed_render_is_shared_too() -> None:
     with pytest.raises(OSError):
         scrapes.body(TEXT, now=10.3)
     assert broken.calls == 2
-    registry.unregister(broken)  # type: ignore[arg-type]
+    registry.unregister(broken)
     assert b"hello_cluster_workers_ready" in scrapes.body(TEXT, now=10.6)
 
 

@@ -21,7 +21,7 @@ def snapshot(**over: object) -> PoolSnapshot:
         slots=(SlotView(0, 0.0), SlotView(3, 0.0), SlotView(1, 205.5)),
         slot_cpu=SlotCpu())
     values.update(over)
-    return PoolSnapshot(**values)  # type: ignore[arg-type]
+    return PoolSnapshot(**values)
 
 
 def test_rows_for_workers_and_backoff_slots_in_slot_order() -> None:

@@ -17,7 +17,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_crash_loop_backs_off_then_gives_up(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_crash_loop_backs_off_then_gives_up(tmp_path) -> None:
     """Workers that die on boot: growing, capped delays, bounded forks, then exit code 5."""
     started = time.monotonic()
     proc = run_cli("--app", "hc_bootcrash:app", "--workers", "2", "--bind", "127.0.0.1:0",
@@ -43,7 +43,7 @@ def test_crash_loop_backs_off_then_gives_up(tmp_path) -> None:  # type: ignore[n
     assert elapsed < 30
 
 
-def test_crash_loop_master_stays_idle(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_crash_loop_master_stays_idle(cluster) -> None:
     """While backing off, the master sleeps: its CPU time stays far below the wall time."""
     c = cluster("--app", "hc_bootcrash:app", "--workers", "2", "--crash-loop-limit", "1000",
                 "--backoff-initial", "100ms", "--backoff-max", "1s", ready=False)
@@ -58,7 +58,7 @@ def test_crash_loop_master_stays_idle(cluster) -> None:  # type: ignore[no-untyp
     assert c.metric("hello_cluster_worker_backoff_seconds") <= 1.0
 
 
-def test_random_kills_under_load(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_random_kills_under_load(cluster) -> None:
     """SIGKILL a random worker every 200 ms for 10 s under load: the pool heals fully."""
     c = cluster("--workers", "3", "--backoff-max", "500ms", workers=3)
     kills = 0
@@ -91,7 +91,7 @@ def test_random_kills_under_load(cluster) -> None:  # type: ignore[no-untyped-de
     assert len(load.failures) <= 3 * kills
 
 
-def test_hung_worker_is_killed_and_async_sleep_is_not(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_hung_worker_is_killed_and_async_sleep_is_not(cluster) -> None:
     c = cluster("--workers", "2", "--app", "hc_testapp:app", "--worker-timeout", "2s",
                 workers=2)
     # A slow async request keeps the loop turning: never mistaken for a hang.
@@ -113,7 +113,7 @@ def test_hung_worker_is_killed_and_async_sleep_is_not(cluster) -> None:  # type:
     t.join(timeout=15)
 
 
-def test_ttin_ttou_without_failed_requests(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_ttin_ttou_without_failed_requests(cluster) -> None:
     c = cluster("--workers", "2", workers=2)
     with Load(c.port, max_seconds=30) as load:
         c.signal(signal.SIGTTIN)
@@ -134,7 +134,7 @@ def test_ttin_ttou_without_failed_requests(cluster) -> None:  # type: ignore[no-
     assert "scale-down" in c.log
 
 
-def test_max_requests_recycles_without_failed_requests(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_max_requests_recycles_without_failed_requests(cluster) -> None:
     c = cluster("--workers", "2", "--max-requests", "200", "--max-requests-jitter", "50",
                 workers=2)
     first = set(c.workers())
@@ -148,7 +148,7 @@ def test_max_requests_recycles_without_failed_requests(cluster) -> None:  # type
     assert c.metric('hello_cluster_worker_recycles_total{reason="max_requests"}') >= 2
 
 
-def test_oom_kill_is_classified(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_oom_kill_is_classified(cluster) -> None:
     """A worker the kernel's OOM killer ends is counted as `oom`, not a plain signal."""
     limit = {"memory.limit_in_bytes": str(256 * 1024 * 1024)}
     with v1_cgroup("memory", limit) as enter:
@@ -165,7 +165,7 @@ def test_oom_kill_is_classified(cluster) -> None:  # type: ignore[no-untyped-def
         c.kill_all()
 
 
-def test_a_slow_import_is_not_a_hang(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_a_slow_import_is_not_a_hang(cluster) -> None:
     """Before READY a worker has no event loop to beat from: --worker-timeout (1 s here)
     does not apply to a 2 s import; --startup-timeout does."""
     c = cluster("--workers", "2", "--app", "hc_slowimport:app", "--worker-timeout", "1s",
@@ -174,7 +174,7 @@ def test_a_slow_import_is_not_a_hang(cluster) -> None:  # type: ignore[no-untype
     assert c.metric('hello_cluster_worker_restarts_total{reason="timeout"}') == 0
 
 
-def test_a_start_past_the_startup_timeout_is_killed_and_said(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_a_start_past_the_startup_timeout_is_killed_and_said(cluster) -> None:
     c = cluster("--workers", "1", "--app", "hc_slowimport:app", "--startup-timeout", "1s",
                 "--crash-loop-limit", "2", env={"HC_SLOW_IMPORT_SECONDS": "30"}, ready=False)
     assert c.wait_exit(30) == 5

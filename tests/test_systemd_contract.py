@@ -28,7 +28,7 @@ from hello_cluster.system.notify import watchdog_interval
 from hello_cluster.system.sockets import parse_listen_env
 
 
-class _Any(dict):  # type: ignore[type-arg]
+class _Any(dict):
     def __eq__(self, other: object) -> bool:
         return True
 
@@ -63,10 +63,10 @@ class NotifySocket:
 
 def test_parse_listen_env() -> None:
     env = {"LISTEN_PID": "42", "LISTEN_FDS": "3", "LISTEN_FDNAMES": "http:http:metrics"}
-    assert parse_listen_env(env, 42).fds == ((3, "http"), (4, "http"), (5, "metrics"))  # type: ignore[union-attr]
+    assert parse_listen_env(env, 42).fds == ((3, "http"), (4, "http"), (5, "metrics"))
     assert parse_listen_env(env, 43) is None  # for another process: not ours
     assert parse_listen_env({}, 42) is None
-    assert parse_listen_env({"LISTEN_PID": "42", "LISTEN_FDS": "1"}, 42).fds == ((3, "unknown"),)  # type: ignore[union-attr]
+    assert parse_listen_env({"LISTEN_PID": "42", "LISTEN_FDS": "1"}, 42).fds == ((3, "unknown"),)
     for bad in ({"LISTEN_PID": "42", "LISTEN_FDS": "abc"},
                 {"LISTEN_PID": "42", "LISTEN_FDS": "-1"},
                 {"LISTEN_PID": "x", "LISTEN_FDS": "1"},
@@ -91,7 +91,7 @@ def test_watchdog_interval() -> None:
     assert watchdog_interval({}, 5) is None
 
 
-def test_notify_lifecycle(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_notify_lifecycle(cluster, tmp_path: Path) -> None:
     """READY=1 only after workers accept; STATUS current; RELOADING/READY on HUP; STOPPING."""
     ns = NotifySocket(tmp_path / "notify.sock")
     try:
@@ -124,7 +124,7 @@ def test_notify_lifecycle(cluster, tmp_path: Path) -> None:  # type: ignore[no-u
 
 @pytest.mark.parametrize("value", ["/nonexistent/notify.sock", "@abstract-nobody-listens",
                                    "/etc/hostname", "/" + "x" * 300])
-def test_bogus_notify_socket_never_stops_the_service(cluster, value: str) -> None:  # type: ignore[no-untyped-def]
+def test_bogus_notify_socket_never_stops_the_service(cluster, value: str) -> None:
     c = cluster("--workers", "1", env={"NOTIFY_SOCKET": value}, workers=1)
     assert c.get("/")[0] == 200
     assert c.log.count("NOTIFY_SOCKET") == 1  # logged once, then silent
@@ -210,7 +210,7 @@ def test_activated_fd_that_is_not_listening(tmp_path: Path) -> None:
     assert "not listening" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_shutdown_delay_keeps_serving_with_readyz_503(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_shutdown_delay_keeps_serving_with_readyz_503(cluster) -> None:
     c = cluster("--workers", "1", "--shutdown-delay", "1s", workers=1)
     c.signal(signal.SIGTERM)
     t0 = time.monotonic()
@@ -266,7 +266,7 @@ def test_pid1_reaps_orphans(tmp_path: Path) -> None:
         log.close()
 
 
-def test_thousand_sighups_coalesce(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_thousand_sighups_coalesce(cluster) -> None:
     c = cluster("--workers", "2", workers=2)
     with Load(c.port, max_seconds=30) as load:
         for _ in range(1000):
@@ -282,7 +282,7 @@ def test_thousand_sighups_coalesce(cluster) -> None:  # type: ignore[no-untyped-
     assert load.failures == []
 
 
-def test_reload_with_broken_app_keeps_old_workers(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_reload_with_broken_app_keeps_old_workers(cluster, tmp_path: Path) -> None:
     """New code that cannot import: the reload is abandoned, the old generation serves on."""
     module = tmp_path / "hc_flip.py"
     module.write_text("from hello_cluster.app import app\n")

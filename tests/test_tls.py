@@ -51,7 +51,7 @@ def wait_tls_ready(port: int, ctx: ssl.SSLContext) -> None:
     wait_for(lambda: https_get(port, ctx, timeout=2)[0] == 200, 15, what="TLS answers")
 
 
-def test_verified_clients_plain_http_refused_metrics_plain(cluster, pki: Pki,  # type: ignore[no-untyped-def]
+def test_verified_clients_plain_http_refused_metrics_plain(cluster, pki: Pki,
                                                            server: tuple[Path, Path]) -> None:
     curl = need_command("curl", "curl")
     c = cluster("--workers", "2", "--app", "hc_testapp:app", *tls_args(server), workers=2)
@@ -79,7 +79,7 @@ def test_verified_clients_plain_http_refused_metrics_plain(cluster, pki: Pki,  #
     assert "cryptography" not in Path(f"/proc/{c.pid}/maps").read_text()
 
 
-def test_hostile_bytes_and_idle_connections_cost_nothing(cluster, pki: Pki,  # type: ignore[no-untyped-def]
+def test_hostile_bytes_and_idle_connections_cost_nothing(cluster, pki: Pki,
                                                          server: tuple[Path, Path]) -> None:
     """Garbage, truncated and oversized TLS records, and connections that never shake
     hands: each is dropped by the worker, nobody else waits, no worker is lost."""
@@ -107,7 +107,7 @@ def test_hostile_bytes_and_idle_connections_cost_nothing(cluster, pki: Pki,  # t
     assert "Traceback" not in c.log
 
 
-def test_mtls_required(cluster, pki: Pki, server: tuple[Path, Path]) -> None:  # type: ignore[no-untyped-def]
+def test_mtls_required(cluster, pki: Pki, server: tuple[Path, Path]) -> None:
     curl = need_command("curl", "curl")
     client = pki.cert("client", 0x2001, client=True)
     stranger_ca = Pki(pki.root / "stranger")
@@ -129,7 +129,7 @@ def test_mtls_required(cluster, pki: Pki, server: tuple[Path, Path]) -> None:  #
     assert len(c.workers()) == 1
 
 
-def test_optional_client_certificate(cluster, pki: Pki, server: tuple[Path, Path]) -> None:  # type: ignore[no-untyped-def]
+def test_optional_client_certificate(cluster, pki: Pki, server: tuple[Path, Path]) -> None:
     client = pki.cert("client-opt", 0x2101, client=True)
     c = cluster("--workers", "1", *tls_args(server, "--ssl-cert-reqs", "optional",
                                             "--ssl-ca-certs", str(pki.ca)), workers=1)
@@ -181,7 +181,7 @@ def replace(src: tuple[Path, Path], dst: tuple[Path, Path]) -> None:
 
 
 @pytest.mark.parametrize("preload", [[], ["--preload"]], ids=["fork", "preload"])
-def test_sighup_rotates_the_certificate_without_failures(cluster, pki: Pki,  # type: ignore[no-untyped-def]
+def test_sighup_rotates_the_certificate_without_failures(cluster, pki: Pki,
                                                          tmp_path: Path,
                                                          preload: list[str]) -> None:
     """With --preload the template reads the files; a reload's new template reads them
@@ -284,7 +284,7 @@ def test_unusable_files_and_options_exit_2_naming_the_file(pki: Pki, server: tup
     assert "enc.key: wrong password" in line and "battery" not in line, line
 
 
-def test_encrypted_key_with_password_file_or_env(cluster, pki: Pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_encrypted_key_with_password_file_or_env(cluster, pki: Pki, tmp_path: Path) -> None:
     enc = pki.cert("enc-ok", 0x5001, password="correct horse")
     secret = tmp_path / "password"
     secret.write_text("correct horse\n")  # the trailing newline of `echo` is not part of it
@@ -307,7 +307,7 @@ def test_encrypted_key_with_password_file_or_env(cluster, pki: Pki, tmp_path: Pa
     assert https_get(c.port, client_context(pki))[1] == b""
 
 
-def test_expired_certificate_warns_and_serves(cluster, pki: Pki) -> None:  # type: ignore[no-untyped-def]
+def test_expired_certificate_warns_and_serves(cluster, pki: Pki) -> None:
     expired = pki.cert("expired", 0, start="20200101000000Z", end="20200102000000Z")
     c = cluster("--workers", "1", *tls_args(expired), workers=1)
     assert "the certificate expired on 2020-01-02 00:00 UTC" in c.log

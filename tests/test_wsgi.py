@@ -21,7 +21,7 @@ from conftest import TEST_APPS, clean_env, free_port, http_get, wait_for
 WSGI = ("--app", "hc_wsgiapp:app")
 
 
-def test_wsgi_environ_is_right(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_wsgi_environ_is_right(cluster) -> None:
     """SCRIPT_NAME from the environment, REMOTE_ADDR behind a trusted proxy, wsgi.errors."""
     c = cluster("--workers", "1", *WSGI, "--forwarded-allow-ips", "127.0.0.1",
                 env={"SCRIPT_NAME": "/prefix"}, workers=1)
@@ -53,7 +53,7 @@ def _read_until(sock: socket.socket, marker: bytes, limit: int = 65536) -> bytes
     return data
 
 
-def test_wsgi_bodies_stream_both_ways(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_wsgi_bodies_stream_both_ways(cluster) -> None:
     """The view reads wsgi.input as the client sends it and its output leaves as it is
     yielded: the answer to the first line arrives before the second line is sent."""
     c = cluster("--workers", "1", *WSGI, workers=1)
@@ -75,7 +75,7 @@ def _rss(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def test_wsgi_stream_backpressure(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_wsgi_stream_backpressure(cluster) -> None:
     """A view yielding 48 MiB to a client that reads nothing for a while: the view's thread
     waits (a few chunks are queued, not the stream), and the client then gets every byte."""
     c = cluster("--workers", "1", *WSGI, workers=1)
@@ -103,7 +103,7 @@ def test_wsgi_stream_backpressure(cluster) -> None:  # type: ignore[no-untyped-d
     assert c.get("/")[0] == 200
 
 
-def test_wsgi_view_that_raises(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_wsgi_view_that_raises(cluster) -> None:
     """A view's exception is a 500 with the traceback in the log, and the worker serves on."""
     c = cluster("--workers", "1", *WSGI, workers=1)
     pid = c.workers()[0]
@@ -114,7 +114,7 @@ def test_wsgi_view_that_raises(cluster) -> None:  # type: ignore[no-untyped-def]
     assert c.workers() == [pid]
 
 
-def test_wsgi_view_blocking_past_worker_timeout(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_wsgi_view_blocking_past_worker_timeout(cluster) -> None:
     """A view that blocks longer than --worker-timeout holds a thread, not the event loop:
     the worker keeps beating and is not killed; once the pool is full, requests queue."""
     c = cluster("--workers", "1", *WSGI, "--worker-timeout", "1s", "--wsgi-threads", "2",
@@ -143,7 +143,7 @@ def test_wsgi_view_blocking_past_worker_timeout(cluster) -> None:  # type: ignor
     assert "silent for" not in c.log
 
 
-def test_wsgi_max_requests_and_drain(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_wsgi_max_requests_and_drain(cluster) -> None:
     """--max-requests recycles a WSGI worker; SIGTERM lets an in-flight view finish."""
     c = cluster("--workers", "1", *WSGI, "--max-requests", "10", "--graceful-timeout", "10s",
                 workers=1)
@@ -192,7 +192,7 @@ def _post(port: int, body: bytes) -> tuple[int, bytes]:
         conn.close()
 
 
-def test_wsgi_environ_and_bodies_match_uvicorn(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_wsgi_environ_and_bodies_match_uvicorn(cluster) -> None:
     """Fuzzed paths, queries and bodies: the WSGI app sees what uvicorn --interface wsgi
     gives it (except the two fixes: wsgi.errors, SCRIPT_NAME), and never a 5xx."""
     c = cluster("--workers", "1", *WSGI, workers=1)

@@ -12,4 +12,4 @@ from hello_cluster.http.fastproto import FastProtocol
 
 @pytest.fixture(params=[FastProtocol], ids=["fast"])
 def http_protocol_cls(request: pytest.FixtureRequest) -> type:
-    return request.param  # type: ignore[no-any-return]
+    return request.param
