@@ -4,9 +4,11 @@ One thread, one selector. Signal handlers only wake the loop (`signal.set_wakeup
 the signal number into a pipe the selector watches); every decision is taken in the loop,
 in the order the verbs below read:
 
-    handle_signals -> reap_workers -> murder_workers -> manage_workers -> tell_systemd
+    wait_for_events -> handle_signals -> reap_workers -> read_beats -> murder_workers
+        -> recycle_workers -> manage_workers -> tell_systemd
 
-The restart policy itself is the pure `backoff` module; this file only applies it.
+What a death means is the pure `decisions.judge_death` (the restart policy), and the delay
+the pure `backoff` module; this file gathers the facts and applies the verdicts.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from hello_cluster.observe.status_page import (
     status_response,
     worker_state,
 )
-from hello_cluster.supervisor import backoff
+from hello_cluster.supervisor import backoff, decisions
+from hello_cluster.supervisor.decisions import Verdict
 from hello_cluster.supervisor.oom import OomWatch
 from hello_cluster.supervisor.recycling import Recycler
 from hello_cluster.supervisor.template import Template, Templates, become_subreaper
@@ -522,51 +525,66 @@ class Master:
                 archive_dead_worker(self.multiproc_dir, w.pid)
             except Exception as err:  # bookkeeping must never take supervision down
                 log.warning("could not archive the metric files of pid %d: %s", w.pid, err)
-        lifetime = now - w.spawned_at
         how = _describe_status(status)
-        if w.retiring is not None:
+        exited = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        in_reload = (w.ready_at is None and w.generation == self.generation
+                     and self.generation > 0 and self.state == "reloading")
+        judged = decisions.judge_death(decisions.Death(
+            planned=w.retiring is not None, stopping=self.exit_code is not None,
+            scaled_away=w.slot >= self.desired,
+            start_error=w.error is not None and exited in (EXIT_APP, EXIT_RESOURCE),
+            ever_ready=self.ever_ready,
+            ready_for=None if w.ready_at is None else now - w.ready_at,
+            new_in_reload=in_reload,
+            old_serving=in_reload and any(o.generation < self.generation and o.retiring is None
+                                          for o in self.workers.values()),
+            slot_alive=any(o.slot == w.slot for o in self.workers.values()),
+            failures=self.slots[w.slot].failures if w.slot < len(self.slots) else 0,
+        ), self.breaker, self.policy)
+        self.apply_death(w, judged, status, how, now - w.spawned_at, now)
+
+    def apply_death(self, w: Worker, judged: decisions.Judgement, status: int, how: str,
+                    lifetime: float, now: float) -> None:
+        """The effects of a verdict (decisions.judge_death): the log line, and what follows."""
+        verdict = judged.verdict
+        if verdict is Verdict.PLANNED:
             log.log(self.quiet, "worker %d pid %d ended (%s, %s) after %.1fs", w.slot + 1,
                     w.pid, w.retiring, how, lifetime)
             return
         reason = self.classify(w, status)
-        slot_alive = any(o.slot == w.slot for o in self.workers.values())
-        if self.exit_code is not None or w.slot >= self.desired:
+        if verdict is Verdict.NOT_RESPAWNED:
             log.log(logging.DEBUG if self.quiet == logging.DEBUG else logging.WARNING,
                     "worker %d died: pid %d %s, %s, lived %.1fs; not respawned (stopping or "
                     "scaled down)", w.slot + 1, w.pid, reason, how, lifetime)
             return
-        if (w.error is not None and not self.ever_ready and os.WIFEXITED(status)
-                and os.WEXITSTATUS(status) in (EXIT_APP, EXIT_RESOURCE)):
+        if verdict is Verdict.STOP_START:
             # Every worker would fail the same way: stop the start, say why once (exit line).
-            self.begin_stop(os.WEXITSTATUS(status), w.error)
+            self.begin_stop(os.WEXITSTATUS(status), w.error or how)
             return
-        ready_for = None if w.ready_at is None else now - w.ready_at
-        if w.ready_at is None and w.generation == self.generation and self.generation > 0 \
-                and self.state == "reloading" and self.abort_reload(
-                    f"new worker pid {w.pid} died before becoming ready"
-                    + (f": {w.error}" if w.error else ""), w.error):
+        if verdict is Verdict.ABORT_RELOAD:
+            self.abort_reload(f"new worker pid {w.pid} died before becoming ready"
+                              + (f": {w.error}" if w.error else ""), w.error)
             return
         self.say_error(w)
-        self.breaker = self.breaker.worker_died(w.ready_at is not None, planned=False)
+        self.breaker = judged.breaker
         slot = self.slots[w.slot]
-        slot.failures = backoff.failures_after_death(self.policy, slot.failures, ready_for,
-                                                     planned=False)
+        slot.failures = judged.failures
         self.stats.restarts[reason] += 1
         slot.restarts += 1
-        if self.breaker.tripped:
+        if verdict is Verdict.CRASH_LOOP:
             line = (f"crash loop: {self.breaker.boot_deaths} workers in a row died before "
                     f"becoming ready; the last (pid {w.pid}) {how}"
                     + (f": {w.error}" if w.error else "") + "; giving up")
             log.error(line)
             self.stats.crash_loop = True
             self.begin_stop(EXIT_CRASH_LOOP, "crash loop")
-            return
-        if slot_alive:
+        elif verdict is Verdict.REPLACEMENT_RUNNING:
             # A replacement is already running (recycling or reload): nothing to schedule.
             log.warning("worker %d died: pid %d %s, %s, lived %.1fs; its replacement is "
                         "already starting", w.slot + 1, w.pid, reason, how, lifetime)
-            return
-        self.schedule_respawn(w.slot, now, f"pid {w.pid} {reason}, {how}, lived {lifetime:.1f}s")
+        else:
+            self.schedule_respawn(w.slot, now,
+                                  f"pid {w.pid} {reason}, {how}, lived {lifetime:.1f}s")
 
     @property
     def quiet(self) -> int:
