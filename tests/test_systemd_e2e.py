@@ -743,7 +743,6 @@ def test_g_config_error_is_not_restarted(sd: NsSystemd) -> None:
     """RestartPreventExitStatus=2: a bad flag fails once instead of restarting in a loop."""
     if sd.prop(SERVICE, "ActiveState") != "inactive":
         sd.systemctl("stop", SERVICE)
-    restarts = int(sd.prop(SERVICE, "NRestarts"))
     dropin = f"/run/systemd/system/{SERVICE}.d/50-bad-flag.conf"
     sd.write(dropin, f"[Service]\nExecStart=\nExecStart={BIN} --workers many\n")
     try:
@@ -754,7 +753,9 @@ def test_g_config_error_is_not_restarted(sd: NsSystemd) -> None:
                         "NRestarts")
         assert state["ActiveState"] == "failed", state
         assert state["ExecMainStatus"] == "2", state
-        assert int(state["NRestarts"]) == restarts, state
+        # A start by hand resets the count (a restart the test before left, say after a
+        # watchdog kill under load, showed here as 1 -> 0): any automatic restart is >= 1.
+        assert int(state["NRestarts"]) == 0, state
         invocation = sd.prop(SERVICE, "InvocationID")
         sd.wait_journal("--workers", f"_SYSTEMD_INVOCATION_ID={invocation}")
     finally:
