@@ -190,10 +190,11 @@ def test_a_scrape_burst_does_not_stall_supervision(cluster: Callable[..., Cluste
     # enter it) says how busy the cores are. Before the fix the median was 4-6 times that.
     assert statistics.median(probes) < max(50.0, 3 * quiet_livez, sent * 1000 / 2), probes
     assert max(probes) < 1000, probes
-    # A respawn during the burst: 63 ms before the fix against 7-8 ms quiet, so a stall shows
-    # at 4x; under pytest-xdist the other tests share the two cores (58 ms against a quiet
-    # 17 ms was seen once), so the bound is 4x the quiet figure or 100 ms.
-    assert burst_ready < max(100.0, 4 * quiet_ready), (quiet_ready, burst_ready)
+    # A respawn during the burst: 63 ms before the fix against 7-8 ms quiet. Under
+    # pytest-xdist other tests share the two cores (58 ms against a quiet 17 ms was seen once,
+    # with a second suite running beside it), so the floor is 60 ms; the /livez probes above
+    # are the sharper check of a stalled master.
+    assert burst_ready < max(60.0, 3 * quiet_ready), (quiet_ready, burst_ready)
     assert c.proc.poll() is None
     c.wait_ready(2)
 
