@@ -14,6 +14,7 @@ the pure `backoff` module; this file gathers the facts and applies the verdicts.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import random
@@ -58,6 +59,15 @@ MAX_TIMEOUT = 1.0  # the loop turns at least this often (watchdog, status, deadl
 STALL = 0.3
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
            signal.SIGTTIN, signal.SIGTTOU)
+
+
+class State(enum.Enum):
+    """The pool's phase; its value is what /status and `hello-cluster status` show."""
+
+    STARTING = "starting"  # forking the first pool; READY=1 once every worker accepts
+    RUNNING = "running"
+    RELOADING = "reloading"  # a rolling replacement (SIGHUP) is under way
+    STOPPING = "stopping"  # draining after SIGTERM/SIGINT, or stopping a failed start
 
 
 @dataclass
@@ -111,7 +121,7 @@ class Master:
         self.stats = PoolStats(desired=self.desired)
         self.breaker = backoff.Breaker(self.policy.crash_loop_limit)
         self.signals: list[int] = []
-        self.state = "starting"  # starting, running, reloading, stopping
+        self.state = State.STARTING
         self.exit_code: int | None = None
         self.ever_ready = False
         self.reload_pending = False
@@ -241,7 +251,7 @@ class Master:
         """Graceful stop: /readyz goes 503, serve through --shutdown-delay, then drain."""
         if self.exit_code is not None:
             return
-        self.exit_code, self.stop_reason, self.state = code, reason, "stopping"
+        self.exit_code, self.stop_reason, self.state = code, reason, State.STOPPING
         now = time.monotonic()
         self.drain_at = now + (self.cfg.shutdown_delay if code == EXIT_OK else 0.0)
         log.log(self.quiet, "stopping (%s): serving %.1fs more, then draining for up to %.1fs",
@@ -252,7 +262,7 @@ class Master:
     def stop_now(self) -> None:
         log.warning("SIGQUIT: stopping immediately")
         if self.exit_code is None:
-            self.exit_code, self.stop_reason, self.state = EXIT_OK, "SIGQUIT", "stopping"
+            self.exit_code, self.stop_reason, self.state = EXIT_OK, "SIGQUIT", State.STOPPING
             self.notifier.stopping("stopping immediately")
         self.listeners.close_app()
         if self.templates is not None:
@@ -272,20 +282,20 @@ class Master:
         self.retire([(w, "shutdown") for w in self.workers.values()], now)
 
     def reload(self) -> None:
-        if self.state == "stopping":
+        if self.state == State.STOPPING:
             return
-        if self.state == "reloading":
+        if self.state == State.RELOADING:
             self.reload_pending = True
             return
         self.generation += 1
         self.stats.reloads += 1
-        self.state = "reloading"
+        self.state = State.RELOADING
         log.info("reload: rolling replacement of %d workers (generation %d)", self.desired,
                  self.generation)
         self.notifier.reloading()
 
     def scale(self, step: int) -> None:
-        if self.state == "stopping":
+        if self.state == State.STOPPING:
             return
         new = min(MAX_WORKERS, max(1, self.desired + step))
         if new == self.desired:
@@ -394,7 +404,7 @@ class Master:
         how = _describe_status(status)
         if not t.ready:  # it could not import the app
             why = t.error or f"the --preload template {how} before importing the app"
-            if self.state == "reloading" and t.generation == self.generation \
+            if self.state == State.RELOADING and t.generation == self.generation \
                     and self.abort_reload(f"the new code could not be loaded: {why}"):
                 return
             if not self.ever_ready and self.exit_code is None:
@@ -450,7 +460,7 @@ class Master:
     def recycle_workers(self) -> None:
         """--max-worker-memory and --max-worker-lifetime: one planned replacement at a time,
         chosen by the recycling policy; manage_workers forks the replacement."""
-        if not self.recycler.enabled or self.state != "running":
+        if not self.recycler.enabled or self.state != State.RUNNING:
             return
         serving, in_flight = [], False
         for w in self.workers.values():
@@ -528,7 +538,7 @@ class Master:
         how = _describe_status(status)
         exited = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         in_reload = (w.ready_at is None and w.generation == self.generation
-                     and self.generation > 0 and self.state == "reloading")
+                     and self.generation > 0 and self.state == State.RELOADING)
         judged = decisions.judge_death(decisions.Death(
             planned=w.retiring is not None, stopping=self.exit_code is not None,
             scaled_away=w.slot >= self.desired,
@@ -622,7 +632,7 @@ class Master:
         self.generation = max(o.generation for o in old)
         if self.templates is not None:
             self.templates.stop_others(self.generation)
-        self.state = "running"
+        self.state = State.RUNNING
         self.reload_pending = False
         self.notifier.ready(self.status_line() + " (reload failed)")
         return True
@@ -672,7 +682,7 @@ class Master:
     def manage_workers(self) -> None:
         self.steer()
         now = time.monotonic()
-        if self.state == "stopping":
+        if self.state == State.STOPPING:
             self.next_respawn = None
             if self.drain_at is not None and now >= self.drain_at:
                 self.start_drain(now)
@@ -734,14 +744,14 @@ class Master:
 
     def update_state(self) -> None:
         ready = self.ready_count()
-        if self.state == "starting" and ready >= self.desired:
-            self.state = "running"
+        if self.state == State.STARTING and ready >= self.desired:
+            self.state = State.RUNNING
             log.info("all %d workers ready", self.desired)
             self.notifier.ready(self.status_line())
-        elif self.state == "reloading" and not any(
+        elif self.state == State.RELOADING and not any(
                 w.generation != self.generation and w.retiring is None
                 for w in self.workers.values()) and ready >= self.desired:
-            self.state = "running"
+            self.state = State.RUNNING
             log.info("reload complete: %d workers of generation %d", ready, self.generation)
             if self.templates is not None:
                 self.templates.stop_others(self.generation)
@@ -782,7 +792,7 @@ class Master:
     def snapshot(self) -> PoolSnapshot:
         """The pool as /status and the per-slot samples see it: values, not our objects."""
         return PoolSnapshot(
-            pid=self.pid, state=self.state, started_at=self.started_at, desired=self.desired,
+            pid=self.pid, state=self.state.value, started_at=self.started_at, desired=self.desired,
             ready=self.ready_count(), reloads=self.stats.reloads,
             restarts=sum(self.stats.restarts.values()), crash_loop=self.stats.crash_loop,
             request_metrics=self.cfg.request_metrics, multiproc_dir=self.multiproc_dir,
@@ -798,7 +808,7 @@ class Master:
         ready = self.ready_count()
         if self.stats.crash_loop:
             return False, "crash loop: workers keep dying before they become ready"
-        if self.state == "stopping":
+        if self.state == State.STOPPING:
             return False, f"stopping: {self.stop_reason}"
         if ready == 0:
             return False, f"no worker ready yet (0/{self.desired})"
@@ -829,7 +839,7 @@ class Master:
         if self.watchdog_every and now >= self.watchdog_next:
             self.notifier.watchdog()
             self.watchdog_next = now + self.watchdog_every
-        if self.state in ("running", "reloading"):
+        if self.state in (State.RUNNING, State.RELOADING):
             line = self.status_line()
             if line != self.last_status:  # a datagram only when there is news
                 self.last_status = line
