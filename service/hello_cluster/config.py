@@ -601,10 +601,16 @@ def resolve_all(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
 
 def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Build the Config from argv, env and --config, or raise ConfigError (one line)."""
+    return _load(argv, env)[0]
+
+
+def _load(argv: Sequence[str] | None, env: Mapping[str, str] | None
+          ) -> tuple[Config, dict[str, tuple[Any, str]]]:
+    """The Config and every option's (value, source): the file is read once for both."""
     args, resolved = resolve_all(argv, env)
     values = {dest: value for dest, (value, _) in resolved.items()}
     try:
-        return _checked(args, values)
+        return _checked(args, values), resolved
     except ConfigError as err:
         # A cross-option check names flags; say so when a named one came from the file.
         named = re.findall(r"--([a-z-]+)", str(err))
@@ -645,8 +651,7 @@ def describe(argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[
     Parsed values are shown (durations in seconds, sizes in bytes), so what is printed is
     what the master will use; a secret is only said to be set.
     """
-    cfg = load_config(argv, env)  # every cross-option check: print nothing that would not run
-    _, resolved = resolve_all(argv, env)
+    cfg, resolved = _load(argv, env)  # every check of a start: print nothing that would not run
     if resolved["app_dir"][0] is None:
         resolved["app_dir"] = (cfg.app_dir, "the working directory at start")
     lines = []
