@@ -76,7 +76,7 @@ def pipeline(port: int, pid: int, seconds: float) -> str:
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        burst = b"GET / HTTP/1.1\r\n\r\n" * 10_000
+        burst = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n" * 10_000
         sent = 0
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:

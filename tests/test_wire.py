@@ -129,7 +129,9 @@ def exchange(port: int, payload: bytes) -> bytes:
 @pytest.mark.parametrize("shape", sorted(SMUGGLING))
 def test_smuggling_shapes_are_refused(server: Cluster, shape: str) -> None:
     answer = exchange(server.port, SMUGGLING[shape] + SMUGGLED)
-    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    # 400 where llhttp refuses the framing, 501 for a coding it took but we do not decode
+    # (`xchunked` alone: RFC 9112 6.1); either way the connection closes unread
+    assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 501 ")), answer[:200]
     assert answer.count(b"HTTP/1.1 ") == 1 and b"smuggled" not in answer, answer
     assert server.get("/")[0] == 200  # and the worker is fine
 

@@ -21,21 +21,21 @@ is done:
 - request metrics counted here (the same RequestMetrics counters and names) instead of in
   a middleware.
 
-It also keeps what WorkerProtocol (protocol.py) adds to uvicorn's: the lossless drain (an
-idle connection gets IDLE_GRACE to bring one last request, answered with `connection:
-close`), the request-head limits (MAX_HEAD_BYTES counted on the head's own bytes, 431, also
-behind pipelined requests in flight; HEAD_TIMEOUT from the head's first byte, 408), room at
---limit-concurrency (protocol.make_room closes idle connections, oldest first, before any
-503) and a bounded pipeline (reading stays paused while pipelined requests wait).
+It also keeps what policy.py decides for both protocols: the lossless drain (an idle
+connection gets IDLE_GRACE to bring one last request, answered with `connection: close`),
+the request-head limits (MAX_HEAD_BYTES counted on the head's own bytes, 431; HEAD_TIMEOUT
+from the head's first byte, 408), the RFC refusals (check_request), trailers bounded like a
+head and never merged into the headers, errors that wait for the responses owed before
+them, room at --limit-concurrency (make_room closes idle connections, oldest first, before
+any 503) and a bounded pipeline (reading stays paused while pipelined requests wait). What
+the app sends is checked by appcheck.py before it is written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import http
 import logging
-import re
 import time
 import urllib.parse
 from collections import deque
@@ -47,72 +47,37 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavai
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 from uvicorn.server import ServerState
 
-from hello_cluster.http.uvicornproto import make_room
+from hello_cluster.http.appcheck import (
+    BODILESS,
+    CHUNKED,
+    LENGTH,
+    LINES,
+    STATUS_LINE,
+    frame,
+    header_line,
+    status_line,
+)
+from hello_cluster.http.policy import (
+    HEAD_TIMEOUT,
+    IDLE_GRACE,
+    INVALID_REQUEST,
+    LENIENCIES,
+    MAX_DISCARD_BYTES,
+    MAX_HEAD_BYTES,
+    MAX_TRAILER_BYTES,
+    RESPONSE_408,
+    RESPONSE_431,
+    check_request,
+    error_response,
+    http09,
+    make_room,
+    parser_refusal,
+)
 
-IDLE_GRACE = 0.5  # seconds an idle connection may still bring one last request when draining
-MAX_HEAD_BYTES = 64 * 1024  # request line plus headers (names, values, ": " and CRLF)
-HEAD_TIMEOUT = 10.0  # seconds from a head's first byte (or the connection's start) to its end
-HEADER_CACHE_MAX = 4096  # distinct response header lines remembered (then forgotten at once)
-
-HEADER_RE = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')  # as uvicorn
-HEADER_VALUE_RE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
-
-_431 = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
-        b"connection: close\r\n\r\n")
-_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CLOSE_LINE = b"connection: close\r\n"
 _CHUNKED_LINE = b"transfer-encoding: chunked\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
-
-
-def _status_line(status: int) -> bytes:
-    try:
-        phrase = http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        phrase = b""
-    return b"HTTP/1.1 %d %s\r\n" % (status, phrase)
-
-
-STATUS_LINE = {status: _status_line(status) for status in range(100, 600)}
-# What an app may start a response with: an int, not 1xx (an informational response is no
-# final answer, and h11 refuses one with a body), nor outside the three digits of RFC 9110.
-FINAL_LINE = {status: STATUS_LINE[status] for status in range(200, 600)}
-
-# What a response header line means for framing, found once per distinct (name, value).
-_PLAIN, _LENGTH, _CHUNKED, _CLOSE = 0, 1, 2, 3
-_lines: dict[tuple[bytes, bytes], tuple[bytes, int, int]] = {}
-
-
-def _header_line(name: bytes, value: bytes) -> tuple[bytes, int, int]:
-    """(encoded line, kind, content length) for one response header, validated like uvicorn."""
-    pair = (name, value)
-    key: tuple[bytes, bytes] | None = pair
-    try:
-        hit = _lines.get(pair)
-    except TypeError:  # a bytearray or memoryview (allowed by uvicorn): not cached
-        key, hit = None, None
-    if hit is not None:
-        return hit
-    if HEADER_RE.search(name):
-        raise RuntimeError("Invalid HTTP header name.")
-    if HEADER_VALUE_RE.search(value):
-        raise RuntimeError("Invalid HTTP header value.")
-    name = name.lower()
-    kind, length = _PLAIN, 0
-    if name == b"content-length":
-        kind, length = _LENGTH, int(value.decode())
-    elif name == b"transfer-encoding" and value.lower() == b"chunked":
-        kind = _CHUNKED
-    elif name == b"connection" and b"close" in [t.lower().strip() for t in value.split(b",")]:
-        kind = _CLOSE
-    hit = (b"".join((name, b": ", value, b"\r\n")), kind, length)
-    if key is None:
-        return hit
-    if len(_lines) >= HEADER_CACHE_MAX:
-        _lines.clear()  # unique values (cookies, etags) must not grow it without bound
-    _lines[key] = hit
-    return hit
 
 
 _defaults: list[Any] = [None, b""]  # the server's default_headers list and its encoding
@@ -195,7 +160,19 @@ class FastProtocol(asyncio.Protocol):
     head_open = False  # between on_message_begin and on_headers_complete
     head_new = False  # the open head began in the read being parsed
     head_raw = 0  # bytes of later reads that all belong to the open head
-    refused = False  # a head was refused: the parser is dead, answer no more
+    refused = False  # a request was refused: the parser is dead, answer no more
+    owed = b""  # that refusal's answer, written once the responses before it are out
+    eof = False  # the client half-closed: answer what it sent, then close
+    hosts = 0  # Host lines in the open head (policy.check_request), the last in `host`
+    host = b""
+    te: bytes | None = None  # its Transfer-Encoding value
+    body_open = False  # the request's body is still being read (head done, message not)
+    completed = 0  # messages parsed whole on this connection
+    discarded = 0  # body bytes read and dropped after its response was complete
+    chunk_open = False  # between on_chunk_header and on_chunk_complete (data or trailers)
+    chunk_data = False  # that chunk had data: not the last chunk, so no trailers
+    trailer_bytes = 0  # the open trailer section's bytes so far
+    trailer_since = 0.0
     expect_100 = False
     upgrading = False  # this message is a websocket upgrade we hand over (as uvicorn does)
     scope: dict[str, Any] = {}  # replaced per request
@@ -207,10 +184,7 @@ class FastProtocol(asyncio.Protocol):
          self.access_log) = _settings(config)
         self.loop = _loop or asyncio.get_event_loop()
         self.parser = httptools.HttpRequestParser(self)
-        try:  # answer the first of a pipeline even when a later request is malformed
-            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
-        except AttributeError:  # pragma: no cover  (httptools < 0.6.3)
-            pass
+        self.parser.set_dangerous_leniencies(**LENIENCIES)
         self.app_state = app_state
         self.server_state = server_state
         self.connections: set[Any] = server_state.connections
@@ -259,15 +233,30 @@ class FastProtocol(asyncio.Protocol):
         self._disarm()
         self.parser = None  # type: ignore[assignment]
 
-    def eof_received(self) -> None:
-        pass
+    def eof_received(self) -> bool | None:
+        """The client half-closed (shutdown(SHUT_WR)): a request it sent whole is still
+        answered (RFC 9112 9.6 lets a client close its side once done), then the connection
+        closes. Returning True keeps the transport open for that answer."""
+        self.eof = True
+        cycle = self.cycle
+        if self.body_open or self.head_open:
+            return None  # an unfinished request: nothing to answer
+        if (cycle is not None and not cycle.response_complete) or self.pipeline:
+            return True
+        return None
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return  # the parser is dead; the answer owed is written after what precedes it
         cycle = self.cycle
-        if not self.head_started and (cycle is None or cycle.response_complete):
+        if not self.head_started and not self.body_open \
+                and (cycle is None or cycle.response_complete):
             self.head_started = True  # the first bytes of the next head: its deadline starts
             if self.served:  # (on a new connection it runs from the accept)
                 self.since = time.monotonic()
+        at_start = not self.head_open and not self.body_open
+        in_trailers = self.chunk_open and not self.chunk_data
+        completed = self.completed
         try:
             self.parser.feed_data(data)
             if self.head_open:  # a head still incomplete after this read
@@ -277,6 +266,15 @@ class FastProtocol(asyncio.Protocol):
                     self.head_raw += len(data)
                     if self.head_raw > MAX_HEAD_BYTES:
                         self._refuse_head()
+                if http09(self.parser.get_http_version(), data):
+                    self._refuse_after(error_response(505, "HTTP/0.9 is not supported"))
+            elif self.body_open:
+                if in_trailers and self.chunk_open and not self.chunk_data:
+                    self._bound_trailers(len(data))
+                elif cycle is not None and cycle.response_complete:
+                    self.discarded += len(data)  # answered before its body was read: the
+                    if self.discarded > MAX_DISCARD_BYTES:  # rest is dropped, up to a bound
+                        self.transport.close()
         except httptools.HttpParserUpgrade:
             if self._upgrade() == b"websocket" and self.ws_protocol_class is not None:
                 self.handle_websocket_upgrade()
@@ -286,13 +284,17 @@ class FastProtocol(asyncio.Protocol):
                     self.logger.warning(
                         "No supported WebSocket library detected. Please use \"pip install "
                         "'uvicorn[standard]'\", or install 'websockets' or 'wsproto' manually.")
-        except httptools.HttpParserError:
-            if self.refused or self.head_bytes > MAX_HEAD_BYTES:
+        except httptools.HttpParserError as err:
+            if self.head_open and self.head_bytes > MAX_HEAD_BYTES:
                 self._refuse_head()
-                return
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
+            elif self.body_open:  # its body or trailers: the app reading it sees a disconnect
+                self.logger.warning(INVALID_REQUEST)
+                self._refuse_body(RESPONSE_431 if self.trailer_bytes > MAX_TRAILER_BYTES
+                                  else error_response(400, INVALID_REQUEST))
+            else:
+                self.logger.warning(INVALID_REQUEST)
+                fresh = at_start and self.completed == completed  # the line is data[0:]
+                self._refuse_after(parser_refusal(err, data, fresh))
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -312,7 +314,11 @@ class FastProtocol(asyncio.Protocol):
             self.head_bytes = len(url)
             self.head_raw = 0
             self.head_open = self.head_new = True
+            self.head_started = True
             self.expect_100 = False
+            self.hosts = self.trailer_bytes = 0
+            self.trailer_since = 0.0
+            self.te = None
         else:  # the target continues in a later read
             self.url += url
             self.head_bytes += len(url)
@@ -320,9 +326,21 @@ class FastProtocol(asyncio.Protocol):
             raise ValueError("request head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head_open:  # a trailer field: bounded like a head, never merged into
+            self.trailer_bytes += len(name) + len(value) + 4  # the headers (RFC 9110 6.5.1;
+            if self.trailer_bytes > MAX_TRAILER_BYTES:  # ASGI has no request trailers)
+                raise ValueError("trailer section too large")
+            return
         name = name.lower()
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100 = True
+        value = value.rstrip(b" \t")  # llhttp strips leading OWS only (RFC 9112 5.1: both)
+        if name == b"host":
+            self.hosts += 1
+            self.host = value
+        elif name == b"expect":
+            if value.lower() == b"100-continue":
+                self.expect_100 = True
+        elif name == b"transfer-encoding":
+            self.te = value
         self.headers.append((name, value))
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > MAX_HEAD_BYTES:
@@ -331,9 +349,14 @@ class FastProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.head_open = False
         parser = self.parser
-        http_version = parser.get_http_version()
         method = parser.get_method().decode("ascii")
         url = self.url
+        http_version, refusal = check_request(parser.get_http_version(), method, url,
+                                              self.hosts, self.host, self.te)
+        if refusal is not None:
+            raise refusal
+        self.body_open = True
+        self.discarded = 0
         if url[:1] == b"/" and b"#" not in url:
             raw_path, _, query = url.partition(b"?")
         else:
@@ -381,6 +404,7 @@ class FastProtocol(asyncio.Protocol):
             self.pipeline.appendleft((cycle, app))
 
     def on_body(self, body: bytes) -> None:
+        self.chunk_data = True
         cycle = self.cycle
         if cycle is None or cycle.response_complete or self.upgrading:
             return
@@ -389,7 +413,16 @@ class FastProtocol(asyncio.Protocol):
             self._pause_reading()
         cycle.wake()
 
+    def on_chunk_header(self) -> None:
+        self.chunk_open = True
+        self.chunk_data = False
+
+    def on_chunk_complete(self) -> None:
+        self.chunk_open = False
+
     def on_message_complete(self) -> None:
+        self.body_open = False
+        self.completed += 1
         cycle = self.cycle
         if cycle is None or cycle.response_complete or self.upgrading:
             return
@@ -431,6 +464,9 @@ class FastProtocol(asyncio.Protocol):
             next_cycle, app = self.pipeline.pop()
             self._start(next_cycle, app)
             return
+        if self.owed or self.eof:  # a refusal waited for this response, or the client
+            self._refuse(self.owed)  # half-closed: nothing more will come
+            return
         if self.read_paused and not self.refused:
             self.read_paused = False
             self.transport.resume_reading()
@@ -471,26 +507,59 @@ class FastProtocol(asyncio.Protocol):
 
     def send_400_response(self, msg: str) -> None:
         body = msg.encode("ascii")
-        self._refuse(b"".join((
+        self._refuse_after(b"".join((
             STATUS_LINE[400], _default_lines(self.server_state.default_headers),
             b"content-type: text/plain; charset=utf-8\r\n",
             b"content-length: %d\r\n" % len(body), _CLOSE_LINE, b"\r\n", body)))
 
     def _refuse_head(self) -> None:
-        """431 and close; behind requests still being answered (an oversized head in a
-        pipeline), they are answered first, the last with `connection: close`, and
-        nothing more is read (as protocol.WorkerProtocol does)."""
+        self._refuse_after(RESPONSE_431)
+
+    def _refuse_after(self, response: bytes) -> None:
+        """Refuse the request being read: `response`, then close. Behind requests still
+        being answered (a pipeline, a streaming response) it waits until they are out, so
+        it never lands inside them, and nothing more is read (the parser is dead)."""
         self.refused = True
         cycle = self.cycle
-        if cycle is None or cycle.response_complete:
-            self._refuse(_431)
+        if (cycle is None or cycle.response_complete) and not self.pipeline:
+            self._refuse(response)
         elif not self.transport.is_closing():
-            cycle.keep_alive = False
+            self.owed = response
             self._pause_reading()
+
+    def _refuse_body(self, response: bytes) -> None:
+        """Refuse the request whose body (or trailers) is being read: its app sees the
+        client leave; the client gets `response` if no response began, else the close."""
+        cycle = self.cycle
+        if cycle is not None and self.pipeline and self.pipeline[0][0] is cycle:
+            self.pipeline.popleft()  # queued, never started: refused in its turn
+            self._refuse_after(response)
+            return
+        self.refused = True
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.wake()
+            if cycle.response_started:
+                self.transport.close()
+                return
+        self._refuse(response)
+
+    def _bound_trailers(self, size: int) -> None:
+        """A read that continued a trailer section: httptools holds the field being read,
+        so the section is bounded here, in bytes and in time, like a head."""
+        now = time.monotonic()
+        if not self.trailer_since:
+            self.trailer_since = now
+        self.trailer_bytes += size
+        if self.trailer_bytes > MAX_TRAILER_BYTES:
+            self._refuse_body(RESPONSE_431)
+        elif now - self.trailer_since > HEAD_TIMEOUT:
+            self._refuse_body(RESPONSE_408)
 
     def _refuse(self, response: bytes) -> None:
         if not self.transport.is_closing():
-            self.transport.write(response)
+            if response:
+                self.transport.write(response)
             self.transport.close()
 
     # deadlines and drain
@@ -525,8 +594,8 @@ class FastProtocol(asyncio.Protocol):
             if left > 0:
                 self._arm(left, limit)
                 return
-        if self.head_started:
-            self._refuse(_408)
+        if self.head_started and not self.body_open:
+            self._refuse(RESPONSE_408)
         else:
             self.transport.close()
 
@@ -662,10 +731,7 @@ class Cycle:
                 raise RuntimeError(
                     f"Expected ASGI message 'http.response.start', but got '{kind}'.")
             status = message["status"]
-            line = FINAL_LINE.get(status) if type(status) is int else None
-            if line is None:  # before anything is kept: run() answers 500, the worker serves on
-                raise RuntimeError(f"the app's response status {status!r} is not an int from "
-                                   "200 to 599")
+            line = status_line(status)  # before anything is kept: run() answers 500
             self.response_started = True
             self.waiting_for_100_continue = False
             self.status = status
@@ -674,26 +740,28 @@ class Cycle:
             parts = [line, _default_lines(proto.server_state.default_headers)]
             framing: bool | None = None  # uvicorn's rule: the first content-length, unless
             has_close = False  # a transfer-encoding: chunked (anywhere) makes it chunked
-            lines_get = _lines.get
+            lines_get = LINES.get
             for name, value in message.get("headers", ()):
                 try:
                     hit = lines_get((name, value))
-                except TypeError:  # unhashable: _header_line handles it
+                except TypeError:  # unhashable: header_line handles it
                     hit = None
-                line, what, length = hit if hit is not None else _header_line(name, value)
+                line, what, length = hit if hit is not None else header_line(name, value)
                 if what:
-                    if what == _LENGTH:
-                        if framing is None:
-                            framing, self.length = False, length
-                    elif what == _CHUNKED:
-                        framing, self.length = True, 0
+                    if what in (LENGTH, CHUNKED):
+                        if status in BODILESS and (what == CHUNKED or status == 204):
+                            continue  # framing a body that cannot be there: not sent
+                        if framing is not None:  # a second one: the same length is sent
+                            frame(framing, self.length, what, length)  # once, else refused
+                            continue
+                        framing, self.length = what == CHUNKED, length
                     else:
                         self.keep_alive = False
                         has_close = True
                 parts.append(line)
             if not self.keep_alive and not has_close:
                 parts.append(_CLOSE_LINE)
-            if framing is None and self.scope["method"] != "HEAD" and status not in (204, 304):
+            if framing is None and self.scope["method"] != "HEAD" and status not in BODILESS:
                 framing = True
                 parts.append(_CHUNKED_LINE)
             self.chunked = framing is True

@@ -25,6 +25,10 @@
    still queued, so a client that streams pipelined requests grows the queue without
    bound; here reading waits until the queue is empty (PipelineFlowControl).
 
+5. The RFC refusals, trailers kept out of the headers and bounded, errors that wait for
+   the responses owed before them, and answers to a client that half-closed: policy.py
+   decides them for both protocols; this class wires them into uvicorn's callbacks.
+
 The head is told apart from bodies and pipelined requests by httptools' callbacks
 (`on_message_begin` .. `on_headers_complete`), not by counting every byte that arrives
 between responses: a body sent with its head, or the next requests of a pipeline, are
@@ -35,32 +39,30 @@ wait for the app, or while pipelined requests wait for the one before them).
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import logging
-import resource
-import sys
-import termios
+import time
 from asyncio import TimerHandle
 from collections.abc import Iterable
-from operator import attrgetter
 from typing import Any
 
 import httptools
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-log = logging.getLogger("hello_cluster.worker")
-
-IDLE_GRACE = 0.5  # seconds an idle connection may still bring one last request when draining
-MAX_HEAD_BYTES = 64 * 1024  # request target plus header lines
-HEAD_TIMEOUT = 10.0  # seconds from connect (or the start of a later head) to a complete head
-FD_RESERVE = 64  # descriptors a worker keeps for everything but client connections
-ROOM_LOG_EVERY = 60.0  # seconds between log lines about closing idle connections
-
-_431 = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
-        b"connection: close\r\n\r\n")
-_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-_room_logged = [-ROOM_LOG_EVERY]
+from hello_cluster.http.policy import (
+    HEAD_TIMEOUT,
+    IDLE_GRACE,
+    INVALID_REQUEST,
+    LENIENCIES,
+    MAX_HEAD_BYTES,
+    MAX_TRAILER_BYTES,
+    RESPONSE_408,
+    RESPONSE_431,
+    check_request,
+    error_response,
+    http09,
+    make_room,
+    parser_refusal,
+)
 
 
 class HeadTooLarge(Exception):
@@ -79,61 +81,6 @@ def expire_slow_heads(connections: Iterable[Any], now: float) -> None:
         if isinstance(conn, WorkerProtocol) and conn.awaiting_head \
                 and now - conn.head_since > HEAD_TIMEOUT:
             conn.head_too_slow()
-
-
-def connection_limit(configured: int, nofile: int | None = None) -> int:
-    """--limit-concurrency, lowered to what the worker's open-file limit can hold.
-
-    Past the fd limit accept() fails, and a connection that is never accepted can neither
-    be served nor make an idle one give way: the limit must bite first.
-    """
-    if nofile is None:
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if nofile == resource.RLIM_INFINITY or nofile - FD_RESERVE >= configured:
-        return configured
-    lowered = max(1, nofile - FD_RESERVE)
-    log.warning("--limit-concurrency %d lowered to %d: the open-file limit is %d; raise "
-                "LimitNOFILE= / ulimit -n to allow more", configured, lowered, nofile)
-    return lowered
-
-
-def unread_bytes(conn: Any) -> int:
-    """Bytes the kernel holds for this connection that the loop has not read yet."""
-    sock = conn.transport.get_extra_info("socket")
-    try:
-        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    except (OSError, AttributeError):
-        return 0
-    return int.from_bytes(raw, sys.byteorder)
-
-
-def make_room(connections: set[Any], keep: Any, limit: int, now: float) -> int:
-    """Close idle connections, oldest first, until the worker is below `limit` again.
-
-    A little more than needed (1/64 of the limit): under a flood of new connections the
-    sweep then runs once per batch instead of once per connection. A connection whose
-    next request already waits in the kernel is not idle, only not read yet: it is
-    skipped (one FIONREAD per candidate, only at the limit). Closed connections leave
-    the set at once, so uvicorn's limit check that follows sees the room.
-    """
-    excess = len(connections) - limit + 1 + limit // 64
-    idle = sorted((c for c in connections
-                   if c is not keep and getattr(c, "idle", False)),  # ours, either --http
-                  key=attrgetter("head_since"))
-    closed = 0
-    for conn in idle:
-        if closed >= excess:
-            break
-        if unread_bytes(conn):
-            continue
-        conn.transport.close()
-        connections.discard(conn)
-        closed += 1
-    if closed and now - _room_logged[0] >= ROOM_LOG_EVERY:
-        _room_logged[0] = now
-        log.warning("connection limit (%d, --limit-concurrency) reached: closed %d idle "
-                    "connections, oldest first (logged once a minute)", limit, closed)
-    return closed
 
 
 class PipelineFlowControl(FlowControl):
@@ -176,8 +123,23 @@ class WorkerProtocol(HttpToolsProtocol):
     _head_known = 0
     _head_bound = 0
     _read = 0  # length of the read being parsed
-    _refused = False  # a head was refused: the parser is dead, answer no more
+    _refused = False  # a request was refused: the parser is dead, answer no more
+    _owed = b""  # that refusal's answer, written once the responses before it are out
+    _eof = False  # the client half-closed: answer what it sent, then close
+    _hosts = 0  # Host lines of the open head (policy.check_request), the last in `_host`
+    _host = b""
+    _te: bytes | None = None
+    _body_open = False  # head done, message not yet
+    _completed = 0  # messages parsed whole on this connection
+    _chunk_open = False  # between on_chunk_header and on_chunk_complete
+    _chunk_data = False  # that chunk had data (so it is not the last, and no trailers)
+    _trailer_bytes = 0
+    _trailer_since = 0.0
     head_since = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parser.set_dangerous_leniencies(**LENIENCIES)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -199,38 +161,100 @@ class WorkerProtocol(HttpToolsProtocol):
         """A head is due: none yet on a fresh connection, or bytes came after the last
         answer (they cancel uvicorn's keep-alive timer, which otherwise applies between
         requests). Bytes that begin no head (blank lines) count too: a client dribbling
-        CRLFs would otherwise hold the connection forever."""
+        CRLFs would otherwise hold the connection forever. A body still arriving after its
+        answer is no head: the keep-alive timer was armed again for it."""
         cycle = self.cycle
-        return cycle is None or (cycle.response_complete and self.timeout_keep_alive_task is None)
+        return cycle is None or (cycle.response_complete and not self._body_open
+                                 and self.timeout_keep_alive_task is None)
 
     def head_too_slow(self) -> None:
         if not self.transport.is_closing():
             if self._head_open:
-                self.transport.write(_408)
+                self.transport.write(RESPONSE_408)
             self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_open = self._head_new = True
-        self._head_known = self._head_bound = 0
+        self._head_known = self._head_bound = self._hosts = self._trailer_bytes = 0
+        self._trailer_since = 0.0
+        self._te = None
         if self.cycle is not None:  # the first head's clock started at connect
             self.head_since = self.loop.time()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_open:  # a trailer field: bounded, never merged into the headers
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_bytes > MAX_TRAILER_BYTES:
+                raise HeadTooLarge
+            return
+        name = name.lower()
+        value = value.rstrip(b" \t")  # llhttp strips leading OWS only (RFC 9112 5.1: both)
+        if name == b"host":
+            self._hosts += 1
+            self._host = value
+        elif name == b"expect":
+            if value.lower() == b"100-continue":
+                self.expect_100_continue = True
+        elif name == b"transfer-encoding":
+            self._te = value
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._head_open = False
         if self._head_bound + self._read > MAX_HEAD_BYTES \
                 and head_size(self.url, self.headers) > MAX_HEAD_BYTES:
             raise HeadTooLarge
+        version, refusal = check_request(
+            self.parser.get_http_version(), self.parser.get_method().decode("ascii"),
+            self.url, self._hosts, self._host, self._te)
+        if refusal is not None:
+            raise refusal
+        self._body_open = True
         limit = self.limit_concurrency
         if limit is not None and len(self.connections) >= limit:
             make_room(self.connections, self, limit, self.loop.time())
         super().on_headers_complete()
+        if version != self.scope["http_version"]:
+            self.scope["http_version"] = version  # HTTP/1.2 and later 1.x: served as 1.1
+
+    def on_body(self, body: bytes) -> None:
+        self._chunk_data = True
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self._chunk_open = True
+        self._chunk_data = False
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_open = False
+
+    def on_message_complete(self) -> None:
+        self._body_open = False
+        self._completed += 1
+        super().on_message_complete()
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """The client half-closed: a request it sent whole is still answered, then the
+        connection closes (fastproto's eof_received says why)."""
+        self._eof = True
+        cycle = self.cycle
+        if self._body_open or self._head_open:
+            return None
+        if (cycle is not None and not cycle.response_complete) or self.pipeline:
+            return True
+        return None
 
     def data_received(self, data: bytes) -> None:
-        # uvicorn's data_received, plus the head accounting and the drain.
+        # uvicorn's data_received, plus the head accounting, the refusals and the drain.
+        if self._refused:
+            return
         self._unset_keepalive_if_required()
         cycle = self.cycle
         self._read = n = len(data)
+        at_start = not self._head_open and not self._body_open
+        in_trailers = self._chunk_open and not self._chunk_data
+        completed = self._completed
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -240,11 +264,18 @@ class WorkerProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
             return
         except httptools.HttpParserError as err:
-            if self._refused or isinstance(err.__context__, HeadTooLarge):
-                self._refuse_head()
+            if isinstance(err.__context__, HeadTooLarge):
+                if self._body_open:
+                    self._refuse_body(RESPONSE_431)
+                else:
+                    self._refuse_head()
+            elif self._body_open:
+                self.logger.warning(INVALID_REQUEST)
+                self._refuse_body(error_response(400, INVALID_REQUEST))
             else:
-                self.logger.warning("Invalid HTTP request received.")
-                self.send_400_response("Invalid HTTP request received.")
+                self.logger.warning(INVALID_REQUEST)
+                fresh = at_start and self._completed == completed  # the line is data[0:]
+                self._refuse_after(parser_refusal(err, data, fresh))
             return
         if self._head_open:  # a head is still incomplete after this read
             if self._head_new:
@@ -256,25 +287,63 @@ class WorkerProtocol(HttpToolsProtocol):
                 if self._head_known > MAX_HEAD_BYTES:
                     self._refuse_head()
                     return
+            if http09(self.parser.get_http_version(), data):
+                self._refuse_after(error_response(505, "HTTP/0.9 is not supported"))
+                return
+        elif in_trailers and self._chunk_open and not self._chunk_data:
+            now = time.monotonic()
+            if not self._trailer_since:
+                self._trailer_since = now
+            self._trailer_bytes += n
+            if self._trailer_bytes > MAX_TRAILER_BYTES:
+                self._refuse_body(RESPONSE_431)
+            elif now - self._trailer_since > HEAD_TIMEOUT:
+                self._refuse_body(RESPONSE_408)
+            return
         if self.draining and self.cycle is not cycle and self.cycle is not None:
             # A request that came in after the drain began: answer it, then close. The
             # app's task has not run yet, so the response will carry `connection: close`.
             self.cycle.keep_alive = False
 
+    def send_400_response(self, msg: str) -> None:
+        self._refuse_after(error_response(400, msg))
+
     def _refuse_head(self) -> None:
-        """431 and close. Behind requests still being answered (a pipelined oversized
-        head), a 431 would land inside their answers: they are answered, the last with
-        `connection: close`, and nothing more is read (the parser is dead anyway)."""
+        self._refuse_after(RESPONSE_431)
+
+    def _refuse_after(self, response: bytes) -> None:
+        """`response`, then close, after the responses still owed on the connection (a
+        pipeline, a streaming response): an error never lands inside them."""
         self._refused = True
         if self.transport.is_closing():
             return
         cycle = self.cycle  # the last request parsed, so the last to be answered
-        if cycle is None or cycle.response_complete:
-            self.transport.write(_431)
+        if (cycle is None or cycle.response_complete) and not self.pipeline:
+            self.transport.write(response)
             self.transport.close()
         else:
-            cycle.keep_alive = False
+            self._owed = response
             self.flow.pause_reading()
+
+    def _refuse_body(self, response: bytes) -> None:
+        """The request whose body or trailers are being read is refused: its app sees the
+        client leave; the client gets `response` if no response began, else the close."""
+        cycle = self.cycle
+        if cycle is not None and self.pipeline and self.pipeline[0][0] is cycle:
+            self.pipeline.popleft()  # queued, never started: refused in its turn
+            self._refuse_after(response)
+            return
+        self._refused = True
+        if self.transport.is_closing():
+            return
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:
+                self.transport.close()
+                return
+        self.transport.write(response)
+        self.transport.close()
 
     def shutdown(self) -> None:
         self.draining = True
@@ -288,6 +357,13 @@ class WorkerProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        cycle = self.cycle  # the last request parsed: once it is answered, nothing is owed
+        if (self._owed or self._eof) and (cycle is None or cycle.response_complete) \
+                and not self.transport.is_closing():
+            if self._owed:  # a refusal waited for this response, or the client half-closed
+                self.transport.write(self._owed)
+            self.transport.close()
+            return
         if self.draining and not self.transport.is_closing():
             if self._idle_close is not None:
                 self._idle_close.cancel()
@@ -302,28 +378,3 @@ class WorkerProtocol(HttpToolsProtocol):
         if self._idle_close is not None:
             self._idle_close.cancel()
         super().connection_lost(exc)
-
-
-def checked_status(app: Any) -> Any:
-    """uvicorn's protocol writes any status an app sends ("200" raises after the response
-    began; 101 goes out as an upgrade nobody asked for): refuse it before uvicorn sees it,
-    so its cycle answers 500 and the worker serves on, as --http fast does (fastproto's
-    FINAL_LINE)."""
-
-    async def checked(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-
-        async def send_checked(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status = message.get("status")
-                if type(status) is not int or not 200 <= status <= 599:
-                    raise RuntimeError(f"the app's response status {status!r} is not an int "
-                                       "from 200 to 599")
-            await send(message)
-
-        await app(scope, receive, send_checked)
-
-    return checked
-

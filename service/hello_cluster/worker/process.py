@@ -37,13 +37,10 @@ from hello_cluster.errors import (
     ResourceError,
 )
 from hello_cluster.http import tls
+from hello_cluster.http.appcheck import checked_response
 from hello_cluster.http.fastproto import FastProtocol
-from hello_cluster.http.uvicornproto import (
-    WorkerProtocol,
-    checked_status,
-    connection_limit,
-    expire_slow_heads,
-)
+from hello_cluster.http.policy import connection_limit
+from hello_cluster.http.uvicornproto import WorkerProtocol, expire_slow_heads
 from hello_cluster.system import channel as ch
 from hello_cluster.system.beats import Beater
 from hello_cluster.worker import loader
@@ -340,7 +337,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
         max_requests = cfg.max_requests + (
             int.from_bytes(os.urandom(4), "big") % (cfg.max_requests_jitter + 1))
     if cfg.http == "uvicorn":
-        app = checked_status(app)
+        app = checked_response(app)
     uv_config = uvicorn.Config(
         app,
         loop="hello_cluster.http.tls:new_event_loop",  # uvloop, TLS handshakes bounded
