@@ -54,6 +54,12 @@ def test_chaos_soak(cluster) -> None:
     kills: list[tuple[float, int]] = []  # (when, pid) of every SIGKILL the driver sent
     stopped_for_good: list[tuple[float, int]] = []
     actions = {"kill": 0, "stop-cont": 0, "stop-hang": 0, "hup": 0, "ttin": 0, "ttou": 0}
+
+    def scaled_to(n: int) -> None:
+        """The master took the signal in: the next one is not merged with it."""
+        wait_for(lambda: c.metric("hello_cluster_workers_desired") == n, 5,
+                 what=f"{n} workers desired")
+
     with Load(c.port, max_seconds=SECONDS + 60) as load:
         end = time.monotonic() + SECONDS
         desired = 3
@@ -91,11 +97,11 @@ def test_chaos_soak(cluster) -> None:
             elif action == "ttin" and desired < 5:
                 desired += 1
                 c.signal(signal.SIGTTIN)
-                time.sleep(0.2)  # the kernel merges a pending duplicate signal
+                scaled_to(desired)  # the kernel merges a pending duplicate signal
             elif action == "ttou" and desired > 1:
                 desired -= 1
                 c.signal(signal.SIGTTOU)
-                time.sleep(0.2)
+                scaled_to(desired)
         # A worker stopped for good in the last seconds is caught by --worker-timeout (2 s)
         # plus the kill grace (2 s): wait for every process the driver hit to be gone.
         hit_pids = [pid for _, pid in kills + stopped_for_good]
