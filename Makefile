@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test lint soak bench clean
+.PHONY: run test lint docs soak bench clean
 
 $(BIN)/hello-cluster: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,12 +16,16 @@ run: $(BIN)/hello-cluster
 	$(BIN)/hello-cluster $(ARGS)
 
 lint: $(BIN)/hello-cluster
-	$(BIN)/ruff check service tests bench examples
+	$(BIN)/ruff check service tests bench examples tools
 	$(BIN)/mypy
 	$(BIN)/bandit -q -ll -r service
 
 test: $(BIN)/hello-cluster lint
 	$(BIN)/pytest -q -n 4 --dist loadgroup
+
+# docs/configuration.md's option table, between its markers, from config.OPTIONS.
+docs: $(BIN)/hello-cluster
+	$(BIN)/python tools/gen_config_docs.py
 
 soak: $(BIN)/hello-cluster
 	HC_SOAK_SECONDS=300 $(BIN)/pytest -q -m slow tests

@@ -200,6 +200,12 @@ class Cluster:
 
         wait_for(ready, timeout, what="hello-cluster to become ready")
 
+    def wait_in_flight(self, count: int = 1, timeout: float = 10.0) -> None:
+        """Until `count` requests are inside workers: the in-progress gauge, which a worker
+        whose loop turns flushes every 0.1 s (a sleep would guess how long that takes)."""
+        wait_for(lambda: self.metric("hello_cluster_http_requests_in_progress") >= count,
+                 timeout, what=f"{count} request(s) in flight")
+
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
@@ -283,6 +289,13 @@ class Load:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=15)
+
+    def wait_more(self, count: int = 20, timeout: float = 10.0) -> None:
+        """Until `count` more requests have succeeded: the load went on after a change (a
+        reload, a recycle), counted in requests rather than guessed in seconds."""
+        start = self.ok
+        wait_for(lambda: self.ok >= start + count, timeout,
+                 what=f"{count} more requests to succeed")
 
     def _run(self) -> None:
         deadline = time.monotonic() + self.max_seconds

@@ -167,7 +167,8 @@ def test_a_stalled_worker_gets_no_new_connections(cluster) -> None:
     stopped = min(c.workers())
     os.kill(stopped, signal.SIGSTOP)  # as good as a blocking call in a handler
     try:
-        time.sleep(0.6)
+        wait_for(lambda: c.metric("hello_cluster_workers_steered") == 1, 5,
+                 what="the master to steer around the stopped worker")
         no_request_waits(c)
         assert c.metric("hello_cluster_workers_steered") == 1
         assert c.metric("hello_cluster_worker_stalls_total") >= 1

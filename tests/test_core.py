@@ -60,7 +60,7 @@ def test_graceful_stop_finishes_in_flight_request(cluster) -> None:
 
     t = threading.Thread(target=slow)
     t.start()
-    time.sleep(0.5)  # the request is in flight inside a worker
+    c.wait_in_flight(1)  # the request is inside a worker
     started = time.monotonic()
     c.signal(signal.SIGTERM)
 

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Cluster, http_get
+from conftest import Cluster, http_get, wait_for
 from hello_cluster.observe.endpoint import Endpoint, Response
 
 REQUEST_TIMEOUT = 5.0  # the endpoint's per-connection deadline (endpoint.REQUEST_TIMEOUT)
@@ -185,10 +185,10 @@ def test_workers_survive_the_fuzzing(master: Cluster) -> None:
     assert len(before) == 1
     (victim,) = before
     os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not set(master.workers()) - before:
-        time.sleep(0.05)
-    assert set(master.workers()) - before, master.log[-2000:]
+    try:
+        wait_for(lambda: bool(set(master.workers()) - before), 10, what="the respawn")
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{master.log[-2000:]}") from None
     master.wait_ready(1)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -111,15 +110,18 @@ def get_ok(c: Cluster) -> float:
 
 
 def settled_count(c: Cluster) -> float:
-    """The GET 200 count once the workers' 0.1 s flushes have caught up (bounded wait)."""
-    last = -1.0
-    for _ in range(50):
+    """The GET 200 count once the workers' 0.1 s flushes have caught up: the same in two
+    scrapes 0.3 s apart (three flushes), within 15 s."""
+    seen = [-1.0]
+
+    def settled() -> bool:
         now = get_ok(c)
-        if now == last:
-            return now
-        last = now
-        time.sleep(0.3)
-    raise AssertionError("the request count kept moving")
+        same = now == seen[0]
+        seen[0] = now
+        return same
+
+    wait_for(settled, 15, interval=0.3, what="the request count to stop moving")
+    return seen[0]
 
 
 def survive_reload_and_kill(c: Cluster) -> None:

@@ -6,11 +6,13 @@ that keeps going) when every worker is down or clients misbehave.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
 import socket
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -28,15 +30,13 @@ Samples = list[Sample]
 REASONS = ("exit", "signal", "timeout", "oom")
 
 
-FLUSH = 0.5  # workers move request counts into the metric files every 0.1 s
-
-
 def scrape(c: Cluster) -> Samples:
     try:
         status, _, body = c.metrics_get("/metrics", timeout=5)
     except (OSError, http.client.HTTPException):
-        if c.proc.poll() is None:
-            time.sleep(0.2)  # a dying master closes the socket a moment before it exits
+        # A dying master closes the socket a moment before it exits.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            c.proc.wait(timeout=0.5)
         if c.proc.poll() is not None:
             raise AssertionError(f"hello-cluster exited {c.proc.returncode} during a scrape:"
                                  f"\n{c.log[-6000:]}") from None
@@ -53,6 +53,12 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     if not found:
         raise KeyError(f"{name}{labels or ''} not in the scrape")
     return float(sum(found))
+
+
+def wait_served(c: Cluster, count: int, timeout: float = 10.0) -> None:
+    """Until the workers' flushes (every 0.1 s) have put `count` requests in the files."""
+    wait_for(lambda: value(scrape(c), "hello_cluster_http_requests_total") >= count, timeout,
+             what=f"{count} requests counted")
 
 
 def pool(samples: Samples) -> dict[str, float]:
@@ -166,14 +172,19 @@ def test_request_counts_add_up_including_dead_workers(cluster: Callable[..., Clu
     # connection can only be accepted by a worker that is still free.
     results: list[tuple[int, dict[str, str], bytes]] = []
     threads = []
+
+    def stalls() -> float:
+        return value(scrape(c), "hello_cluster_worker_stalls_total")
+
+    before = stalls()
     try:
-        for _ in range(3):
+        for n in range(1, 4):
             t = threading.Thread(target=lambda: results.append(c.get("/block?s=2", timeout=15)))
             t.start()
             threads.append(t)
-            # The blocked worker cannot flush its counts (its loop is stopped), so give the
-            # connection time to land instead of watching the in-progress gauge.
-            time.sleep(0.5)
+            # The blocked worker cannot flush its counts (its loop is stopped), but it stops
+            # beating: once the master counts the stall it steers new connections away.
+            wait_for(lambda n=n: stalls() >= before + n, 5, what=f"blocked worker {n}")
     finally:
         for t in threads:
             t.join(timeout=20)
@@ -257,7 +268,7 @@ def test_no_request_metrics_flag_removes_request_metrics(cluster: Callable[..., 
 def test_metrics_format_negotiation(cluster: Callable[..., Cluster]) -> None:
     c = cluster("--workers", "1", workers=1)
     assert c.get("/")[0] == 200
-    time.sleep(FLUSH)
+    wait_served(c, 1)
 
     status, headers, body = c.metrics_get(
         "/metrics", headers={"Accept": "application/openmetrics-text;version=1.0.0"})
@@ -365,7 +376,7 @@ def test_slow_clients_do_not_stall_respawn(cluster: Callable[..., Cluster]) -> N
     port = c.metrics_port
     assert port is not None
     idle: list[socket.socket] = []
-    stop = threading.Event()
+    stop, dripping = threading.Event(), threading.Event()
     trickle = socket.create_connection(("127.0.0.1", port), timeout=5)
 
     def drip() -> None:
@@ -378,13 +389,15 @@ def test_slow_clients_do_not_stall_respawn(cluster: Callable[..., Cluster]) -> N
                 trickle.send(bytes([byte]))
             except OSError:
                 return
+            dripping.set()
 
     dripper = threading.Thread(target=drip, daemon=True)
     try:
         for _ in range(50):
             idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
         dripper.start()
-        time.sleep(1.0)  # let the drip start: the master now holds 51 unfinished requests
+        # The drip has started: the master now holds 51 unfinished requests.
+        assert dripping.wait(5), "the drip did not start"
         before = set(c.workers())
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
@@ -432,7 +445,7 @@ def test_multiprocess_dir_is_private_and_removed_at_stop(
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
     for _ in range(3):
         assert a.get("/")[0] == 200
-    time.sleep(FLUSH)
+    wait_served(a, 3)
     assert list(dir_a.glob("*.db")), "workers write their metric files in the instance's dir"
     # Two instances sharing a runtime dir do not see each other's requests.
     assert value(scrape(a), "hello_cluster_http_requests_total") == 3
@@ -467,7 +480,7 @@ def test_scrape_survives_an_empty_worker_metric_file(
     planted.touch()
     for _ in range(3):
         assert c.get("/")[0] == 200
-    time.sleep(FLUSH)
+    wait_served(c, 3)
 
     samples = scrape(c)
     assert value(samples, "hello_cluster_workers_ready") == 2

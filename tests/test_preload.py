@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 from conftest import TEST_APPS, Load, alive, children, run_cli, wait_for
@@ -72,7 +71,7 @@ def test_a_reload_loads_new_code_and_respawns_fork_from_the_template(cluster, tm
     with Load(c.port, max_seconds=20) as load:
         c.signal(signal.SIGHUP)
         wait_for(lambda: c.log.count("ended (reload") == 2, 15, what="the reload")
-        time.sleep(0.3)
+        load.wait_more(20)  # and on, served by the new generation
     assert load.failures == [], load.failures[:5]
     wait_for(lambda: len(templates(c)) == 1 and templates(c) != [first_template], 5,
              what="the old template to stop")

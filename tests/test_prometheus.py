@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -58,7 +57,9 @@ def test_scrape_passes_promtool_check_metrics(cluster: Callable[..., Cluster]) -
     c = cluster("--workers", "2")
     for _ in range(5):
         assert c.get("/")[0] == 200
-    time.sleep(0.5)  # workers flush request counts every 0.1 s
+    # Workers flush request counts every 0.1 s.
+    wait_for(lambda: c.metric('hello_cluster_http_requests_total{method="GET",status="200"}')
+             >= 5, 10, what="the 5 requests counted")
     status, headers, body = c.metrics_get("/metrics")
     assert status == 200
     assert b"hello_cluster_http_requests_total" in body

@@ -165,7 +165,7 @@ def test_a_leaking_worker_is_recycled_without_a_failed_request(cluster) -> None:
         wait_for(lambda: leaker not in c.workers() and len(c.workers()) == 2, 15,
                  what="the leaking worker to be replaced and gone")
         c.wait_ready(workers=2)
-        time.sleep(0.5)
+        load.wait_more(20)  # and on, with the replacement
     assert load.failures == [] and load.ok > 50, (load.failures[:5], load.ok)
     assert recycles(c, "memory") == 1
     assert unplanned(c) == 0

@@ -47,7 +47,9 @@ def test_crash_loop_master_stays_idle(cluster) -> None:
     """While backing off, the master sleeps: its CPU time stays far below the wall time."""
     c = cluster("--app", "hc_bootcrash:app", "--workers", "2", "--crash-loop-limit", "1000",
                 "--backoff-initial", "100ms", "--backoff-max", "1s", ready=False)
-    time.sleep(1.0)
+    # Into the loop: several deaths in, the backoff is growing.
+    wait_for(lambda: c.metric("hello_cluster_worker_spawns_total") >= 6, 10,
+             what="the crash loop to get going")
     before, t0 = cpu_seconds(c.pid), time.monotonic()
     time.sleep(3.0)
     used = cpu_seconds(c.pid) - before
@@ -126,9 +128,9 @@ def test_ttin_ttou_without_failed_requests(cluster) -> None:
         wait_for(lambda: len(c.workers()) == 1
                  and c.metric("hello_cluster_workers_desired") == 1, 10, what="1 worker")
         c.signal(signal.SIGTTOU)  # never below one
-        time.sleep(0.5)
+        wait_for(lambda: "scale: staying at 1 workers" in c.log, 5, what="the refusal")
         assert c.metric("hello_cluster_workers_desired") == 1
-        time.sleep(0.5)
+        load.wait_more(20)
     assert load.failures == []
     assert load.ok > 50
     assert "scale-down" in c.log

@@ -599,7 +599,9 @@ def test_b_several_workers_serve_and_metrics_answer(sd: NsSystemd, net: NetnsCli
     assert len(seen) >= 2, f"one worker served 300 requests in a row: {seen}"
     assert seen <= workers, f"served by {seen}, not the unit's workers {workers}"
 
-    time.sleep(0.5)  # workers move request counts into the metric files every 0.1 s
+    # Workers move request counts into the metric files every 0.1 s.
+    wait_for(lambda: net.metric('hello_cluster_http_requests_total{method="GET",status="200"}')
+             >= 2, 10, what="the requests counted")
     status, headers, body = net.get(METRICS_PORT, "/metrics")
     assert status == 200
     text = body.decode()

@@ -354,7 +354,11 @@ class Option:
     metavar: str = "VALUE"
     repeat: bool = False
     env_only: bool = False  # refused as a flag, so --help does not offer it
-
+    # docs/configuration.md's row is generated from here (tools/gen_config_docs.py, `make
+    # docs`), so a default is written once: `doc` is the row's Markdown meaning (else `help`),
+    # `doc_default` its default where the raw value needs words (else `default`, or unset).
+    doc: str = ""
+    doc_default: str = ""
 
     @property
     def flag(self) -> str:
@@ -372,113 +376,196 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("bind", parse_bind, "0.0.0.0:8085",
            "app listener: HOST:PORT, [IPv6]:PORT or unix:PATH; repeat for several "
-           "(env: comma-separated); ignored under socket activation", "ADDR", repeat=True),
+           "(env: comma-separated); ignored under socket activation", "ADDR", repeat=True,
+           doc="app listeners: `HOST:PORT`, `[IPv6]:PORT`, `unix:PATH`; ignored under socket "
+           "activation"),
     Option("workers", parse_workers, "auto",
            "worker processes: a count, or auto = usable CPUs after affinity and cgroup quota",
-           "N|auto"),
+           "N|auto",
+           doc="`auto` = CPUs usable by affinity, reduced by a cgroup CPU quota (v1 or v2), "
+           "rounded up, at least 1"),
     Option("reuse-port", parse_choice("auto", "on", "off"), "auto",
            "auto/on: a TCP --bind becomes one SO_REUSEPORT socket per worker, steered to the "
            "ready workers (auto falls back to a shared socket if the kernel refuses); off: "
-           "one socket shared by all workers", "auto|on|off"),
-    Option("app", parse_app, DEFAULT_APP, "the ASGI application to serve", "MODULE:ATTR"),
+           "one socket shared by all workers", "auto|on|off",
+           doc="a TCP `--bind` becomes one `SO_REUSEPORT` socket per worker, steered to the ready "
+           "workers (see [How connections reach the "
+           "workers](how-it-works.md#how-connections-reach-the-workers)); `auto` falls back to "
+           "one shared socket if the kernel refuses, `on` exits 3 instead; `off` always shares "
+           "one socket"),
+    Option("app", parse_app, DEFAULT_APP, "the ASGI application to serve", "MODULE:ATTR",
+           doc="the application, ASGI 3 or WSGI (see `--interface`), imported from `--app-dir` or "
+           "`PYTHONPATH`"),
     Option("graceful-timeout", parse_duration, "30s",
            "how long a stopping worker may finish in-flight requests before it is killed",
-           "DURATION"),
+           "DURATION",
+           doc="how long a stopping worker may finish in-flight requests"),
     Option("shutdown-delay", parse_duration, "0s",
            "after SIGTERM, keep serving this long with /readyz at 503 (for load balancers)",
-           "DURATION"),
+           "DURATION",
+           doc="after SIGTERM keep serving this long with `/readyz` at 503 (load balancers)"),
     Option("log-level", parse_choice("debug", "info", "warning", "error"), "info",
-           "debug, info, warning or error", "LEVEL"),
+           "debug, info, warning or error", "LEVEL",
+           doc="`debug`, `info`, `warning`, `error`"),
     Option("log-format", parse_choice("text", "json"), "text", "text or json (one object a line)",
-           "FORMAT"),
+           "FORMAT",
+           doc="`text` or `json` (one object a line)"),
     Option("metrics-bind", parse_metrics_bind, "0.0.0.0:9464",
-           "the master's /metrics, /livez and /readyz listener, or off", "ADDR|off"),
+           "the master's /metrics, /livez and /readyz listener, or off", "ADDR|off",
+           doc="the master's `/metrics`, `/livez`, `/readyz` listener"),
     Option("request-metrics", parse_bool, "true",
-           "per-request HTTP metrics in workers (--no-request-metrics turns them off)", "BOOL"),
+           "per-request HTTP metrics in workers (--no-request-metrics turns them off)", "BOOL",
+           doc="per-request metrics in workers"),
     Option("worker-timeout", parse_duration, "30s",
-           "a worker whose event loop is silent this long is killed and respawned", "DURATION"),
+           "a worker whose event loop is silent this long is killed and respawned", "DURATION",
+           doc="silence after which a worker counts as hung (at least 1s)"),
     Option("backoff-initial", parse_duration, "100ms",
-           "delay before the second consecutive respawn of a failing worker slot", "DURATION"),
-    Option("backoff-factor", parse_float(1.0, 100.0), "2", "growth of the respawn delay", "X"),
-    Option("backoff-max", parse_duration, "30s", "cap on the respawn delay", "DURATION"),
+           "delay before the second consecutive respawn of a failing worker slot", "DURATION",
+           doc="first backoff ceiling"),
+    Option("backoff-factor", parse_float(1.0, 100.0), "2", "growth of the respawn delay", "X",
+           doc="growth of the ceiling"),
+    Option("backoff-max", parse_duration, "30s", "cap on the respawn delay", "DURATION",
+           doc="cap of the ceiling"),
     Option("backoff-reset-after", parse_duration, "10s",
-           "a worker ready this long makes its slot healthy again", "DURATION"),
+           "a worker ready this long makes its slot healthy again", "DURATION",
+           doc="ready this long = the slot is healthy again"),
     Option("crash-loop-limit", parse_int(1, 100000), "10",
-           "consecutive boot deaths (never ready) after which the master gives up", "N"),
+           "consecutive boot deaths (never ready) after which the master gives up", "N",
+           doc="boot deaths in a row before giving up"),
     Option("max-requests", parse_int(0, 10**9), "0",
-           "recycle a worker after this many requests (0 = never)", "N"),
+           "recycle a worker after this many requests (0 = never)", "N",
+           doc="recycle a worker after N requests (replacement ready first)",
+           doc_default="`0` (off)"),
     Option("max-requests-jitter", parse_int(0, 10**9), "0",
-           "add up to this many requests at random to --max-requests per worker", "N"),
+           "add up to this many requests at random to --max-requests per worker", "N",
+           doc="plus up to N, per worker"),
     Option("keep-alive-timeout", parse_duration, "5s",
-           "close idle keep-alive connections after this long", "DURATION"),
+           "close idle keep-alive connections after this long", "DURATION",
+           doc="idle keep-alive connections close after this"),
     Option("forwarded-allow-ips", parse_forwarded, "none",
            "proxies trusted to set X-Forwarded-For/-Proto (the app then sees the client's "
-           "address and scheme): none, *, or IPs/CIDRs, comma-separated", "IPS|*|none"),
+           "address and scheme): none, *, or IPs/CIDRs, comma-separated", "IPS|*|none",
+           doc="proxies (IPs or CIDRs, comma-separated, or `*`) trusted to set `X-Forwarded-For` "
+           "/ `X-Forwarded-Proto`; the app then sees the client's address and scheme. Off by "
+           "default: which proxy to believe is a deployment decision (uvicorn and gunicorn trust "
+           "127.0.0.1 unless told otherwise), and the check costs 0.65 us per request when on "
+           "(`bench/micro_metrics.py`)"),
     Option("limit-concurrency", parse_int(1, 1_000_000), "1000",
            "connections per worker (at most the open-file limit minus 64); at the limit idle "
-           "ones are closed, oldest first, and a request gets 503 only when all are busy", "N"),
+           "ones are closed, oldest first, and a request gets 503 only when all are busy", "N",
+           doc="connections per worker (at most the open-file limit minus 64); at the limit idle "
+           "connections are closed, oldest first, and a request gets 503 only when all have one "
+           "in flight (see [Limits](limits-and-security.md#limits))"),
     Option("runtime-dir", parse_path, None,
            "where runtime files go (default: $RUNTIME_DIRECTORY, else a private temp dir)",
-           "DIR"),
-    Option("user", parse_name, None, "when started as root, workers run as this user", "USER"),
+           "DIR",
+           doc="where the metric files go (the only thing written)",
+           doc_default="`$RUNTIME_DIRECTORY`, else a private temp dir"),
+    Option("user", parse_name, None, "when started as root, workers run as this user", "USER",
+           doc="started as root: workers drop to this user after the master bound"),
     Option("group", parse_name, None, "when started as root, workers run as this group",
-           "GROUP"),
+           "GROUP",
+           doc="started as root: workers drop to this group after the master bound"),
     Option("demo-exit-after", parse_duration, None,
            "demo: each worker exits with status 1 this long after serving a request",
            "DURATION"),
     Option("max-worker-memory", parse_size, "0",
            "recycle a worker whose own memory (USS) stays over this, e.g. 300M or 1G; the "
-           "replacement is ready first, one at a time (0 = off)", "SIZE"),
+           "replacement is ready first, one at a time (0 = off)", "SIZE",
+           doc="recycle a worker whose own memory (USS) stays over this for 3 one-second samples: "
+           "`300M`, `1.5G`, `300MiB` (binary, as systemd's `MemoryMax=`) or `300MB` (SI: "
+           "300,000,000 bytes); see [Memory](how-it-works.md#memory-recycling-and---preload)",
+           doc_default="`0` (off)"),
     Option("max-worker-lifetime", parse_duration, None,
            "recycle a worker after this age, staggered over the pool, e.g. 12h (unset = off)",
-           "DURATION"),
+           "DURATION",
+           doc="recycle a worker after this age (`12h`), paced so that two slots never recycle "
+           "together",
+           doc_default="unset (off)"),
     Option("preload", parse_bool, "false",
            "import the app once in a template process and fork workers from it, sharing its "
-           "memory copy-on-write; a reload starts a new template (new code)", "BOOL"),
+           "memory copy-on-write; a reload starts a new template (new code)", "BOOL",
+           doc="import the app once in a template process and fork the workers from it (memory "
+           "shared copy-on-write); a reload starts a new template, so new code loads"),
     Option("app-dir", parse_path, None,
            "directory put first on sys.path before the app is imported (default: the working "
-           "directory at start)", "DIR"),
+           "directory at start)", "DIR",
+           doc="put first on `sys.path` before the app is imported (made absolute once, at start)",
+           doc_default="the working directory at start"),
     Option("factory", parse_bool, "false",
-           "--app names a zero-argument callable that returns the app", "BOOL"),
+           "--app names a zero-argument callable that returns the app", "BOOL",
+           doc="`--app` names a zero-argument callable that returns the app"),
     Option("interface", parse_choice("auto", "asgi", "wsgi"), "auto",
            "what the app speaks: auto tells ASGI 3 from WSGI by its call signature",
-           "auto|asgi|wsgi"),
+           "auto|asgi|wsgi",
+           doc="what the app speaks; `auto` decides from the callable and logs what it chose"),
     Option("wsgi-threads", parse_int(1, 1000), str(DEFAULT_WSGI_THREADS),
            "threads per worker that run WSGI views (the most WSGI requests a worker serves "
-           "at once)", "N"),
+           "at once)", "N",
+           doc="threads per worker that run WSGI views: the most WSGI requests a worker serves at "
+           "once"),
     # TLS with uvicorn's flag names (tls.py); workers load the files at start, so a SIGHUP
     # reload rotates the certificate.
     Option("ssl-certfile", parse_path, None,
-           "serve HTTPS: the PEM certificate (chain) for the app listeners", "PATH"),
+           "serve HTTPS: the PEM certificate (chain) for the app listeners", "PATH",
+           doc="serve HTTPS on the app listeners with this PEM certificate (chain); see "
+           "[TLS](tls.md#tls)"),
     Option("ssl-keyfile", parse_path, None,
-           "its PEM private key (default: in --ssl-certfile)", "PATH"),
+           "its PEM private key (default: in --ssl-certfile)", "PATH",
+           doc="its PEM private key",
+           doc_default="in the certfile"),
     Option("ssl-keyfile-password", parse_secret, None,
            "the key's password: environment only (a flag shows in ps); or use "
-           "--ssl-keyfile-password-file", "PASSWORD", env_only=True),
+           "--ssl-keyfile-password-file", "PASSWORD", env_only=True,
+           doc="the key's password; the flag `--ssl-keyfile-password` is refused (exit 2): argv "
+           "is visible to every local user"),
     Option("ssl-keyfile-password-file", parse_path, None,
            "a file holding the key's password (systemd credential, Kubernetes Secret)",
-           "PATH"),
+           "PATH",
+           doc="read the key's password from this file (a trailing newline is ignored); re-read "
+           "by every new worker"),
     Option("ssl-ca-certs", parse_path, None,
            "PEM CA certificates that client certificates must chain to", "PATH"),
     Option("ssl-cert-reqs", parse_choice("none", "optional", "required"), "none",
            "client certificates: none, optional, or required (mTLS; needs --ssl-ca-certs)",
-           "none|optional|required"),
+           "none|optional|required",
+           doc="client certificates (mTLS); `optional` and `required` need `--ssl-ca-certs`"),
     Option("ssl-ciphers", parse_secret, None,
-           "OpenSSL cipher string for TLS 1.2 and below (default: Python's)", "CIPHERS"),
+           "OpenSSL cipher string for TLS 1.2 and below (default: Python's)", "CIPHERS",
+           doc="OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are not affected)",
+           doc_default="Python's defaults"),
     Option("access-log", parse_bool, "false",
-           "one log line per request, written by the worker that served it", "BOOL"),
+           "one log line per request, written by the worker that served it", "BOOL",
+           doc="one log line per request, from the worker that served it; see [Access "
+           "log](tls.md#access-log)"),
     Option("startup-timeout", parse_duration, "60s",
            "a worker not ready this long after its fork (app import, lifespan startup) is "
-           "killed and counts as a boot failure", "DURATION"),
+           "killed and counts as a boot failure", "DURATION",
+           doc="a worker not ready this long after its fork is killed and counts as a boot "
+           "failure (at least 1s). Until READY a worker has no event loop turning to beat from "
+           "(it is importing the app, or in its lifespan startup), so `--worker-timeout` applies "
+           "only once it serves; with `--preload`, a template that has not imported the app by "
+           "then fails the start (exit 4) or the reload"),
     Option("http", parse_choice("fast", "uvicorn"), "fast",
            "the workers' HTTP/1.1 protocol: fast (ours, on httptools) or uvicorn "
-           "(uvicorn's httptools protocol)", "fast|uvicorn"),
+           "(uvicorn's httptools protocol)", "fast|uvicorn",
+           doc="the workers' HTTP/1.1 protocol: `fast` is ours on httptools "
+           "(`http/fastproto.py`), `uvicorn` is uvicorn's httptools protocol; same answers, "
+           "limits and drain (see [The fast "
+           "protocol](benchmarks.md#the-fast-protocol---http-fast))"),
     Option("root-path", parse_root_path, "",
            "the URL prefix the app is mounted under behind a proxy that strips it (e.g. /api): "
-           "ASGI root_path, WSGI SCRIPT_NAME", "PATH"),
+           "ASGI root_path, WSGI SCRIPT_NAME", "PATH",
+           doc="the URL prefix the app is mounted under behind a proxy that strips it (`/api`): "
+           "ASGI apps see `root_path` (and, as under uvicorn, `path` with the prefix in front), "
+           "WSGI apps `SCRIPT_NAME=/api` and `PATH_INFO` below it; both protocols"),
     Option("config", parse_path, None,
            "read settings from this TOML file, keys the long option names (workers = 4, "
-           "bind = [\"0.0.0.0:8085\"]); flags and env vars override it", "FILE"),
+           "bind = [\"0.0.0.0:8085\"]); flags and env vars override it", "FILE",
+           doc="read settings from a TOML file keyed by the long option names (`workers = 4`, "
+           "`bind = [\"0.0.0.0:8085\"]`); flags and env vars override it; `hello-cluster config` "
+           "prints the effective settings and their sources "
+           "([docs/config-file.md](../docs/config-file.md))"),
 )
 
 
