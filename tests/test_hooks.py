@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,7 +72,7 @@ def app_dir(tmp_path: Path, fail: str = "") -> Path:
     return tmp_path
 
 
-def notes(path: Path) -> list[dict[str, object]]:
+def notes(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -164,5 +165,5 @@ def test_info_is_frozen_and_names_the_worker() -> None:
     info = hooks.WorkerInfo(slot=0, pid=1, generation=2, app="main:app", app_dir="/srv",
                             preload=False)
     with pytest.raises(AttributeError):
-        info.slot = 3  # type: ignore[misc]
+        info.slot = 3
     assert {"slot", "pid", "generation"} <= set(info.__dataclass_fields__)
