@@ -103,13 +103,22 @@ def test_hooks_run_in_each_worker_in_order(cluster, tmp_path, preload) -> None:
     assert sorted(n["slot"] for n in seen if n["hook"] == "post_fork") == [0, 1]
 
 
-def test_a_raising_post_fork_stops_the_start_with_exit_4(tmp_path) -> None:
-    d = app_dir(tmp_path, fail='raise RuntimeError("no database")')
+@pytest.mark.parametrize(("fail", "line", "preload"), [
+    ('raise RuntimeError("no database")',
+     "--hooks hooks: post_fork(info) raised RuntimeError: no database", False),
+    ('raise RuntimeError("no database")',
+     "--hooks hooks: post_fork(info) raised RuntimeError: no database", True),
+    # Under --preload the template imports the module: its failure is the same exit 4.
+    ('pass\n\nraise ImportError("no driver")',
+     "--hooks hooks: importing it raised ImportError: no driver", True),
+])
+def test_a_raising_hook_stops_the_start_with_exit_4(tmp_path, fail, line, preload) -> None:
+    d = app_dir(tmp_path, fail=fail)
     proc = run_cli("--workers", "2", "--app", "main:app", "--app-dir", str(d), "--hooks",
                    "hooks", "--bind", "127.0.0.1:0", "--metrics-bind", "off",
+                   *(["--preload"] if preload else []),
                    env={"HOOK_LOG": str(tmp_path / "h.jsonl")})
     assert proc.returncode == 4, proc.stderr
-    line = "--hooks hooks: post_fork(info) raised RuntimeError: no database"
     assert line in proc.stderr and "hooks.py:" in proc.stderr
     assert proc.stderr.count(line) == 1  # two workers failed alike: said once
     assert "Traceback" not in proc.stderr
