@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import ipaddress
 import json
 import math
@@ -285,6 +286,27 @@ def parse_root_path(text: str) -> str:
     return text
 
 
+def parse_module(text: str) -> str:
+    """A dotted module name (`hooks`, `myapp.hooks`); importing it is the worker's job."""
+    ident = r"[A-Za-z_][A-Za-z0-9_]*"
+    if text.strip().endswith(".py"):  # `hooks.py` would be a module `py` in a package
+        raise ConfigError(f"{text!r} is a file name; give the module: "
+                          f"{text.strip()[:-3].replace('/', '.')}")
+    if not re.fullmatch(rf"{ident}(\.{ident})*", text.strip()):
+        raise ConfigError(f"{text!r} is not a module name; use e.g. hooks or myapp.hooks "
+                          "(a file hooks.py in --app-dir, without .py)")
+    return text.strip()
+
+
+def parse_glob(text: str) -> str:
+    """A file pattern for --reload (`*.py`, `templates/*.html`, `tests`)."""
+    text = text.strip()
+    if not text or "\0" in text or text.startswith("/"):
+        raise ConfigError(f"{text!r} is not a pattern relative to --app-dir; use e.g. *.py, "
+                          "*.html or tests")
+    return text
+
+
 def parse_secret(text: str) -> str:
     """Any non-empty text; the error never echoes it (it may be a password)."""
     if not text or "\0" in text:
@@ -341,6 +363,10 @@ class Config:
     http: str = "fast"  # the workers' protocol: fastproto.py, or uvicorn's httptools one
     root_path: str = ""  # ASGI root_path, WSGI SCRIPT_NAME
     config: str | None = None  # --config FILE, already applied: kept for `hello-cluster config`
+    hooks: str | None = None  # --hooks MODULE (worker/hooks.py)
+    reload: bool = False  # --reload: the watcher process (supervisor/reloader.py)
+    reload_include: tuple[str, ...] = ("*.py",)
+    reload_exclude: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -566,6 +592,26 @@ OPTIONS: tuple[Option, ...] = (
            "`bind = [\"0.0.0.0:8085\"]`); flags and env vars override it; `hello-cluster config` "
            "prints the effective settings and their sources "
            "([docs/config-file.md](../docs/config-file.md))"),
+    Option("hooks", parse_module, None,
+           "a module in --app-dir whose post_fork(info), worker_ready(info) and "
+           "worker_exit(info) each worker calls (never the master); one that raises fails "
+           "the start (exit 4) or the reload", "MODULE",
+           doc="a module in `--app-dir` whose `post_fork(info)`, `worker_ready(info)` and "
+           "`worker_exit(info)` each worker calls (never the master); one that raises fails the "
+           "start (exit 4) or the reload; see [Worker hooks](apps.md#worker-hooks---hooks)"),
+    Option("reload", parse_bool, "false",
+           "development: a watcher process sends the master SIGHUP (a rolling reload) when a "
+           "file under --app-dir matching --reload-include changes", "BOOL",
+           doc="development: a watcher process sends the master `SIGHUP` (a rolling reload) when "
+           "a watched file under `--app-dir` changes; a syntax error is said once and the "
+           "workers serve on; see [Reloading on code "
+           "changes](apps.md#reloading-on-code-changes---reload)"),
+    Option("reload-include", parse_glob, "*.py",
+           "with --reload: the files whose change reloads; repeat for several (env: "
+           "comma-separated); giving it replaces the default", "GLOB", repeat=True),
+    Option("reload-exclude", parse_glob, None,
+           "with --reload: files or directories never watched, e.g. tests or '*_test.py'; "
+           "repeat for several", "GLOB", repeat=True),
 )
 
 
@@ -725,6 +771,13 @@ def _checked(args: argparse.Namespace, values: dict[str, Any]) -> Config:
     if values["max_requests_jitter"] and not values["max_requests"]:
         raise ConfigError("--max-requests-jitter needs --max-requests")
     values["app_dir"] = resolve_app_dir(values["app_dir"])
+    values["reload_exclude"] = values["reload_exclude"] or ()
+    if not values["reload"] and (values["reload_exclude"]
+                                 or values["reload_include"] != ("*.py",)):
+        raise ConfigError("--reload-include/--reload-exclude need --reload")
+    if values["reload"] and importlib.util.find_spec("watchfiles") is None:
+        raise ConfigError("--reload needs the watchfiles package: pip install watchfiles "
+                          "(a dependency of hello-cluster: reinstall it)")
     if args.ssl_keyfile_password is not None:
         raise ConfigError("--ssl-keyfile-password: a password on the command line is visible "
                           "to every user (ps, /proc/PID/cmdline); use --ssl-keyfile-password-"

@@ -42,6 +42,7 @@ from hello_cluster.supervisor import backoff, decisions
 from hello_cluster.supervisor.decisions import Verdict
 from hello_cluster.supervisor.oom import OomWatch
 from hello_cluster.supervisor.recycling import Recycler
+from hello_cluster.supervisor.reloader import Watcher
 from hello_cluster.supervisor.template import Template, Templates, become_subreaper
 from hello_cluster.system import channel as ch
 from hello_cluster.system.beats import SCAN, BeatTable
@@ -145,6 +146,7 @@ class Master:
         self.template_due = 0.0
         self.template_failures = 0
         self.said_error: str | None = None  # the last worker error logged (said once)
+        self.watcher = Watcher(self.cfg, self.pid) if self.cfg.reload else None  # --reload
         self._wake_r, self._wake_w = os.pipe()
 
     # ---- life of the master -------------------------------------------------------------
@@ -222,6 +224,8 @@ class Master:
         if self.endpoint is not None:
             self.endpoint.close()
         self.listeners.close_app()
+        if self.watcher is not None:
+            self.watcher.close()
         log.log(logging.INFO if self.exit_code == EXIT_OK else logging.ERROR,
                 "master exiting with code %d%s", self.exit_code,
                 f" ({self.stop_reason})" if self.stop_reason else "")
@@ -504,6 +508,9 @@ class Master:
             if pid == 0:
                 return
             w = self.workers.pop(pid, None)
+            if w is None and self.watcher is not None \
+                    and self.watcher.reaped(pid, status, time.monotonic()):
+                continue
             t = self.templates.reaped(pid) if w is None and self.templates else None
             if t is not None:
                 self.template_died(t, status, time.monotonic())
@@ -682,6 +689,13 @@ class Master:
     def manage_workers(self) -> None:
         self.steer()
         now = time.monotonic()
+        if self.watcher is not None:  # --reload: stopped with the master, else kept running
+            if self.state == State.STOPPING:
+                self.watcher.stop()
+            self.watcher.keep_running(now, lambda: [*self.fds_not_for_children(),
+                                                    *self.listeners.not_for_slot(-1),
+                                                    *(s.fileno() for s in self.listeners.app)],
+                                      HANDLED)
         if self.state == State.STOPPING:
             self.next_respawn = None
             if self.drain_at is not None and now >= self.drain_at:

@@ -44,6 +44,7 @@ from typing import Any, NoReturn
 from hello_cluster.config import Config
 from hello_cluster.http import tls
 from hello_cluster.system import channel as ch
+from hello_cluster.worker import hooks as worker_hooks
 from hello_cluster.worker import loader
 from hello_cluster.worker import process as worker
 
@@ -211,6 +212,7 @@ def _run_template(cfg: Config, master_pid: int, generation: int, sock: socket.so
             ssl_context = tls.server_context(cfg) if tls.enabled(cfg) else None
             worker.drop_privileges(cfg.user, cfg.group)
             gc.disable()  # no collection holes in the pages the workers will share
+            hooks = worker_hooks.load(cfg.hooks, cfg.app_dir)  # before the app, as in a worker
             loaded = loader.load(cfg.app, cfg.app_dir, cfg.factory, cfg.interface,
                                  cfg.wsgi_threads)
             app = loaded.app  # a WSGI adapter's thread pool starts threads only when used
@@ -220,7 +222,7 @@ def _run_template(cfg: Config, master_pid: int, generation: int, sock: socket.so
         except worker.START_ERRORS as err:
             os._exit(worker.report_start_error(channel, err))
         channel.send(ch.READY)
-        _serve_requests(cfg, master_pid, sock, channel_fd, app, beats, ssl_context)
+        _serve_requests(cfg, master_pid, sock, channel_fd, app, beats, ssl_context, hooks)
     except BaseException:
         log.exception("template crashed")
         code = 1
@@ -232,7 +234,8 @@ def _run_template(cfg: Config, master_pid: int, generation: int, sock: socket.so
 
 
 def _serve_requests(cfg: Config, master_pid: int, sock: socket.socket, channel_fd: int,
-                    app: Any, beats: memoryview[float], ssl_context: Any) -> NoReturn:
+                    app: Any, beats: memoryview[float], ssl_context: Any,
+                    hooks: worker_hooks.Hooks | None) -> NoReturn:
     sock.settimeout(None)
     while True:
         try:
@@ -242,7 +245,7 @@ def _serve_requests(cfg: Config, master_pid: int, sock: socket.socket, channel_f
         if not message:  # the master closed our socket: this generation is done
             os._exit(0)
         request = json.loads(message)
-        pid = _fork_worker(cfg, master_pid, request, fds, app, beats, ssl_context,
+        pid = _fork_worker(cfg, master_pid, request, fds, app, beats, ssl_context, hooks,
                            keep_out=[sock.fileno(), channel_fd])
         for fd in fds:
             with contextlib.suppress(OSError):
@@ -252,7 +255,7 @@ def _serve_requests(cfg: Config, master_pid: int, sock: socket.socket, channel_f
 
 def _fork_worker(cfg: Config, master_pid: int, request: dict[str, Any], fds: list[int],
                  app: Any, beats: memoryview[float], ssl_context: Any,
-                 keep_out: list[int]) -> int:
+                 hooks: worker_hooks.Hooks | None, keep_out: list[int]) -> int:
     """Double fork: the middle process exits at once, so the worker becomes the master's."""
     if not fds:
         return -1
@@ -273,7 +276,7 @@ def _fork_worker(cfg: Config, master_pid: int, request: dict[str, Any], fds: lis
                 close_fds=keep_out, own_socket=request["own_socket"],
                 beats=beats if request["cell"] is not None else None,
                 beat_cell=request["cell"] or 0, app=app, reparented=True,
-                ssl_context=ssl_context)
+                ssl_context=ssl_context, hooks=hooks)
             worker.run(cfg, spec)
         os.write(w, _PID.pack(pid))
         os._exit(0)

@@ -50,7 +50,7 @@ def use_app_dir(app_dir: str | None) -> None:
         sys.path.insert(0, app_dir)
 
 
-def _where(err: BaseException) -> str:
+def where(err: BaseException) -> str:
     """The innermost frame of the app's own code: importlib's frozen frames say nothing to
     an operator (`<frozen importlib._bootstrap>:241`), and a SyntaxError carries its own."""
     if isinstance(err, SyntaxError) and err.filename:
@@ -82,11 +82,11 @@ def import_app(spec: str, app_dir: str | None = None) -> Any:
             raise AppLoadError(f"--app {spec}: no module named {err.name!r}; "
                                f"{_not_found_hint(app_dir)}") from None
         raise AppLoadError(f"--app {spec}: importing {module_name} failed: "
-                           f"{type(err).__name__}: {err}{_where(err)}") from None
+                           f"{type(err).__name__}: {err}{where(err)}") from None
     except BaseException as err:  # the app's own code raised while importing
         log.debug("importing %s raised", module_name, exc_info=err)
         raise AppLoadError(f"--app {spec}: importing {module_name} raised "
-                           f"{type(err).__name__}: {err}{_where(err)}") from None
+                           f"{type(err).__name__}: {err}{where(err)}") from None
     app: Any = module
     for part in attr_path.split("."):
         try:
@@ -106,7 +106,7 @@ def call_factory(spec: str, factory: Any) -> Any:
     except BaseException as err:
         log.debug("the factory %s raised", spec, exc_info=err)
         raise AppLoadError(f"--app {spec} --factory: calling it raised "
-                           f"{type(err).__name__}: {err}{_where(err)}") from None
+                           f"{type(err).__name__}: {err}{where(err)}") from None
 
 
 def _positional(call: Callable[..., Any]) -> tuple[int, int] | None:

@@ -43,6 +43,7 @@ from hello_cluster.http.policy import connection_limit
 from hello_cluster.http.uvicornproto import WorkerProtocol, expire_slow_heads
 from hello_cluster.system import channel as ch
 from hello_cluster.system.beats import Beater
+from hello_cluster.worker import hooks as worker_hooks
 from hello_cluster.worker import loader
 from hello_cluster.worker.looplag import LoopLag
 from hello_cluster.worker.neighbours import Helper
@@ -77,6 +78,7 @@ class WorkerSpec:
     app: Any = None  # the app as the --preload template imported it
     reparented: bool = False  # forked by the template, adopted by the master
     ssl_context: Any = None  # the template's TLS context, for a worker it forked
+    hooks: worker_hooks.Hooks | None = None  # --hooks as the --preload template imported it
 
 
 def preload_engine() -> None:
@@ -160,8 +162,11 @@ class WorkerServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, channel: ch.WorkerChannel,
                  beat_ticks: int, max_requests: int, metrics: Any = None,
                  listen_grace: float = 0.0, beater: Beater | None = None,
-                 neighbours: Sequence[socket.socket] = ()) -> None:
+                 neighbours: Sequence[socket.socket] = (),
+                 hooks: worker_hooks.Hooks | None = None,
+                 info: worker_hooks.WorkerInfo | None = None) -> None:
         super().__init__(config)
+        self.hooks, self.info = hooks, info
         self.neighbours = neighbours
         self.helper: Helper | None = None
         self.beater = beater
@@ -210,6 +215,13 @@ class WorkerServer(uvicorn.Server):
                 self.helper = Helper(self.neighbours, own, self.protocol_factory(),
                                      self.config.ssl, self.config.backlog)
                 self.helper.start()
+            if self.hooks is not None and self.info is not None:
+                try:
+                    self.hooks.call("worker_ready", self.info)
+                except AppLoadError as err:  # a start that failed: exit 4, said by the master
+                    self.channel.error(str(err))
+                    self.exit_code, self.should_exit = EXIT_APP, True
+                    return
             self.channel.send(ch.READY)
 
     def protocol_factory(self) -> Callable[[], Any]:
@@ -325,6 +337,12 @@ def build_app(cfg: Config, first: bool = True, preloaded: Any = None) -> tuple[A
 
 def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
           ssl_context: ssl.SSLContext | None = None) -> int:
+    # --hooks: imported here (or by the --preload template), post_fork before the app import.
+    hooks = spec.hooks if spec.reparented else worker_hooks.load(cfg.hooks, cfg.app_dir)
+    info = worker_hooks.WorkerInfo(spec.slot, os.getpid(), spec.generation, cfg.app,
+                                   cfg.app_dir, spec.reparented)
+    if hooks is not None:
+        hooks.call("post_fork", info)
     app, metrics = build_app(cfg, first=spec.slot == 0 and spec.generation == 0,
                              preloaded=spec.app)
     access_log = None
@@ -365,10 +383,13 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
     beat_ticks = 1 if spec.own_socket else max(1, int(min(1.0, cfg.worker_timeout / 4) / TICK))
     beater = Beater(spec.beats, spec.beat_cell) if spec.beats is not None else None
     server = WorkerServer(uv_config, channel, beat_ticks, max_requests, metrics,
-                          LISTEN_GRACE if spec.own_socket else 0.0, beater, spec.neighbours)
+                          LISTEN_GRACE if spec.own_socket else 0.0, beater, spec.neighbours,
+                          hooks, info)
     server.run(sockets=list(spec.sockets))
     if access_log is not None:
         access_log.flush()  # the lines of the last tenth of a second
+    if hooks is not None and server.started:
+        hooks.exit(info)  # after the drain, before the exit
     return server.exit_code if server.started else EXIT_APP_STARTUP
 
 
