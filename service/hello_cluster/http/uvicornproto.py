@@ -233,6 +233,13 @@ class WorkerProtocol(HttpToolsProtocol):
         self._body_open = False
         self._completed += 1
         super().on_message_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and self.timeout_keep_alive_task is None \
+                and not self.pipeline and not self.transport.is_closing():
+            # The rest of a body answered before it was read: its bytes cancelled the
+            # keep-alive timer (uvicorn's data_received does); idle again from here.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     def eof_received(self) -> bool | None:  # type: ignore[override]
         """The client half-closed: a request it sent whole is still answered, then the
