@@ -49,6 +49,8 @@ from hello_cluster.system.beats import Beater
 from hello_cluster.worker import loader
 from hello_cluster.worker.looplag import LoopLag
 from hello_cluster.worker.neighbours import Helper
+from hello_cluster.worker.stalls import StallWatch
+from hello_cluster.worker.taskdump import Dumps
 
 log = logging.getLogger("hello_cluster.worker")
 
@@ -80,6 +82,7 @@ class WorkerSpec:
     app: Any = None  # the app as the --preload template imported it
     reparented: bool = False  # forked by the template, adopted by the master
     ssl_context: Any = None  # the template's TLS context, for a worker it forked
+    dump_dir: str | None = None  # where its stack and task dumps go (system/stackdump.py)
 
 
 def preload_engine() -> None:
@@ -163,8 +166,11 @@ class WorkerServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, channel: ch.WorkerChannel,
                  beat_ticks: int, max_requests: int, metrics: Any = None,
                  listen_grace: float = 0.0, beater: Beater | None = None,
-                 neighbours: Sequence[socket.socket] = ()) -> None:
+                 neighbours: Sequence[socket.socket] = (), dumps: Dumps | None = None,
+                 stall_report_after: float = 0.0) -> None:
         super().__init__(config)
+        self.dumps = dumps
+        self.stall_watch = StallWatch.for_worker(stall_report_after, TICK)
         self.neighbours = neighbours
         self.helper: Helper | None = None
         self.beater = beater
@@ -186,6 +192,8 @@ class WorkerServer(uvicorn.Server):
         yield
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.stall_watch is not None:
+            self.stall_watch.stop()  # a drain's waits are not stalls
         if self.helper is not None:
             self.helper.stop()
         if self.listen_grace:
@@ -213,6 +221,11 @@ class WorkerServer(uvicorn.Server):
                 self.helper = Helper(self.neighbours, own, self.protocol_factory(),
                                      self.config.ssl, self.config.backlog)
                 self.helper.start()
+            if self.dumps is not None:
+                self.dumps.serve_tasks(asyncio.get_running_loop())
+            if self.stall_watch is not None:
+                self.stall_watch.tick(time.monotonic())
+                self.stall_watch.start()
             self.channel.send(ch.READY)
 
     def protocol_factory(self) -> Callable[[], Any]:
@@ -223,8 +236,12 @@ class WorkerServer(uvicorn.Server):
             config=config, server_state=state, app_state=app_state, _loop=loop)
 
     async def on_tick(self, counter: int) -> bool:
+        # time.monotonic, not uvloop's loop.time(): that one is cached per loop turn in ms.
+        now = time.monotonic()
         if self.loop_lag is not None:
-            self.loop_lag.tick()
+            self.loop_lag.tick(now)
+        if self.stall_watch is not None:
+            self.stall_watch.tick(now)
         if self.metrics is not None:
             self.metrics.flush()
         if self.beater is not None:
@@ -314,6 +331,10 @@ def build_app(cfg: Config, first: bool = True, preloaded: Any = None) -> tuple[A
                 if loaded.interface == loader.WSGI else "")
         preloaded = loaded.app
     app = preloaded
+    if cfg.request_timeout:  # innermost: the metrics and the access log see its 504
+        from hello_cluster.http.deadline import RequestTimeout
+
+        app = RequestTimeout(app, cfg.request_timeout)
     metrics = None
     if cfg.request_metrics and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from hello_cluster.observe.metrics import RequestMetrics
@@ -327,7 +348,7 @@ def build_app(cfg: Config, first: bool = True, preloaded: Any = None) -> tuple[A
 
 
 def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
-          ssl_context: ssl.SSLContext | None = None) -> int:
+          ssl_context: ssl.SSLContext | None = None, dumps: Dumps | None = None) -> int:
     app, metrics = build_app(cfg, first=spec.slot == 0 and spec.generation == 0,
                              preloaded=spec.app)
     access_log = None
@@ -368,7 +389,8 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
     beat_ticks = 1 if spec.own_socket else max(1, int(min(1.0, cfg.worker_timeout / 4) / TICK))
     beater = Beater(spec.beats, spec.beat_cell) if spec.beats is not None else None
     server = WorkerServer(uv_config, channel, beat_ticks, max_requests, metrics,
-                          LISTEN_GRACE if spec.own_socket else 0.0, beater, spec.neighbours)
+                          LISTEN_GRACE if spec.own_socket else 0.0, beater, spec.neighbours,
+                          dumps, cfg.stall_report_after)
     server.run(sockets=list(spec.sockets))
     if access_log is not None:
         access_log.flush()  # the lines of the last tenth of a second
@@ -424,7 +446,9 @@ def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
             ssl_context = spec.ssl_context if spec.reparented else (
                 tls.server_context(cfg) if tls.enabled(cfg) else None)
             drop_privileges(cfg.user, cfg.group)
-            code = serve(cfg, spec, channel, ssl_context)
+            # Before the app is imported: a worker stuck importing it answers a dump too.
+            dumps = Dumps.start(spec.dump_dir, spec.slot)
+            code = serve(cfg, spec, channel, ssl_context, dumps)
         except START_ERRORS as err:
             code = report_start_error(channel, err)
         except SystemExit as err:
