@@ -44,15 +44,12 @@ from hello_cluster.supervisor.oom import OomWatch
 from hello_cluster.supervisor.recycling import Recycler
 from hello_cluster.supervisor.template import Template, Templates, become_subreaper
 from hello_cluster.system import channel as ch
+from hello_cluster.system import stackdump
 from hello_cluster.system.beats import SCAN, BeatTable
 from hello_cluster.system.notify import Notifier, watchdog_interval
 from hello_cluster.system.procstat import SlotCpu
-from hello_cluster.system.stackdump import StackRequest
-from hello_cluster.system.stackdump import file_path as dump_file
-from hello_cluster.system.stackdump import remove_files as remove_dumps
-from hello_cluster.system.stackdump import render as render_stack
-from hello_cluster.system.stackdump import to_json as stack_json
 from hello_cluster.system.sockets import Listeners
+from hello_cluster.system.stackdump import StackRequest
 from hello_cluster.worker import process as worker
 
 log = logging.getLogger("hello_cluster.master")
@@ -539,7 +536,7 @@ class Master:
         os.close(w.fd)
         self.recycler.forget(w.pid)
         if self.dump_dir is not None:
-            remove_dumps(self.dump_dir, w.slot, w.pid)
+            stackdump.remove_files(self.dump_dir, w.slot, w.pid)
         self.beats.release(w.cell)  # nobody writes it any more: free for the next worker
         if self.multiproc_dir is not None:
             from prometheus_client import multiprocess
@@ -702,8 +699,8 @@ class Master:
         w.hung, w.hung_why = True, why
         if self.dump_dir is not None:
             try:
-                w.stack = StackRequest.send(dump_file(self.dump_dir, w.slot, w.pid, "stacks"),
-                                            w.pid, STACK_WAIT)
+                path = stackdump.file_path(self.dump_dir, w.slot, w.pid, "stacks")
+                w.stack = StackRequest.send(path, w.pid, STACK_WAIT)
             except OSError as err:
                 log.debug("worker %d pid %d: cannot ask for its stack: %s", w.slot + 1, w.pid,
                           err)
@@ -720,9 +717,9 @@ class Master:
         line = f"worker {w.slot + 1} pid {w.pid} {w.hung_why}; killing it"
         fields: dict[str, Any] = {"slot": w.slot + 1, "worker_pid": w.pid}
         if threads:
-            fields["threads"] = stack_json(threads)
+            fields["threads"] = stackdump.to_json(threads)
             if self.cfg.log_format != "json":
-                line += "; its stack, innermost call last:\n" + render_stack(threads)
+                line += "; its stack, innermost call last:\n" + stackdump.render(threads)
         elif asked is not None:
             line += f" (its stack did not come within {STACK_WAIT:g}s)"
         log.error("%s", line, extra={"fields": fields})

@@ -198,7 +198,8 @@ def parse_faulthandler(text: str) -> list[ThreadStack]:
     dumps appended back to back keep the first)."""
     threads: list[ThreadStack] = []
     seen: set[str] = set()
-    ident, current, frames = "", False, []
+    ident, current = "", False
+    frames: list[Frame] = []
 
     def close() -> None:
         if ident and ident not in seen:
@@ -246,7 +247,7 @@ def frame_json(f: Frame) -> dict[str, Any]:
 
 def frames_of(frame: FrameType | None, limit: int = 200) -> tuple[Frame, ...]:
     """A live thread's frames, innermost last."""
-    out = []
+    out: list[Frame] = []
     while frame is not None and len(out) < limit:
         out.append(Frame(frame.f_code.co_filename, frame.f_lineno or 0, frame.f_code.co_name))
         frame = frame.f_back
@@ -256,7 +257,7 @@ def frames_of(frame: FrameType | None, limit: int = 200) -> tuple[Frame, ...]:
 def coroutine_frames(coro: Any, limit: int = 200) -> tuple[Frame, ...]:
     """Where a suspended coroutine waits: its chain of awaits, outermost first. A task's
     own stack (Task.get_stack) stops at its outermost coroutine."""
-    out = []
+    out: list[Frame] = []
     while coro is not None and len(out) < limit:
         frame = (getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
                  or getattr(coro, "ag_frame", None))
