@@ -88,6 +88,17 @@ def make_metrics_dir(runtime: RuntimeDir, cfg: Config, name: str = "metrics") ->
     return path
 
 
+def make_stacks_dir(runtime: RuntimeDir, cfg: Config) -> str | None:
+    """The workers' stack dump files (system/stackdump.py); None, and no dumps, if it cannot
+    be made: an unknown --user is the worker's to report, in its own words."""
+    try:
+        return make_metrics_dir(runtime, cfg, "stacks")
+    except ResourceError as err:
+        log.debug("no stack dumps: %s", err)
+        shutil.rmtree(os.path.join(runtime.path, f"stacks-{os.getpid()}"), ignore_errors=True)
+        return None
+
+
 def check_fd_limit(workers: int) -> None:
     """Raise the soft fd limit to the hard one; refuse a pool the limit cannot hold."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -125,7 +136,7 @@ def run(cfg: Config) -> int:
     stacks_dir: str | None = None
     try:
         runtime = prepare_runtime_dir(cfg)
-        stacks_dir = make_metrics_dir(runtime, cfg, "stacks")
+        stacks_dir = make_stacks_dir(runtime, cfg)
         if listeners.metrics is not None:
             metrics_dir = make_metrics_dir(runtime, cfg)
             # prometheus_client picks its value class when first imported: set this first.

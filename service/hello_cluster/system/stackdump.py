@@ -204,7 +204,7 @@ def parse_faulthandler(text: str) -> list[ThreadStack]:
     def close() -> None:
         if ident and ident not in seen:
             seen.add(ident)
-            threads.append(ThreadStack(ident, current, tuple(reversed(frames))))
+            threads.append(ThreadStack(ident, current, after_fork(tuple(reversed(frames)))))
 
     for line in text.splitlines():
         head = _THREAD.match(line)
@@ -220,6 +220,18 @@ def parse_faulthandler(text: str) -> list[ThreadStack]:
     close()
     threads.sort(key=lambda t: not t.current)  # the event loop's thread first
     return threads
+
+
+_SUPERVISOR = f"{os.sep}hello_cluster{os.sep}supervisor{os.sep}"
+
+
+def after_fork(frames: tuple[Frame, ...]) -> tuple[Frame, ...]:
+    """A forked worker's main thread still carries the frames of the master (or template)
+    that called fork(): they say nothing about the worker. Keep what is below them."""
+    for i in range(len(frames) - 1, -1, -1):
+        if _SUPERVISOR in frames[i].file:
+            return frames[i + 1:]
+    return frames
 
 
 def render(threads: Iterable[ThreadStack], indent: str = "  ") -> str:
