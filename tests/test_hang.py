@@ -6,6 +6,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -288,3 +289,6 @@ def test_request_timeout_for_wsgi_under_preload(cluster: Start, tmp_path: Path) 
     # The workers a --preload template forks answer dumps too.
     proc = dump(runtime, "--json")
     assert proc.returncode == 0 and len(json.loads(proc.stdout)["workers"]) == 1, proc.stderr
+    c.signal(signal.SIGTERM)
+    assert c.wait_exit(20) == 0, c.log
+    assert not (runtime / f"stacks-{c.pid}").exists() and runtime.is_dir()

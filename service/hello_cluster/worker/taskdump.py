@@ -41,13 +41,16 @@ class Dumps:
         self.directory = directory
         self.slot = slot
         pid = os.getpid()
-        self.stacks_fd = stackdump.open_append(stackdump.file_path(directory, slot, pid,
-                                                                   "stacks"))
+        path = stackdump.file_path(directory, slot, pid, "stacks")
+        # Named only once the handler is in place: whoever finds the file may signal us,
+        # and before the handler the signal's default action would end the worker.
+        self.stacks_fd = stackdump.open_append(path + ".new")
         self.tasks_path = stackdump.file_path(directory, slot, pid, "tasks")
         self.tasks_fd: int | None = None
         signal.signal(stackdump.TASKS_SIGNAL, _ignore)
         faulthandler.register(stackdump.STACK_SIGNAL, file=self.stacks_fd, all_threads=True,
                               chain=False)
+        os.rename(path + ".new", path)
 
     @classmethod
     def start(cls, directory: str | None, slot: int) -> Dumps | None:
