@@ -161,15 +161,18 @@ class RequestTimeout:
         task.cancel()
         ended = await _ended(loop, task, CANCEL_GRACE)
         went_on = not (ended and task.cancelled())
+        raised = None
         if ended:
-            _forget(task)
+            raised = None if task.cancelled() else task.exception()
         else:
             task.add_done_callback(_forget)
         if self.counter is not None:
             self.counter.inc()
         answer = "connection closed (the response had begun)" if request.started \
             else "answered 504"
-        if went_on and not wsgi:
+        if raised is not None:
+            outcome = f"cancelled; it raised {type(raised).__name__} while unwinding; {answer}"
+        elif went_on and not wsgi:
             outcome = f"the app caught the CancelledError and went on; {answer}"
         elif wsgi:
             outcome = (f"{answer}; a WSGI view cannot be cancelled: it runs on in its thread "
