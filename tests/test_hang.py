@@ -135,7 +135,7 @@ def test_a_hang_kill_logs_the_stack_in_a_c_call_and_in_python_code(cluster: Star
 
 def test_a_stall_is_reported_with_its_line_and_how_long_it_lasted(cluster: Start) -> None:
     c = cluster("--workers", "1", "--app", "hc_hang:app", "--stall-report-after", "300ms",
-                workers=1)
+                "--log-level", "debug", workers=1)
     assert c.get("/sleep?s=1.2", timeout=10)[0] == 200
     wait_for(lambda: "stall ended" in c.log, 5, what="the end of the stall")
     where = f"{APP}:{line_of('HANG-SLEEP')} in blocking_sleep"
@@ -144,6 +144,9 @@ def test_a_stall_is_reported_with_its_line_and_how_long_it_lasted(cluster: Start
     ended = next(line for line in c.log.splitlines() if "stall ended" in line)
     lasted = float(ended.split("blocked for ")[1].split("s,")[0])
     assert 0.9 <= lasted <= 1.8 and where in ended, ended
+    stack = c.log.split("the blocked event loop's stack (innermost call last):\n")[1]
+    frames = [line for line in stack.splitlines() if line.startswith("  File ")]
+    assert frames[-1] == f'  File "{APP}", line {line_of("HANG-SLEEP")}, in blocking_sleep'
     wait_for(lambda: c.metric("hello_cluster_worker_stall_seconds_count") == 1, 5,
              what="the stall histogram")
     assert c.get("/spin?s=0.8", timeout=10)[0] == 200
