@@ -36,9 +36,10 @@ class RuntimeDir:
     path: str
     created: bool  # a private temp dir of ours, removed at exit
 
-    def cleanup(self, metrics_dir: str | None) -> None:
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+    def cleanup(self, metrics_dir: str | None, stacks_dir: str | None = None) -> None:
+        for path in (metrics_dir, stacks_dir):
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
 
@@ -62,9 +63,10 @@ def prepare_runtime_dir(cfg: Config) -> RuntimeDir:
     return RuntimeDir(chosen, created=False)
 
 
-def make_metrics_dir(runtime: RuntimeDir, cfg: Config) -> str:
-    """A fresh, private dir for this instance's multiprocess metric files."""
-    path = os.path.join(runtime.path, f"metrics-{os.getpid()}")
+def make_metrics_dir(runtime: RuntimeDir, cfg: Config, name: str = "metrics") -> str:
+    """A fresh, private dir for this instance's multiprocess metric files (or, named
+    `stacks`, its workers' stack dumps: system/stackdump.py), writable by the workers."""
+    path = os.path.join(runtime.path, f"{name}-{os.getpid()}")
     shutil.rmtree(path, ignore_errors=True)
     try:
         os.mkdir(path, 0o700)
@@ -84,6 +86,17 @@ def make_metrics_dir(runtime: RuntimeDir, cfg: Config) -> str:
         raise ResourceError(f"cannot create {path} ({err.strerror}); make --runtime-dir "
                             "writable") from None
     return path
+
+
+def make_stacks_dir(runtime: RuntimeDir, cfg: Config) -> str | None:
+    """The workers' stack dump files (system/stackdump.py); None, and no dumps, if it cannot
+    be made: an unknown --user is the worker's to report, in its own words."""
+    try:
+        return make_metrics_dir(runtime, cfg, "stacks")
+    except ResourceError as err:
+        log.debug("no stack dumps: %s", err)
+        shutil.rmtree(os.path.join(runtime.path, f"stacks-{os.getpid()}"), ignore_errors=True)
+        return None
 
 
 def check_fd_limit(workers: int) -> None:
@@ -120,8 +133,10 @@ def run(cfg: Config) -> int:
                                slots=desired, reuse_port=cfg.reuse_port)
     runtime: RuntimeDir | None = None
     metrics_dir: str | None = None
+    stacks_dir: str | None = None
     try:
         runtime = prepare_runtime_dir(cfg)
+        stacks_dir = make_stacks_dir(runtime, cfg)
         if listeners.metrics is not None:
             metrics_dir = make_metrics_dir(runtime, cfg)
             # prometheus_client picks its value class when first imported: set this first.
@@ -133,14 +148,14 @@ def run(cfg: Config) -> int:
         preload_builtin_app()
 
         setproctitle.setproctitle("hello-cluster: master")
-        return run_master(cfg, listeners, desired, metrics_dir, notifier)
+        return run_master(cfg, listeners, desired, metrics_dir, notifier, stacks_dir)
     finally:
         listeners.close_app()
         if listeners.metrics is not None:
             with suppress(OSError):
                 listeners.metrics.close()
         if runtime is not None:
-            runtime.cleanup(metrics_dir)
+            runtime.cleanup(metrics_dir, stacks_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hello_cluster.observe.status_command import main as status_main
 
         return status_main(args[1:])
+    if args[:1] == ["dump"]:  # `hello-cluster dump`: every live worker's stacks and tasks
+        from hello_cluster.observe.dump_command import main as dump_main
+
+        return dump_main(args[1:])
     if args[:1] == ["config"]:  # `hello-cluster config [flags]`: what would run, and why
         try:
             print("\n".join(describe(args[1:])))

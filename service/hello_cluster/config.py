@@ -362,6 +362,8 @@ class Config:
     startup_timeout: float = 60.0
     http: str = "fast"  # the workers' protocol: fastproto.py, or uvicorn's httptools one
     root_path: str = ""  # ASGI root_path, WSGI SCRIPT_NAME
+    stall_report_after: float = 1.0  # 0: off (worker/stalls.py)
+    request_timeout: float | None = None  # None or 0: off (http/deadline.py)
     config: str | None = None  # --config FILE, already applied: kept for `hello-cluster config`
     hooks: str | None = None  # --hooks MODULE (worker/hooks.py)
     reload: bool = False  # --reload: the watcher process (supervisor/reloader.py)
@@ -585,6 +587,13 @@ OPTIONS: tuple[Option, ...] = (
            doc="the URL prefix the app is mounted under behind a proxy that strips it (`/api`): "
            "ASGI apps see `root_path` (and, as under uvicorn, `path` with the prefix in front), "
            "WSGI apps `SCRIPT_NAME=/api` and `PATH_INFO` below it; both protocols"),
+    Option("stall-report-after", parse_duration, "1s",
+           "a worker's event loop blocked this long logs the app's line it is blocked in, "
+           "and how long the stall lasted when it ends (0 = off)", "DURATION"),
+    Option("request-timeout", parse_duration, None,
+           "cancel an HTTP request still running after this long: 504 if no response began, "
+           "else the connection is closed; WSGI views get the 504 and run on (unset = off)",
+           "DURATION"),
     Option("config", parse_path, None,
            "read settings from this TOML file, keys the long option names (workers = 4, "
            "bind = [\"0.0.0.0:8085\"]); flags and env vars override it", "FILE",
@@ -634,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
         "signals: TERM/INT graceful stop, QUIT immediate stop, HUP rolling reload,\n"
         "         TTIN one worker more, TTOU one worker fewer\n\nexit codes:\n" + codes
         + "\n\nhello-cluster status [--json] [--watch]: the workers of a running master "
-        "(like pm2 ls)",
+        "(like pm2 ls)\nhello-cluster dump [--runtime-dir DIR] [--slot N] [--json]: every "
+        "live worker's stacks and asyncio tasks",
     )
     parser.add_argument("--version", action="version", version=f"hello-cluster {__version__}")
     for opt in OPTIONS:

@@ -31,6 +31,8 @@ from typing import Any
 from a2wsgi import WSGIMiddleware as _A2wsgiMiddleware
 from a2wsgi.wsgi import Body, WSGIResponder, build_environ
 
+from hello_cluster.http.deadline import CURRENT
+
 _DONE = object()  # the view returned (or raised): no more messages for this response
 
 
@@ -104,11 +106,16 @@ class Responder(WSGIResponder):
     # The view's thread.
 
     def _run_view(self, environ: Any) -> None:
+        request = CURRENT.get()  # under --request-timeout: say which thread runs the view
+        if request is not None:
+            request.view_thread = threading.get_ident()
         try:
             self.wsgi(environ, self.start_response)
         except BaseException as exc:  # noqa: BLE001  (handed to the loop, raised there)
             self.failed = exc
         finally:
+            if request is not None:
+                request.view_thread = None
             self._hand_over(_DONE)
 
     def send(self, message: Any) -> None:

@@ -37,6 +37,10 @@ from hello_cluster import __version__
 NAMESPACE = "hello_cluster"
 # Observed by each worker (worker/looplag.py), summed by /status: one name for both.
 LAG_METRIC = f"{NAMESPACE}_event_loop_lag_seconds"
+# Observed by each worker: its stall watch (worker/stalls.py), its request deadline
+# (http/deadline.py); the master sums the files like the request metrics.
+STALL_METRIC = f"{NAMESPACE}_worker_stall_seconds"
+TIMEOUT_METRIC = f"{NAMESPACE}_request_timeouts"  # a counter: exposed with _total
 INF = float("inf")
 RESTART_REASONS = ("exit", "signal", "timeout", "oom")
 RECYCLE_REASONS = ("max_requests", "memory", "lifetime")

@@ -45,15 +45,21 @@ from hello_cluster.supervisor.recycling import Recycler
 from hello_cluster.supervisor.reloader import Watcher
 from hello_cluster.supervisor.template import Template, Templates, become_subreaper
 from hello_cluster.system import channel as ch
+from hello_cluster.system import stackdump
 from hello_cluster.system.beats import SCAN, BeatTable
 from hello_cluster.system.notify import Notifier, watchdog_interval
 from hello_cluster.system.procstat import SlotCpu
 from hello_cluster.system.sockets import Listeners
+from hello_cluster.system.stackdump import StackRequest
 from hello_cluster.worker import process as worker
 
 log = logging.getLogger("hello_cluster.master")
 
 KILL_GRACE = 2.0  # a hung worker gets this long after SIGTERM before SIGKILL
+# A hung worker's stack (system/stackdump.py) is waited for this long before it is killed
+# anyway; the loop goes on meanwhile, polling every STACK_POLL.
+STACK_WAIT = 0.5
+STACK_POLL = 0.01
 MAX_TIMEOUT = 1.0  # the loop turns at least this often (watchdog, status, deadlines)
 # A steered worker silent this long (three of its 0.1 s beats) gets no new connections
 # until it beats again: its event loop is blocked, so it could not accept them.
@@ -88,6 +94,8 @@ class Worker:
     buffer: bytes = b""
     error: str | None = None
     cell: int | None = None  # its beat cell in the shared table (None: beats by pipe)
+    stack: StackRequest | None = None  # hung: its stack asked for, SIGTERM once it came
+    hung_why: str = ""
 
     @property
     def serving(self) -> bool:
@@ -110,6 +118,7 @@ class Master:
     notifier: Notifier = field(default_factory=Notifier)
     multiproc_dir: str | None = None
     policy: backoff.Policy = field(default_factory=backoff.Policy)
+    dump_dir: str | None = None  # the workers' stack files (system/stackdump.py)
 
     def __post_init__(self) -> None:
         self.pid = os.getpid()
@@ -147,6 +156,7 @@ class Master:
         self.template_failures = 0
         self.said_error: str | None = None  # the last worker error logged (said once)
         self.watcher = Watcher(self.cfg, self.pid) if self.cfg.reload else None  # --reload
+        self.stack_poll: float | None = None  # while a hung worker's stack is awaited
         self._wake_r, self._wake_w = os.pipe()
 
     # ---- life of the master -------------------------------------------------------------
@@ -208,6 +218,7 @@ class Master:
         1/SCAN times a second when nothing happens.
         """
         times = [t for t in (self.next_respawn, self.drain_at, self.drain_deadline,
+                             self.stack_poll,
                              self.watchdog_next if self.watchdog_every else None,
                              self.endpoint.next_deadline() if self.endpoint else None)
                  if t is not None]
@@ -328,7 +339,7 @@ class Master:
             neighbours = self.listeners.neighbours(slot)
             pid = template.spawn({"slot": slot, "generation": self.generation, "cell": cell,
                                   "own_socket": bool(self.listeners.groups),
-                                  "neighbours": len(neighbours)},
+                                  "neighbours": len(neighbours), "dump_dir": self.dump_dir},
                                  [write_fd, *(s.fileno() for s in
                                               [*self.listeners.for_slot(slot), *neighbours])])
             error = "" if pid else f"the --preload template pid {template.pid} did not answer"
@@ -360,7 +371,7 @@ class Master:
                                  close_fds=close_fds, own_socket=bool(self.listeners.groups),
                                  neighbours=self.listeners.neighbours(slot),
                                  beats=self.beats.view if cell is not None else None,
-                                 beat_cell=cell or 0)
+                                 beat_cell=cell or 0, dump_dir=self.dump_dir)
         for handler in logging.getLogger().handlers:
             handler.flush()
         # Block our signals across fork(): a signal landing in the child before it has reset
@@ -531,6 +542,8 @@ class Master:
             self.selector.unregister(w.fd)
         os.close(w.fd)
         self.recycler.forget(w.pid)
+        if self.dump_dir is not None:
+            stackdump.remove_files(self.dump_dir, w.slot, w.pid)
         self.beats.release(w.cell)  # nobody writes it any more: free for the next worker
         if self.multiproc_dir is not None:
             from prometheus_client import multiprocess
@@ -662,7 +675,14 @@ class Master:
         long it has been starting, not by its silence.
         """
         now = time.monotonic()
+        self.stack_poll = None
         for w in self.workers.values():
+            if w.stack is not None:
+                if w.stack.done() or w.stack.expired(now):
+                    self.signal_hung(w, now)
+                else:
+                    self.stack_poll = now + STACK_POLL
+                continue
             if w.kill_at is not None:
                 if now >= w.kill_at:
                     log.warning("worker %d pid %d did not stop in time (%s); SIGKILL",
@@ -681,9 +701,36 @@ class Master:
                 self.kill_hung(w, now, f"silent for {silent:.1f}s (--worker-timeout)")
 
     def kill_hung(self, w: Worker, now: float, why: str) -> None:
-        w.hung = True
+        """Ask for its stack first (faulthandler, answered even from a C call); the SIGTERM
+        follows once it came, or after STACK_WAIT (signal_hung). The loop goes on meanwhile."""
+        w.hung, w.hung_why = True, why
+        if self.dump_dir is not None:
+            try:
+                path = stackdump.file_path(self.dump_dir, w.slot, w.pid, "stacks")
+                w.stack = StackRequest.send(path, w.pid, STACK_WAIT)
+            except OSError as err:
+                log.debug("worker %d pid %d: cannot ask for its stack: %s", w.slot + 1, w.pid,
+                          err)
+        if w.stack is None:
+            self.signal_hung(w, now)
+        else:
+            self.stack_poll = now + STACK_POLL
+
+    def signal_hung(self, w: Worker, now: float) -> None:
+        """One record: why it is killed, and its stack (every thread, innermost call last;
+        under --log-format json the frames are a list in the same object)."""
+        asked, w.stack = w.stack, None
+        threads = asked.read() if asked is not None else []
+        line = f"worker {w.slot + 1} pid {w.pid} {w.hung_why}; killing it"
+        fields: dict[str, Any] = {"slot": w.slot + 1, "worker_pid": w.pid}
+        if threads:
+            fields["threads"] = stackdump.to_json(threads)
+            if self.cfg.log_format != "json":
+                line += "; its stack, innermost call last:\n" + stackdump.render(threads)
+        elif asked is not None:
+            line += f" (its stack did not come within {STACK_WAIT:g}s)"
+        log.error("%s", line, extra={"fields": fields})
         w.kill_at = now + KILL_GRACE
-        log.error("worker %d pid %d %s; killing it", w.slot + 1, w.pid, why)
         _kill(w.pid, signal.SIGTERM)
 
     def manage_workers(self) -> None:
@@ -885,9 +932,9 @@ def _describe_status(status: int) -> str:
 
 
 def run_master(cfg: Config, listeners: Listeners, desired: int, multiproc_dir: str | None,
-               notifier: Notifier) -> int:
+               notifier: Notifier, dump_dir: str | None = None) -> int:
     policy = backoff.Policy(cfg.backoff_initial, cfg.backoff_factor, cfg.backoff_max,
                             cfg.backoff_reset_after, cfg.crash_loop_limit)
-    master = Master(cfg, listeners, desired, notifier, multiproc_dir, policy)
+    master = Master(cfg, listeners, desired, notifier, multiproc_dir, policy, dump_dir)
     sys.stdout.flush()
     return master.run()

@@ -276,7 +276,7 @@ def _fork_worker(cfg: Config, master_pid: int, request: dict[str, Any], fds: lis
                 close_fds=keep_out, own_socket=request["own_socket"],
                 beats=beats if request["cell"] is not None else None,
                 beat_cell=request["cell"] or 0, app=app, reparented=True,
-                ssl_context=ssl_context, hooks=hooks)
+                ssl_context=ssl_context, hooks=hooks, dump_dir=request.get("dump_dir"))
             worker.run(cfg, spec)
         os.write(w, _PID.pack(pid))
         os._exit(0)

@@ -47,6 +47,8 @@ from hello_cluster.worker import hooks as worker_hooks
 from hello_cluster.worker import loader
 from hello_cluster.worker.looplag import LoopLag
 from hello_cluster.worker.neighbours import Helper
+from hello_cluster.worker.stalls import StallWatch
+from hello_cluster.worker.taskdump import Dumps
 
 log = logging.getLogger("hello_cluster.worker")
 
@@ -79,6 +81,7 @@ class WorkerSpec:
     reparented: bool = False  # forked by the template, adopted by the master
     ssl_context: Any = None  # the template's TLS context, for a worker it forked
     hooks: worker_hooks.Hooks | None = None  # --hooks as the --preload template imported it
+    dump_dir: str | None = None  # where its stack and task dumps go (system/stackdump.py)
 
 
 def preload_engine() -> None:
@@ -164,9 +167,12 @@ class WorkerServer(uvicorn.Server):
                  listen_grace: float = 0.0, beater: Beater | None = None,
                  neighbours: Sequence[socket.socket] = (),
                  hooks: worker_hooks.Hooks | None = None,
-                 info: worker_hooks.WorkerInfo | None = None) -> None:
+                 info: worker_hooks.WorkerInfo | None = None, dumps: Dumps | None = None,
+                 stall_report_after: float = 0.0) -> None:
         super().__init__(config)
         self.hooks, self.info = hooks, info
+        self.dumps = dumps
+        self.stall_watch = StallWatch.for_worker(stall_report_after, TICK)
         self.neighbours = neighbours
         self.helper: Helper | None = None
         self.beater = beater
@@ -188,6 +194,8 @@ class WorkerServer(uvicorn.Server):
         yield
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.stall_watch is not None:
+            self.stall_watch.stop()  # a drain's waits are not stalls
         if self.helper is not None:
             self.helper.stop()
         if self.listen_grace:
@@ -222,6 +230,11 @@ class WorkerServer(uvicorn.Server):
                     self.channel.error(str(err))
                     self.exit_code, self.should_exit = EXIT_APP, True
                     return
+            if self.dumps is not None:
+                self.dumps.serve_tasks(asyncio.get_running_loop())
+            if self.stall_watch is not None:
+                self.stall_watch.tick(time.monotonic())
+                self.stall_watch.start()
             self.channel.send(ch.READY)
 
     def protocol_factory(self) -> Callable[[], Any]:
@@ -232,8 +245,12 @@ class WorkerServer(uvicorn.Server):
             config=config, server_state=state, app_state=app_state, _loop=loop)
 
     async def on_tick(self, counter: int) -> bool:
+        # time.monotonic, not uvloop's loop.time(): that one is cached per loop turn in ms.
+        now = time.monotonic()
         if self.loop_lag is not None:
-            self.loop_lag.tick()
+            self.loop_lag.tick(now)
+        if self.stall_watch is not None:
+            self.stall_watch.tick(now)
         if self.metrics is not None:
             self.metrics.flush()
         if self.beater is not None:
@@ -323,6 +340,10 @@ def build_app(cfg: Config, first: bool = True, preloaded: Any = None) -> tuple[A
                 if loaded.interface == loader.WSGI else "")
         preloaded = loaded.app
     app = preloaded
+    if cfg.request_timeout:  # innermost: the metrics and the access log see its 504
+        from hello_cluster.http.deadline import RequestTimeout
+
+        app = RequestTimeout(app, cfg.request_timeout)
     metrics = None
     if cfg.request_metrics and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from hello_cluster.observe.metrics import RequestMetrics
@@ -336,7 +357,7 @@ def build_app(cfg: Config, first: bool = True, preloaded: Any = None) -> tuple[A
 
 
 def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
-          ssl_context: ssl.SSLContext | None = None) -> int:
+          ssl_context: ssl.SSLContext | None = None, dumps: Dumps | None = None) -> int:
     # --hooks: imported here (or by the --preload template), post_fork before the app import.
     hooks = spec.hooks if spec.reparented else worker_hooks.load(cfg.hooks, cfg.app_dir)
     info = worker_hooks.WorkerInfo(spec.slot, os.getpid(), spec.generation, cfg.app,
@@ -384,7 +405,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
     beater = Beater(spec.beats, spec.beat_cell) if spec.beats is not None else None
     server = WorkerServer(uv_config, channel, beat_ticks, max_requests, metrics,
                           LISTEN_GRACE if spec.own_socket else 0.0, beater, spec.neighbours,
-                          hooks, info)
+                          hooks, info, dumps, cfg.stall_report_after)
     server.run(sockets=list(spec.sockets))
     if access_log is not None:
         access_log.flush()  # the lines of the last tenth of a second
@@ -442,7 +463,9 @@ def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
             ssl_context = spec.ssl_context if spec.reparented else (
                 tls.server_context(cfg) if tls.enabled(cfg) else None)
             drop_privileges(cfg.user, cfg.group)
-            code = serve(cfg, spec, channel, ssl_context)
+            # Before the app is imported: a worker stuck importing it answers a dump too.
+            dumps = Dumps.start(spec.dump_dir, spec.slot)
+            code = serve(cfg, spec, channel, ssl_context, dumps)
         except START_ERRORS as err:
             code = report_start_error(channel, err)
         except SystemExit as err:
