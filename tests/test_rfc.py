@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from test_differential import parse
 
 from conftest import Cluster
-from test_differential import parse
 
 PROTOCOLS = ["fast", "uvicorn"]
 QUIET = 1.0  # seconds of silence that end a reply on a connection kept open
@@ -179,8 +179,9 @@ REQUIREMENTS = {
                                     [200, 400], closes=True, tags=("issue22",)),
     "error-during-stream": Requirement("9112 9.3.2", "a bad request sent while a response "
                                        "streams never lands inside its body",
-                                       b"GET /stream?mib=20 HTTP/1.1\r\nHost: t\r\n\r\n", [200, 400],
-                                       closes=True, then=b"XYZ\r\n\r\n", tags=("issue22",)),
+                                       b"GET /stream?mib=20 HTTP/1.1\r\nHost: t\r\n\r\n",
+                                       [200, 400], closes=True, then=b"XYZ\r\n\r\n",
+                                       tags=("issue22",)),
     "half-close": Requirement("9112 9.6", "a request followed by the client's half-close is "
                               "answered, then the connection closes",
                               b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n", [200], closes=True,
