@@ -77,12 +77,16 @@ def test_faulthandler_text_parses_into_frames_innermost_last(tmp_path: Path) -> 
             text = f.read()
     finally:
         event.set()
+    once = stackdump.parse_faulthandler(text)
     threads = stackdump.parse_faulthandler(text + text)  # two dumps back to back: once each
-    assert len(threads) == 2 and threads[0].current and not threads[1].current
+    # this thread and the waiter, plus whatever threads the test runner has (xdist: execnet)
+    assert len(threads) == len(once) >= 2 and threads[0].current
+    assert not any(t.current for t in threads[1:])
     main = threads[0].frames
     assert main[-1].function == "test_faulthandler_text_parses_into_frames_innermost_last"
     assert main[-1].file == __file__ and main[-1].line > 0
-    assert threads[1].frames[-1].function == "wait"  # threading.Event.wait, innermost
+    # threading.Event.wait, innermost, in the waiter
+    assert any(t.frames and t.frames[-1].function == "wait" for t in threads[1:])
     rendered = stackdump.render(threads)
     assert rendered.index("_pytest") < rendered.index("test_faulthandler_text_parses")
     forked = (stackdump.Frame("/x/hello_cluster/supervisor/master.py", 1, "fork_worker"),

@@ -34,7 +34,7 @@ def test_malformed_and_oversized_requests(cluster) -> None:
     c = cluster("--workers", "2", workers=2)
     workers = set(c.workers())
     assert raw(c.port, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400")
-    assert raw(c.port, b"GET / HTTP/9.9\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert raw(c.port, b"GET / HTTP/9.9\r\n\r\n").startswith(b"HTTP/1.1 505")
     assert raw(c.port, b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 400")
     huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
     assert raw(c.port, huge).startswith(b"HTTP/1.1 431")

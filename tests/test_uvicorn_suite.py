@@ -8,7 +8,7 @@ it overrides the `http_protocol_cls` fixture so every parametrized test gets Fas
 The tests then run in a child pytest, from the unpacked directory (its `tests` package is
 not ours), against the installed uvicorn.
 
-Six test ids are deselected (DIFFERENCES below says why for each).
+The test ids in DIFFERENCES are deselected; it says why for each.
 """
 
 from __future__ import annotations
@@ -37,13 +37,24 @@ DIFFERENCES = {
        "a sender MUST NOT, h11 refuses the response, so the server answers 500 (issue 22, "
        "item 2; docs/limits-and-security.md)"
        for case in ("", "_empty_body", "_head_request")},
+    **{f"test_invalid_header_name[fast-reject_{case}]":
+       "uvicorn asserts no 500 for an invalid response header name (its response_started is "
+       "set before the headers are checked, so it only closes); here the start is checked "
+       "whole first and the client gets a 500 (issue 22, item 2)"
+       for case in ("space", "null", "open_paren", "close_paren", "less_than", "greater_than",
+                    "at", "comma", "semicolon", "colon", "open_bracket", "close_bracket",
+                    "open_brace", "close_brace", "equals", "double_quote", "backslash", "tab",
+                    "del")},
+    "test_response_header_splitting[fast]":
+        "the same quirk for a CR LF in a header value: nothing of it reaches the wire either "
+        "way, and here the client gets a 500 instead of a bare close",
     "test_keepalive_timeout_with_pipelined_websocket_upgrade[fast-websockets-sansio]":
         "uvicorn skips it for its own httptools protocol (by class name): httptools never "
         "upgrades with the keep-alive timer armed; the same holds here",
     "test_keepalive_timeout_with_pipelined_websocket_upgrade[fast-wsproto]":
         "as above, with wsproto",
 }
-MIN_PASSED = 85  # 92 pass with uvicorn 0.54.0
+MIN_PASSED = 60  # 70 pass with uvicorn 0.54.0 (22 deselected)
 
 
 def unpacked_suite() -> Path:

@@ -2,7 +2,7 @@
 
 `/` (any method) reads the whole body and answers JSON: method, path, http_version, the
 headers as the app sees them and the body length. `/early` answers without reading the
-body; `/stream?mib=N` streams N MiB in 64 KiB pieces; `/slow` answers after 0.3 s.
+body; `/stream?mib=N&pace=S` streams N MiB in 64 KiB pieces, S seconds apart; `/slow` answers after 0.3 s.
 """
 
 from __future__ import annotations
@@ -21,12 +21,16 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     path = scope["path"]
     if path == "/stream":
-        mib = int(parse_qs(scope["query_string"].decode()).get("mib", ["1"])[0])
+        query = parse_qs(scope["query_string"].decode())
+        mib = int(query.get("mib", ["1"])[0])
+        pace = float(query.get("pace", ["0"])[0])  # seconds between pieces
         piece = b"s" * 65536
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", b"%d" % (mib * 16 * len(piece)))]})
         for _ in range(mib * 16):
             await send({"type": "http.response.body", "body": piece, "more_body": True})
+            if pace:
+                await asyncio.sleep(pace)
         await send({"type": "http.response.body", "body": b""})
         return
     size = 0

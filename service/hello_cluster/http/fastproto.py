@@ -731,15 +731,11 @@ class Cycle:
                 raise RuntimeError(
                     f"Expected ASGI message 'http.response.start', but got '{kind}'.")
             status = message["status"]
-            line = status_line(status)  # before anything is kept: run() answers 500
-            self.response_started = True
-            self.waiting_for_100_continue = False
-            self.status = status
-            if proto.access_log:
-                self.log_access(status)
+            line = status_line(status)  # the start is checked whole before anything is
             parts = [line, _default_lines(proto.server_state.default_headers)]
-            framing: bool | None = None  # uvicorn's rule: the first content-length, unless
-            has_close = False  # a transfer-encoding: chunked (anywhere) makes it chunked
+            # kept: if it fails, run() answers 500 and the worker serves on
+            framing: bool | None = None  # True: chunked, False: a content-length (once)
+            has_close = False
             lines_get = LINES.get
             for name, value in message.get("headers", ()):
                 try:
@@ -765,7 +761,14 @@ class Cycle:
                 framing = True
                 parts.append(_CHUNKED_LINE)
             self.chunked = framing is True
+            if status in BODILESS:
+                self.length = 0  # a 304's content-length describes what it has no body of
             parts.append(b"\r\n")
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            self.status = status
+            if proto.access_log:
+                self.log_access(status)
             self.head = b"".join(parts)
             self.head_flush = asyncio.get_running_loop().call_soon(self.flush_head)
         elif not self.response_complete:
