@@ -2,7 +2,8 @@
 
 `/` (any method) reads the whole body and answers JSON: method, path, http_version, the
 headers as the app sees them and the body length. `/early` answers without reading the
-body; `/stream?mib=N&pace=S` streams N MiB in 64 KiB pieces, S seconds apart; `/slow` answers after 0.3 s.
+body; `/stream?mib=N&pace=S` streams N MiB in 64 KiB pieces, S seconds apart; `/slow`
+answers after 0.3 s.
 """
 
 from __future__ import annotations
