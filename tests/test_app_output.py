@@ -180,7 +180,8 @@ def test_neighbours_survive_a_misbehaving_app(server: Cluster) -> None:
 
     streaming = threading.Thread(target=stream)
     streaming.start()
-    bad: list[dict[str, Any]] = [{"status": "200", "headers": [], "body": [["x", False]], "raise_at": None,
+    bad: list[dict[str, Any]] = [
+           {"status": "200", "headers": [], "body": [["x", False]], "raise_at": None,
             "after": False},
            {"status": 200, "headers": [["x-\u00e9", "v"]], "body": [], "raise_at": None,
             "after": False},
