@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import importlib.util
 import io
 import os
 import random
@@ -26,12 +27,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Cluster, clean_env, free_port, wait_for, with_suppress
+from conftest import ROOT, Cluster, clean_env, free_port, wait_for, with_suppress
 
 # name -> extra hello-cluster arguments; the same battery runs against each.
 HC_VARIANTS: dict[str, list[str]] = {
@@ -163,12 +165,27 @@ def parse(raw: bytes, method: str = "GET") -> list[tuple[int, bytes]]:
     return out
 
 
+def _h11_judge() -> Any:
+    spec = importlib.util.spec_from_file_location("radamsa_harness", ROOT / "bench" / "radamsa.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("radamsa_harness", module)
+    spec.loader.exec_module(module)
+    return module.judge
+
+
+JUDGE = _h11_judge()  # h11 as a strict client over everything hello-cluster writes
+
+
 def both(peers: Peers, payload: bytes, sentinel: bool = True
          ) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
     with ThreadPoolExecutor(2) as pool:
         hc = pool.submit(exchange, peers.hc.port, payload, sentinel)
         uv = pool.submit(exchange, peers.uv.port, payload, sentinel)
-        return parse(hc.result()), parse(uv.result())
+        hc_raw = hc.result()
+        _, ended = JUDGE(hc_raw)
+        assert not ended.startswith("malformed"), (ended, payload[:200], hc_raw[:300])
+        return parse(hc_raw), parse(uv.result())
 
 
 def same(peers: Peers, payload: bytes, sentinel: bool = True, refuses: int | None = None
