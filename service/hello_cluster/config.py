@@ -338,6 +338,7 @@ class Config:
     max_requests_jitter: int = 0
     keep_alive_timeout: float = 5.0
     forwarded_allow_ips: tuple[str, ...] = ()
+    proxy_protocol: str = "off"  # off, v1, v2 or auto (http/proxyproto.py)
     limit_concurrency: int = 1000
     runtime_dir: str | None = None
     user: str | None = None
@@ -478,6 +479,16 @@ OPTIONS: tuple[Option, ...] = (
            "default: which proxy to believe is a deployment decision (uvicorn and gunicorn trust "
            "127.0.0.1 unless told otherwise), and the check costs 0.65 us per request when on "
            "(`bench/micro_metrics.py`)"),
+    Option("proxy-protocol", parse_choice("off", "v1", "v2", "auto"), "off",
+           "read HAProxy's PROXY header (v1, v2, or auto: either) that a TCP load balancer "
+           "sends first, from peers in --forwarded-allow-ips only; the client address it "
+           "carries goes to the app and the access log", "off|v1|v2|auto",
+           doc="read HAProxy's PROXY header (`v1` text, `v2` binary, `auto` either) that a TCP "
+           "load balancer (AWS NLB, HAProxy `mode tcp`) sends first: the address it carries "
+           "becomes the app's `client` and the access log's. Read only from peers in "
+           "`--forwarded-allow-ips`, and required from them (a malformed or missing header "
+           "closes the connection); any other peer's bytes are HTTP. Plain ports only; see "
+           "[Behind a TCP load balancer](limits-and-security.md#behind-a-tcp-load-balancer)"),
     Option("limit-concurrency", parse_int(1, 1_000_000), "1000",
            "connections per worker (at most the open-file limit minus 64); at the limit idle "
            "ones are closed, oldest first, and a request gets 503 only when all are busy", "N",
@@ -788,6 +799,14 @@ def _checked(args: argparse.Namespace, values: dict[str, Any]) -> Config:
     if values["reload"] and importlib.util.find_spec("watchfiles") is None:
         raise ConfigError("--reload needs the watchfiles package: pip install watchfiles "
                           "(a dependency of hello-cluster: reinstall it)")
+    if values["proxy_protocol"] != "off":
+        if not values["forwarded_allow_ips"]:
+            raise ConfigError("--proxy-protocol needs --forwarded-allow-ips: the load balancers' "
+                              "addresses (only they may say who the client is)")
+        if values["ssl_certfile"]:
+            raise ConfigError("--proxy-protocol is for plain ports: with TLS here the header "
+                              "would come before the handshake; terminate TLS at the balancer "
+                              "or drop --proxy-protocol")
     if args.ssl_keyfile_password is not None:
         raise ConfigError("--ssl-keyfile-password: a password on the command line is visible "
                           "to every user (ps, /proc/PID/cmdline); use --ssl-keyfile-password-"

@@ -377,10 +377,22 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
             int.from_bytes(os.urandom(4), "big") % (cfg.max_requests_jitter + 1))
     if cfg.http == "uvicorn":
         app = checked_response(app)
+    if cfg.forwarded_allow_ips:  # outermost, where uvicorn puts its own: the access log
+        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+        from hello_cluster.http.forwarded import Forwarded
+
+        app = Forwarded(ProxyHeadersMiddleware(app, list(cfg.forwarded_allow_ips)),
+                        cfg.forwarded_allow_ips)  # and the app see the client they name
+    http: Any = FastProtocol.with_metrics(metrics) if cfg.http == "fast" else WorkerProtocol
+    if cfg.proxy_protocol != "off":
+        from hello_cluster.http.proxyproto import behind_proxies
+
+        http = behind_proxies(http, cfg.proxy_protocol, cfg.forwarded_allow_ips)
     uv_config = uvicorn.Config(
         app,
         loop="hello_cluster.http.tls:new_event_loop",  # uvloop, TLS handshakes bounded
-        http=FastProtocol.with_metrics(metrics) if cfg.http == "fast" else WorkerProtocol,
+        http=http,
         lifespan="auto",
         log_config=None,
         access_log=False,
@@ -391,9 +403,8 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
         root_path=cfg.root_path,  # both protocols put it in front of scope["path"]
         # Off unless asked: trusting a proxy is a deployment decision (uvicorn trusts
         # 127.0.0.1 by default), and the middleware costs 0.65 us on every request
-        # (bench/micro_metrics.py).
-        proxy_headers=bool(cfg.forwarded_allow_ips),
-        forwarded_allow_ips=list(cfg.forwarded_allow_ips) or None,
+        # (bench/micro_metrics.py). When asked, it is wrapped above, with Forwarded.
+        proxy_headers=False,
         # Built in run() before privileges are dropped (tls.py); uvicorn serves it as is.
         ssl_context_factory=(lambda _config, _default: ssl_context) if ssl_context else None,
     )
