@@ -39,7 +39,7 @@ from hello_cluster.observe.status_page import (
     worker_state,
 )
 from hello_cluster.supervisor import backoff, decisions
-from hello_cluster.supervisor.decisions import Verdict
+from hello_cluster.supervisor.decisions import TemplateVerdict, Verdict
 from hello_cluster.supervisor.oom import OomWatch
 from hello_cluster.supervisor.recycling import Recycler
 from hello_cluster.supervisor.reloader import Watcher
@@ -416,21 +416,31 @@ class Master:
                 *(sock.fileno() for sock in self.listeners.app)])
 
     def template_died(self, t: Template, status: int, now: float) -> None:
+        """Apply decisions.judge_template_death: abandon the reload, fail the start, or
+        start a new template after the backoff."""
         how = _describe_status(status)
-        if not t.ready:  # it could not import the app
-            why = t.error or f"the --preload template {how} before importing the app"
-            if self.state == State.RELOADING and t.generation == self.generation \
-                    and self.abort_reload(f"the new code could not be loaded: {why}"):
-                return
-            if not self.ever_ready and self.exit_code is None:
-                self.begin_stop(EXIT_APP, why)
-            return
-        if self.exit_code is not None or t.generation != self.generation:
-            return
-        self.template_failures += 1
-        wait = backoff.delay(self.policy, self.template_failures, random.random)
-        self.template_due = now + wait
-        log.warning("template pid %d %s; a new one imports the app in %.3fs", t.pid, how, wait)
+        why = t.error or f"the --preload template {how} before importing the app"
+        judged = decisions.judge_template_death(decisions.TemplateDeath(
+            imported=t.ready, current=t.generation == self.generation,
+            reloading=self.state == State.RELOADING,
+            old_serving=any(o.generation < self.generation and o.retiring is None
+                            for o in self.workers.values()),
+            ever_ready=self.ever_ready, stopping=self.exit_code is not None,
+            failures=self.template_failures))
+        self.template_failures = judged.failures
+        if judged.verdict is TemplateVerdict.ABORT_RELOAD:
+            self.abort_reload(f"the new code could not be loaded: {why}")
+        elif judged.verdict is TemplateVerdict.STOP_START:
+            self.begin_stop(EXIT_APP, why)
+        elif judged.verdict is TemplateVerdict.REPLACE:
+            wait = backoff.delay(self.policy, self.template_failures, random.random)
+            self.template_due = now + wait
+            if t.ready:
+                log.warning("template pid %d %s; a new one imports the app in %.3fs", t.pid,
+                            how, wait)
+            else:
+                log.warning("template pid %d could not import the app: %s; a new one tries "
+                            "in %.3fs", t.pid, why, wait)
 
     def read_beats(self) -> None:
         """Every SCAN: take each worker's last stamp from the shared table, O(workers)."""
@@ -638,24 +648,24 @@ class Master:
         log.warning("worker %d died: %s; failure %d in a row, respawn in %.3fs "
                     "(backoff ceiling %.3fs)", index + 1, what, slot.failures, wait, ceiling)
 
-    def abort_reload(self, why: str, error: str | None = None) -> bool:
-        """The new generation cannot start while old workers still serve: keep them."""
-        old = [o for o in self.workers.values() if o.generation < self.generation
-               and o.retiring is None]
-        if not old:
-            return False
+    def abort_reload(self, why: str, error: str | None = None) -> None:
+        """Apply decisions.abandon_reload: the old generation serves on, the new one ends."""
+        abandon = decisions.abandon_reload(
+            [o.generation for o in self.workers.values() if o.retiring is None],
+            self.generation)
+        if abandon is None:  # the verdicts that lead here saw old workers serving
+            return
         log.error("reload failed: %s; keeping %d workers of the previous generation", why,
-                  len(old))
+                  abandon.kept)
         self.said_error = error  # its siblings of the same generation fail the same way
         self.retire([(o, "reload-aborted") for o in self.workers.values()
-                     if o.generation == self.generation], time.monotonic())
-        self.generation = max(o.generation for o in old)
+                     if o.generation == abandon.retire], time.monotonic())
+        self.generation = abandon.keep
         if self.templates is not None:
             self.templates.stop_others(self.generation)
         self.state = State.RUNNING
         self.reload_pending = False
         self.notifier.ready(self.status_line() + " (reload failed)")
-        return True
 
     def classify(self, w: Worker, status: int) -> str:
         if w.hung:
