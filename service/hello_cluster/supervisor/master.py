@@ -21,7 +21,6 @@ import random
 import selectors
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +40,7 @@ from hello_cluster.observe.status_page import (
 from hello_cluster.supervisor import backoff, decisions
 from hello_cluster.supervisor.decisions import TemplateVerdict, Verdict
 from hello_cluster.supervisor.oom import OomWatch
+from hello_cluster.supervisor.processes import Os, ProcessTable, describe_status
 from hello_cluster.supervisor.recycling import Recycler
 from hello_cluster.supervisor.reloader import Watcher
 from hello_cluster.supervisor.template import Template, Templates, become_subreaper
@@ -119,10 +119,11 @@ class Master:
     multiproc_dir: str | None = None
     policy: backoff.Policy = field(default_factory=backoff.Policy)
     dump_dir: str | None = None  # the workers' stack files (system/stackdump.py)
+    procs: ProcessTable = field(default_factory=Os)  # fork, kill, reap, clock (a fake in tests)
 
     def __post_init__(self) -> None:
         self.pid = os.getpid()
-        self.started_at = time.monotonic()  # /status uptime
+        self.started_at = self.procs.monotonic()  # /status uptime
         self.slot_cpu = SlotCpu()  # reaped workers' CPU time per slot (a counter survives)
         self.selector = selectors.DefaultSelector()
         self.workers: dict[int, Worker] = {}
@@ -158,11 +159,24 @@ class Master:
         self.watcher = Watcher(self.cfg, self.pid) if self.cfg.reload else None  # --reload
         self.stack_poll: float | None = None  # while a hung worker's stack is awaited
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self.read_wakeups)
 
     # ---- life of the master -------------------------------------------------------------
 
     def run(self) -> int:
         self.install_signals()
+        self.begin()
+        while True:
+            self.wait_for_events()
+            if not self.turn():
+                break
+        self.shutdown()
+        assert self.exit_code is not None
+        return self.exit_code
+
+    def begin(self) -> None:
         if self.cfg.preload:
             become_subreaper()
             self.templates = Templates(self.cfg, self.pid, self.beats.view, self.selector,
@@ -177,38 +191,39 @@ class Master:
                  self.listeners.describe(),
                  " (socket activation)" if self.listeners.activated else "")
         self.notifier.status(f"starting {self.desired} workers")
-        while True:
-            self.wait_for_events()
-            self.handle_signals()
-            self.reap_workers()
-            if self.exit_code is not None and not self.workers:
-                break
-            self.read_beats()
-            self.murder_workers()
-            self.recycle_workers()
-            self.manage_workers()
-            self.tell_systemd()
-        self.shutdown()
-        return self.exit_code
+
+    def turn(self) -> bool:
+        """One turn of the loop, after a wake-up; False once stopped with every worker reaped."""
+        self.handle_signals()
+        self.reap_workers()
+        if self.exit_code is not None and not self.workers:
+            return False
+        self.read_beats()
+        self.murder_workers()
+        self.recycle_workers()
+        self.manage_workers()
+        self.tell_systemd()
+        return True
 
     def install_signals(self) -> None:
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for sig in HANDLED:
             # The C-level handler writes the signal number to the wakeup pipe; the Python
             # handler has nothing left to do. PID 1 has no default actions, so this matters.
             signal.signal(sig, _noop)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self.read_wakeups)
 
     def wait_for_events(self) -> None:
-        now = time.monotonic()
+        now = self.procs.monotonic()
         timeout = max(0.0, min(self.deadlines(), default=now + MAX_TIMEOUT) - now)
-        for key, _ in self.selector.select(min(timeout, MAX_TIMEOUT)):
+        self.dispatch(min(timeout, MAX_TIMEOUT))
+
+    def dispatch(self, timeout: float) -> None:
+        """Wait up to `timeout` for the selector, then run what woke it."""
+        for key, _ in self.selector.select(timeout):
             key.data()
         self.stats.wakeups += 1
         if self.endpoint is not None:
-            self.endpoint.expire(time.monotonic())
+            self.endpoint.expire(self.procs.monotonic())
 
     def deadlines(self) -> list[float]:
         """The few times the loop must wake at, none of them per worker.
@@ -267,7 +282,7 @@ class Master:
         if self.exit_code is not None:
             return
         self.exit_code, self.stop_reason, self.state = code, reason, State.STOPPING
-        now = time.monotonic()
+        now = self.procs.monotonic()
         self.drain_at = now + (self.cfg.shutdown_delay if code == EXIT_OK else 0.0)
         log.log(self.quiet, "stopping (%s): serving %.1fs more, then draining for up to %.1fs",
                 reason, self.drain_at - now, self.cfg.graceful_timeout)
@@ -284,7 +299,7 @@ class Master:
             self.templates.stop_all()
         for w in self.workers.values():
             w.retiring = w.retiring or "shutdown"
-            _kill(w.pid, signal.SIGKILL)
+            self.procs.kill(w.pid, signal.SIGKILL)
         self.drain_at = None
 
     def start_drain(self, now: float) -> None:
@@ -321,7 +336,7 @@ class Master:
         while len(self.slots) < new:
             self.slots.append(Slot())
         self.retire([(w, "scale-down") for w in self.workers.values() if w.slot >= new],
-                    time.monotonic())
+                    self.procs.monotonic())
         del self.slots[new:]
 
     # ---- the life of workers ------------------------------------------------------------
@@ -379,14 +394,11 @@ class Master:
         # resets the handlers, then unblocks; whatever was pending reaches the new handlers.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
-            pid = os.fork()
+            return self.procs.fork_worker(self.cfg, spec, blocked), ""
         except OSError as err:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             return None, f"fork failed: {err.strerror}"
-        if pid == 0:
-            worker.run(self.cfg, spec, unblock=blocked)
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        return pid, ""
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def fds_not_for_children(self) -> list[int]:
         """The master's own fds, which a forked worker or template closes at once."""
@@ -409,7 +421,7 @@ class Master:
                 and now - t.started_at > self.cfg.startup_timeout:
             t.error = (f"the --preload template pid {t.pid} did not import the app within "
                        f"{self.cfg.startup_timeout:g}s (--startup-timeout)")
-            _kill(t.pid, signal.SIGKILL)  # template_died says why, once
+            self.procs.kill(t.pid, signal.SIGKILL)  # template_died says why, once
         if t is None and now >= self.template_due:
             self.templates.start(self.generation, [
                 *self.fds_not_for_children(), *self.listeners.not_for_slot(-1),
@@ -418,7 +430,7 @@ class Master:
     def template_died(self, t: Template, status: int, now: float) -> None:
         """Apply decisions.judge_template_death: abandon the reload, fail the start, or
         start a new template after the backoff."""
-        how = _describe_status(status)
+        how = describe_status(status)
         why = t.error or f"the --preload template {how} before importing the app"
         judged = decisions.judge_template_death(decisions.TemplateDeath(
             imported=t.ready, current=t.generation == self.generation,
@@ -444,7 +456,7 @@ class Master:
 
     def read_beats(self) -> None:
         """Every SCAN: take each worker's last stamp from the shared table, O(workers)."""
-        now = time.monotonic()
+        now = self.procs.monotonic()
         if now < self.next_scan:
             return
         self.next_scan, self.scanned_at = now + SCAN, now
@@ -464,7 +476,7 @@ class Master:
             self.selector.unregister(w.fd)
             return
         events, errors, w.buffer = ch.parse(w.buffer + data)
-        now = time.monotonic()
+        now = self.procs.monotonic()
         if events or errors:
             w.last_beat = now
         for text in errors:
@@ -493,7 +505,7 @@ class Master:
                 in_flight = True
             elif w.recycle is None and w.serving:
                 serving.append(w)
-        decision = self.recycler.due(serving, time.monotonic(), self.desired, in_flight)
+        decision = self.recycler.due(serving, self.procs.monotonic(), self.desired, in_flight)
         if decision is not None:
             chosen = self.workers[decision.worker.pid]
             self.begin_recycle(chosen, decision.reason, decision.detail)
@@ -518,30 +530,25 @@ class Master:
             log.log(self.quiet, "worker %d pid %d: draining (%s)", w.slot + 1, w.pid, why)
         self.steer()  # no new connection for them from here on
         for w, _ in leaving:
-            _kill(w.pid, signal.SIGTERM)
+            self.procs.kill(w.pid, signal.SIGTERM)
 
     def reap_workers(self) -> None:
-        while True:
-            try:
-                pid, status, usage = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        while (reaped := self.procs.reap()) is not None:
+            pid, status, usage = reaped
             w = self.workers.pop(pid, None)
             if w is None and self.watcher is not None \
-                    and self.watcher.reaped(pid, status, time.monotonic()):
+                    and self.watcher.reaped(pid, status, self.procs.monotonic()):
                 continue
             t = self.templates.reaped(pid) if w is None and self.templates else None
             if t is not None:
-                self.template_died(t, status, time.monotonic())
+                self.template_died(t, status, self.procs.monotonic())
                 continue
             if w is None:
                 # As PID 1 we inherit orphans; reaping them is the whole job.
                 log.debug("reaped orphan pid %d (status %#x)", pid, status)
                 continue
             self.slot_cpu.worker_reaped(w.slot, usage)
-            self.worker_died(w, status, time.monotonic())
+            self.worker_died(w, status, self.procs.monotonic())
 
     def worker_died(self, w: Worker, status: int, now: float) -> None:
         # Its last words (the line saying why it cannot start) may still be in the pipe if
@@ -565,7 +572,7 @@ class Master:
                 archive_dead_worker(self.multiproc_dir, w.pid)
             except Exception as err:  # bookkeeping must never take supervision down
                 log.warning("could not archive the metric files of pid %d: %s", w.pid, err)
-        how = _describe_status(status)
+        how = describe_status(status)
         exited = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         in_reload = (w.ready_at is None and w.generation == self.generation
                      and self.generation > 0 and self.state == State.RELOADING)
@@ -659,7 +666,7 @@ class Master:
                   abandon.kept)
         self.said_error = error  # its siblings of the same generation fail the same way
         self.retire([(o, "reload-aborted") for o in self.workers.values()
-                     if o.generation == abandon.retire], time.monotonic())
+                     if o.generation == abandon.retire], self.procs.monotonic())
         self.generation = abandon.keep
         if self.templates is not None:
             self.templates.stop_others(self.generation)
@@ -684,7 +691,7 @@ class Master:
         app and its lifespan startup come before, so until READY a worker is judged by how
         long it has been starting, not by its silence.
         """
-        now = time.monotonic()
+        now = self.procs.monotonic()
         self.stack_poll = None
         for w in self.workers.values():
             if w.stack is not None:
@@ -697,7 +704,7 @@ class Master:
                 if now >= w.kill_at:
                     log.warning("worker %d pid %d did not stop in time (%s); SIGKILL",
                                 w.slot + 1, w.pid, w.retiring or "timeout")
-                    _kill(w.pid, signal.SIGKILL)
+                    self.procs.kill(w.pid, signal.SIGKILL)
                     w.kill_at = now + 3600  # once; reap_workers takes it from here
                 continue
             if w.ready_at is None:
@@ -741,11 +748,11 @@ class Master:
             line += f" (its stack did not come within {STACK_WAIT:g}s)"
         log.error("%s", line, extra={"fields": fields})
         w.kill_at = now + KILL_GRACE
-        _kill(w.pid, signal.SIGTERM)
+        self.procs.kill(w.pid, signal.SIGTERM)
 
     def manage_workers(self) -> None:
         self.steer()
-        now = time.monotonic()
+        now = self.procs.monotonic()
         if self.watcher is not None:  # --reload: stopped with the master, else kept running
             if self.state == State.STOPPING:
                 self.watcher.stop()
@@ -849,7 +856,7 @@ class Master:
         return f"{self.ready_count()}/{self.desired} workers ready, {restarts} restarts"
 
     def pool_stats(self) -> PoolStats:
-        now = time.monotonic()
+        now = self.procs.monotonic()
         s = self.stats
         s.desired = self.desired
         s.running = len(self.workers)
@@ -889,7 +896,7 @@ class Master:
         if path == "/metrics":
             fmt = choose_format(accept)  # the client picks one of ours; its bytes stay out
             try:
-                body = scrapes.body(fmt, time.monotonic())
+                body = scrapes.body(fmt, self.procs.monotonic())
             except RenderFailed:
                 return Response(500, b"collecting metrics failed; see the log\n")
             except Exception:  # a scrape must never take supervision down
@@ -906,7 +913,7 @@ class Master:
         return Response(404, b"not found: try /metrics, /status, /livez or /readyz\n")
 
     def tell_systemd(self) -> None:
-        now = time.monotonic()
+        now = self.procs.monotonic()
         if self.watchdog_every and now >= self.watchdog_next:
             self.notifier.watchdog()
             self.watchdog_next = now + self.watchdog_every
@@ -928,17 +935,6 @@ class Master:
 
 def _noop(signum: int, frame: Any) -> None:
     """Wake-up only: the signal number already went down the wakeup pipe."""
-
-
-def _kill(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit status {os.WEXITSTATUS(status)}"
 
 
 def run_master(cfg: Config, listeners: Listeners, desired: int, multiproc_dir: str | None,
