@@ -23,7 +23,9 @@ import pytest
 from hello_cluster.config import Config
 from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK, EXIT_RESOURCE
 from hello_cluster.supervisor import backoff
-from hello_cluster.supervisor.master import KILL_GRACE, Master, State
+from hello_cluster.supervisor.hangs import KILL_GRACE
+from hello_cluster.supervisor.master import Master
+from hello_cluster.supervisor.pool import State
 from hello_cluster.supervisor.processes import Reaped
 from hello_cluster.system import channel as ch
 from hello_cluster.system.notify import Notifier
@@ -132,7 +134,7 @@ class Pool:
         os.write(self.master._wake_w, bytes([sig]))
 
     def pids(self, slot: int | None = None, generation: int | None = None) -> list[int]:
-        return sorted(w.pid for w in self.master.workers.values()
+        return sorted(w.pid for w in self.master.pool.workers.values()
                       if slot in (None, w.slot) and generation in (None, w.generation))
 
     def only(self, slot: int) -> int:
@@ -149,7 +151,7 @@ class Pool:
         """The first turns: the pool forked and every worker ready, state running."""
         self.step()
         self.ready()
-        assert self.master.state is State.RUNNING
+        assert self.master.pool.state is State.RUNNING
 
     def notices(self) -> list[str]:
         out = []
@@ -166,7 +168,7 @@ class Pool:
             if not self.step():
                 return
             self.procs.advance(0.1)
-        raise AssertionError(f"still running: {self.master.workers}")
+        raise AssertionError(f"still running: {self.master.pool.workers}")
 
 
 @pytest.fixture
@@ -193,7 +195,7 @@ def make_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     for pool in made:
         for c in pool.procs.live():
             os.close(c.channel.fd)
-        for w in pool.master.workers.values():
+        for w in pool.master.pool.workers.values():
             os.close(w.fd)
         pool.master.selector.close()
         os.close(pool.master._wake_r)
@@ -217,8 +219,8 @@ def test_a_first_death_respawns_at_once(make_pool: MakePool,
     pool.step()
     respawned = pool.only(0)
     assert respawned != dead and pool.only(1) == other
-    assert pool.master.slots[0].failures == 1 and pool.master.slots[0].restarts == 1
-    assert pool.master.stats.restarts["signal"] == 1
+    assert pool.master.pool.slots[0].failures == 1 and pool.master.pool.slots[0].restarts == 1
+    assert pool.master.pool.stats.restarts["signal"] == 1
     assert f"pid {dead} signal, killed by SIGKILL" in caplog.text
     assert "respawn in 0.000s" in caplog.text
 
@@ -227,11 +229,11 @@ def test_ready_past_reset_after_makes_a_death_a_first_one_again(make_pool: MakeP
     """Row 1, the second half: ready for --backoff-reset-after proves the slot healthy."""
     pool = make_pool()
     pool.started()
-    pool.master.slots[0].failures = 5
+    pool.master.pool.slots[0].failures = 5
     pool.procs.advance(POLICY.reset_after)
     pool.procs.exit(pool.only(0), 1)
     pool.step()
-    assert pool.master.slots[0].failures == 1 and len(pool.pids(0)) == 1
+    assert pool.master.pool.slots[0].failures == 1 and len(pool.pids(0)) == 1
 
 
 def test_the_same_slot_failing_again_backs_off_alone(make_pool: MakePool,
@@ -243,7 +245,7 @@ def test_the_same_slot_failing_again_backs_off_alone(make_pool: MakePool,
     for failure in (1, 2, 3):
         pool.procs.exit(pool.only(0), 1)
         pool.step()
-        slot = pool.master.slots[0]
+        slot = pool.master.pool.slots[0]
         assert slot.failures == failure
         wait = slot.respawn_at - pool.procs.now if slot.respawn_at else 0.0  # 0: forked
         assert 0 <= wait <= backoff.ceiling(POLICY, failure)
@@ -254,7 +256,7 @@ def test_the_same_slot_failing_again_backs_off_alone(make_pool: MakePool,
             pool.procs.advance(wait)
             pool.step()
         pool.ready(pool.pids(0))
-        assert len(pool.pids(1)) == 1 and pool.master.slots[1].failures == 0
+        assert len(pool.pids(1)) == 1 and pool.master.pool.slots[1].failures == 0
     assert waited == [2, 3]  # with this seed's jitter; the first failure never waits
     assert "failure 3 in a row" in caplog.text and "backoff ceiling 0.200s" in caplog.text
 
@@ -270,13 +272,13 @@ def test_boot_deaths_in_a_row_are_a_crash_loop(make_pool: MakePool,
         pool.procs.advance(POLICY.initial * 4)  # past any backoff so far
         pool.step()
     master = pool.master
-    assert master.exit_code == EXIT_CRASH_LOOP and master.state is State.STOPPING
-    assert master.stats.crash_loop and not master.readiness()[0]
+    assert master.exit_code == EXIT_CRASH_LOOP and master.pool.state is State.STOPPING
+    assert master.pool.stats.crash_loop and not master.readiness()[0]
     assert f"crash loop: 3 workers in a row died before becoming ready; the last (pid {pid}) " \
            "exit status 1; giving up" in caplog.text
     assert any("STOPPING=1" in n for n in pool.notices())
     pool.until_stopped()
-    assert sum(master.stats.restarts.values()) == 3
+    assert sum(master.pool.stats.restarts.values()) == 3
 
 
 @pytest.mark.parametrize(("code", "error"), [
@@ -294,7 +296,7 @@ def test_a_start_that_cannot_succeed_stops_at_once(make_pool: MakePool, code: in
     pool.step()
     master = pool.master
     assert master.exit_code == code and master.stop_reason == error
-    assert pool.pids() == [other] and sum(master.stats.restarts.values()) == 0
+    assert pool.pids() == [other] and sum(master.pool.stats.restarts.values()) == 0
     assert signal.SIGTERM in pool.procs.children[other].signals  # drained, not waited for
     pool.until_stopped()
     assert len(pool.procs.children) == 2  # nothing respawned
@@ -309,14 +311,14 @@ def test_a_reloads_new_workers_that_cannot_start_keep_the_old_ones(
     pool.notices()
     pool.signal(signal.SIGHUP)
     pool.step()
-    assert pool.master.state is State.RELOADING and pool.master.generation == 1
+    assert pool.master.pool.state is State.RELOADING and pool.master.pool.generation == 1
     new = pool.pids(generation=1)
     assert len(new) == 2
     pool.procs.exit(new[0], EXIT_APP, "--app main:app: SyntaxError: invalid syntax")
     pool.signal(signal.SIGHUP)  # came during the failing reload: dropped with it
     pool.step()
     master = pool.master
-    assert master.state is State.RUNNING and master.generation == 0
+    assert master.pool.state is State.RUNNING and master.pool.generation == 0
     assert "reload failed: new worker pid" in caplog.text
     assert "keeping 2 workers of the previous generation" in caplog.text
     assert pool.procs.children[new[1]].signals == [signal.SIGTERM]
@@ -324,8 +326,8 @@ def test_a_reloads_new_workers_that_cannot_start_keep_the_old_ones(
     assert any("(reload failed)" in n for n in pool.notices())
     pool.procs.obey()
     pool.step()
-    assert pool.pids() == old and sum(master.stats.restarts.values()) == 0
-    assert master.state is State.RUNNING and not master.reload_pending
+    assert pool.pids() == old and sum(master.pool.stats.restarts.values()) == 0
+    assert master.pool.state is State.RUNNING and not master.reload_pending
 
 
 def test_a_reload_replaces_every_worker_and_the_old_ends_are_planned(make_pool: MakePool
@@ -344,9 +346,9 @@ def test_a_reload_replaces_every_worker_and_the_old_ends_are_planned(make_pool: 
     pool.procs.obey()
     pool.step()
     master = pool.master
-    assert pool.pids() == new and master.state is State.RUNNING
-    assert sum(master.stats.restarts.values()) == 0 and master.stats.reloads == 1
-    assert [s.failures for s in master.slots] == [0, 0]
+    assert pool.pids() == new and master.pool.state is State.RUNNING
+    assert sum(master.pool.stats.restarts.values()) == 0 and master.pool.stats.reloads == 1
+    assert [s.failures for s in master.pool.slots] == [0, 0]
 
 
 def test_scale_down_and_up_are_planned(make_pool: MakePool) -> None:
@@ -356,14 +358,14 @@ def test_scale_down_and_up_are_planned(make_pool: MakePool) -> None:
     gone = pool.only(1)
     pool.signal(signal.SIGTTOU)
     pool.step()
-    assert pool.master.desired == 1
+    assert pool.master.pool.desired == 1
     assert pool.procs.children[gone].signals == [signal.SIGTERM]
     pool.procs.obey()
     pool.step()
-    assert pool.pids(1) == [] and sum(pool.master.stats.restarts.values()) == 0
+    assert pool.pids(1) == [] and sum(pool.master.pool.stats.restarts.values()) == 0
     pool.signal(signal.SIGTTIN)
     pool.step()
-    assert len(pool.pids(1)) == 1 and pool.master.desired == 2
+    assert len(pool.pids(1)) == 1 and pool.master.pool.desired == 2
 
 
 def test_max_requests_recycles_with_the_replacement_ready_first(make_pool: MakePool) -> None:
@@ -380,8 +382,8 @@ def test_max_requests_recycles_with_the_replacement_ready_first(make_pool: MakeP
     pool.procs.obey()
     pool.step()
     master = pool.master
-    assert pool.pids(0) == successor and master.stats.recycles["max_requests"] == 1
-    assert sum(master.stats.restarts.values()) == 0
+    assert pool.pids(0) == successor and master.pool.stats.recycles["max_requests"] == 1
+    assert sum(master.pool.stats.restarts.values()) == 0
 
 
 def test_a_death_while_the_replacement_starts_is_not_doubled(make_pool: MakePool) -> None:
@@ -395,7 +397,7 @@ def test_a_death_while_the_replacement_starts_is_not_doubled(make_pool: MakePool
     pool.procs.killed(tired, signal.SIGSEGV)
     pool.step()
     assert len(pool.procs.children) == forks and len(pool.pids(0)) == 1
-    assert pool.master.stats.restarts["signal"] == 1
+    assert pool.master.pool.stats.restarts["signal"] == 1
 
 
 def test_shutdown_serves_through_the_delay_then_drains(make_pool: MakePool,
@@ -416,7 +418,7 @@ def test_shutdown_serves_through_the_delay_then_drains(make_pool: MakePool,
     pool.step()
     assert pool.procs.children[pool.only(1)].signals == [signal.SIGTERM]
     pool.until_stopped()
-    assert sum(master.stats.restarts.values()) == 0
+    assert sum(master.pool.stats.restarts.values()) == 0
 
 
 # ---- hangs and timeouts -----------------------------------------------------------------
@@ -439,7 +441,7 @@ def test_a_silent_worker_is_killed_and_respawned_as_a_timeout(
     assert stuck.signals == [signal.SIGTERM, signal.SIGKILL]  # it ignored the SIGTERM
     pool.procs.killed(stuck.pid)
     pool.step()
-    assert pool.master.stats.restarts["timeout"] == 1 and len(pool.pids(0)) == 1
+    assert pool.master.pool.stats.restarts["timeout"] == 1 and len(pool.pids(0)) == 1
 
 
 def test_a_worker_not_ready_within_the_startup_timeout_is_killed(make_pool: MakePool,
@@ -464,7 +466,7 @@ def test_a_failed_fork_is_a_failure_of_its_slot(make_pool: MakePool,
     pool = make_pool(workers=1)
     pool.procs.fork_error = OSError(errno.EAGAIN, "Resource temporarily unavailable")
     pool.step()
-    assert pool.pids() == [] and pool.master.slots[0].failures == 1
+    assert pool.pids() == [] and pool.master.pool.slots[0].failures == 1
     assert "fork failed: Resource temporarily unavailable" in caplog.text
     pool.procs.fork_error = None
     pool.procs.advance(backoff.ceiling(POLICY, 1))
