@@ -27,6 +27,7 @@ from hello_cluster.supervisor.hangs import KILL_GRACE
 from hello_cluster.supervisor.master import Master
 from hello_cluster.supervisor.pool import State
 from hello_cluster.supervisor.processes import Reaped
+from hello_cluster.supervisor.wakeups import requests
 from hello_cluster.system import channel as ch
 from hello_cluster.system.notify import Notifier
 from hello_cluster.system.sockets import Listeners
@@ -131,7 +132,7 @@ class Pool:
 
     def signal(self, sig: int) -> None:
         """As the C handler does: the signal number into the master's wakeup pipe."""
-        os.write(self.master._wake_w, bytes([sig]))
+        os.write(self.master.wakeups.write_fd, bytes([sig]))
 
     def pids(self, slot: int | None = None, generation: int | None = None) -> list[int]:
         return sorted(w.pid for w in self.master.pool.workers.values()
@@ -198,8 +199,8 @@ def make_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         for w in pool.master.pool.workers.values():
             os.close(w.fd)
         pool.master.selector.close()
-        os.close(pool.master._wake_r)
-        os.close(pool.master._wake_w)
+        for fd in pool.master.wakeups.fds():
+            os.close(fd)
         pool.notify.close()
 
 
@@ -472,3 +473,19 @@ def test_a_failed_fork_is_a_failure_of_its_slot(make_pool: MakePool,
     pool.procs.advance(backoff.ceiling(POLICY, 1))
     pool.step()
     assert len(pool.pids()) == 1
+
+
+def test_a_burst_of_signals_is_read_as_one_request_each() -> None:
+    """supervisor/wakeups.requests: HUP x3 is one reload, each TTIN/TTOU counts, no CHLD."""
+    burst = [signal.SIGHUP, signal.SIGCHLD, signal.SIGTTIN, signal.SIGHUP, signal.SIGTTIN,
+             signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM]
+    assert requests(burst) == [signal.SIGHUP, signal.SIGTTIN, signal.SIGTTIN, signal.SIGTERM]
+
+
+def test_a_hup_burst_through_the_pipe_is_one_reload(make_pool: MakePool) -> None:
+    pool = make_pool()
+    pool.started()
+    for _ in range(50):
+        pool.signal(signal.SIGHUP)
+    pool.step()
+    assert pool.master.pool.stats.reloads == 1 and not pool.master.reload_pending

@@ -12,7 +12,9 @@ over a fake process table). The order of the checks is the policy: the first tha
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+import os
+import signal
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from hello_cluster.supervisor import backoff
@@ -42,6 +44,19 @@ class Death:
     old_serving: bool  # workers of the previous generation still serve
     slot_alive: bool  # another worker already holds its slot
     failures: int  # the slot's consecutive failures before this death
+
+
+def death_reason(hung: bool, status: int, oom_rose: Callable[[], bool]) -> str:
+    """The `reason` label of an unplanned death (hello_cluster_worker_restarts_total): killed
+    after --worker-timeout, by the kernel's OOM killer (a SIGKILL while the cgroup's oom_kill
+    count rose; `oom_rose` is asked only then), by another signal, or its own exit."""
+    if hung:
+        return "timeout"
+    if os.WIFSIGNALED(status):
+        if os.WTERMSIG(status) == signal.SIGKILL and oom_rose():
+            return "oom"
+        return "signal"
+    return "exit"
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,11 @@ import selectors
 import signal
 import sys
 from dataclasses import InitVar, dataclass, field
-from typing import Any
 
 from hello_cluster.config import MAX_WORKERS, Config
-from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK, EXIT_RESOURCE
+from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK
 from hello_cluster.observe.endpoint import Endpoint
-from hello_cluster.observe.metrics import PoolStats, worker_gone
+from hello_cluster.observe.metrics import PoolStats
 from hello_cluster.observe.status_page import PoolSnapshot
 from hello_cluster.supervisor import backoff, decisions
 from hello_cluster.supervisor.answers import open_endpoint
@@ -42,14 +41,14 @@ from hello_cluster.supervisor.pool import Pool, Slot, State, Worker
 from hello_cluster.supervisor.processes import Os, ProcessTable, describe_status
 from hello_cluster.supervisor.recycling import Recycler
 from hello_cluster.supervisor.reloader import Watcher
+from hello_cluster.supervisor.spawning import Spawner
 from hello_cluster.supervisor.systemd import Systemd
 from hello_cluster.supervisor.template import Template, Templates, become_subreaper
+from hello_cluster.supervisor.wakeups import HANDLED, Wakeups
 from hello_cluster.system import channel as ch
-from hello_cluster.system import stackdump
 from hello_cluster.system.beats import SCAN, BeatTable
 from hello_cluster.system.notify import Notifier, watchdog_interval
 from hello_cluster.system.sockets import Listeners
-from hello_cluster.worker import process as worker
 
 log = logging.getLogger("hello_cluster.master")
 
@@ -57,8 +56,6 @@ MAX_TIMEOUT = 1.0  # the loop turns at least this often (watchdog, status, deadl
 # A steered worker silent this long (three of its 0.1 s beats) gets no new connections
 # until it beats again: its event loop is blocked, so it could not accept them.
 STALL = 0.3
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
-           signal.SIGTTIN, signal.SIGTTOU)
 
 
 @dataclass
@@ -78,7 +75,6 @@ class Master:
         self.pool = Pool(desired)
         self.selector = selectors.DefaultSelector()
         self.breaker = backoff.Breaker(self.policy.crash_loop_limit)
-        self.signals: list[int] = []
         self.exit_code: int | None = None
         self.reload_pending = False
         self.drain_at: float | None = None
@@ -94,19 +90,18 @@ class Master:
         self.next_respawn: float | None = 0.0  # the earliest respawn due: at start, now
         self.recycler = Recycler(self.cfg.max_worker_memory, self.cfg.max_worker_lifetime or 0.0)
         self.hangs = Hangs(self.cfg, self.dump_dir, self.procs.kill)
+        self.spawner = Spawner(self.cfg, self.listeners, self.beats, self.procs, self.pid,
+                               self.dump_dir, self.multiproc_dir, self.fds_not_for_children)
         self.templates: Templates | None = None  # --preload
         self.said_error: str | None = None  # the last worker error logged (said once)
         self.watcher = Watcher(self.cfg, self.pid) if self.cfg.reload else None  # --reload
         self.stack_poll: float | None = None  # while a hung worker's stack is awaited
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self.read_wakeups)
+        self.wakeups = Wakeups(self.selector)
 
     # ---- life of the master -------------------------------------------------------------
 
     def run(self) -> int:
-        self.install_signals()
+        self.wakeups.install()
         self.begin()
         while True:
             self.wait_for_events()
@@ -121,6 +116,7 @@ class Master:
             become_subreaper()
             self.templates = Templates(self.cfg, self.pid, self.beats.view, self.selector,
                                        self.policy)
+            self.spawner.templates = self.templates
         if self.listeners.metrics is not None:
             self.endpoint = open_endpoint(self.listeners.metrics, self.selector,
                                           self.pool_stats, self.multiproc_dir, self.snapshot,
@@ -142,13 +138,6 @@ class Master:
         self.manage_workers()
         self.tell_systemd()
         return True
-
-    def install_signals(self) -> None:
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in HANDLED:
-            # The C-level handler writes the signal number to the wakeup pipe; the Python
-            # handler has nothing left to do. PID 1 has no default actions, so this matters.
-            signal.signal(sig, _noop)
 
     def wait_for_events(self) -> None:
         now = self.procs.monotonic()
@@ -178,12 +167,8 @@ class Master:
             times.append(self.next_scan)
         return times
 
-    def read_wakeups(self) -> None:
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            self.signals.extend(os.read(self._wake_r, 4096))
-
     def shutdown(self) -> None:
-        signal.set_wakeup_fd(-1)
+        self.wakeups.uninstall()
         if self.endpoint is not None:
             self.endpoint.close()
         self.listeners.close_app()
@@ -196,18 +181,10 @@ class Master:
     # ---- signals ------------------------------------------------------------------------
 
     def handle_signals(self) -> None:
-        pending, self.signals = self.signals, []
-        seen: set[int] = set()
-        for sig in pending:
-            if sig == signal.SIGCHLD:
-                continue  # reap_workers runs every turn anyway
+        for sig in self.wakeups.take():  # a burst of the same signal is one request
             if sig in (signal.SIGTTIN, signal.SIGTTOU):
                 self.scale(+1 if sig == signal.SIGTTIN else -1)
-                continue
-            if sig in seen:
-                continue  # a burst of the same signal is one request
-            seen.add(sig)
-            if sig in (signal.SIGTERM, signal.SIGINT):
+            elif sig in (signal.SIGTERM, signal.SIGINT):
                 self.begin_stop(EXIT_OK, f"{signal.Signals(sig).name} received")
             elif sig == signal.SIGQUIT:
                 self.stop_now()
@@ -283,57 +260,23 @@ class Master:
 
     def spawn_worker(self, slot: int, now: float) -> None:
         generation = self.pool.generation
-        if self.templates is not None and not self.templates.ready(generation):
-            return  # the template is still importing the app; its READY wakes us
-        self.listeners.grow(slot + 1)  # a slot added by SIGTTIN needs its own socket
-        read_fd, write_fd = os.pipe()
-        cell = self.beats.allocate(now)
-        if self.templates is not None:
-            pid, error = self.templates.spawn_worker(generation, slot, cell, self.listeners,
-                                                     self.dump_dir, write_fd)
-        else:
-            pid, error = self.fork_worker(slot, read_fd, write_fd, cell)
-        os.close(write_fd)
-        if pid is None:
-            os.close(read_fd)
-            self.beats.release(cell)
+        born = self.spawner.spawn(slot, generation, now)
+        if born is None:
+            return  # the --preload template is still importing the app; its READY wakes us
+        if isinstance(born, str):
             self.pool.slots[slot].failures += 1
-            self.schedule_respawn(slot, now, error)
+            self.schedule_respawn(slot, now, born)
             return
-        os.set_blocking(read_fd, False)
-        w = Worker(pid=pid, slot=slot, generation=generation, fd=read_fd, spawned_at=now,
-                   last_beat=now, cell=cell)
-        self.pool.workers[pid] = w
-        self.selector.register(read_fd, selectors.EVENT_READ, lambda: self.read_channel(w))
+        w = Worker(pid=born.pid, slot=slot, generation=generation, fd=born.fd, spawned_at=now,
+                   last_beat=now, cell=born.cell)
+        self.pool.workers[w.pid] = w
+        self.selector.register(w.fd, selectors.EVENT_READ, lambda: self.read_channel(w))
         self.pool.stats.spawns += 1
-        log.debug("spawned worker %d pid %d (generation %d)", slot + 1, pid, generation)
-
-    def fork_worker(self, slot: int, read_fd: int, write_fd: int, cell: int | None
-                    ) -> tuple[int | None, str]:
-        close_fds = [read_fd, *self.fds_not_for_children(), *self.listeners.not_for_slot(slot)]
-        spec = worker.WorkerSpec(slot=slot, generation=self.pool.generation,
-                                 master_pid=self.pid, sockets=self.listeners.for_slot(slot),
-                                 channel_fd=write_fd, close_fds=close_fds,
-                                 own_socket=bool(self.listeners.groups),
-                                 neighbours=self.listeners.neighbours(slot),
-                                 beats=self.beats.view if cell is not None else None,
-                                 beat_cell=cell or 0, dump_dir=self.dump_dir)
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        # Block our signals across fork(): a signal landing in the child before it has reset
-        # its handlers would be written into our wakeup pipe and read as ours. The child
-        # resets the handlers, then unblocks; whatever was pending reaches the new handlers.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-        try:
-            return self.procs.fork_worker(self.cfg, spec, blocked), ""
-        except OSError as err:
-            return None, f"fork failed: {err.strerror}"
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        log.debug("spawned worker %d pid %d (generation %d)", slot + 1, w.pid, generation)
 
     def fds_not_for_children(self) -> list[int]:
         """The master's own fds, which a forked worker, template or watcher closes at once."""
-        fds = [self._wake_r, self._wake_w, self.selector.fileno(),
+        fds = [*self.wakeups.fds(), self.selector.fileno(),
                *(w.fd for w in self.pool.workers.values())]
         if self.endpoint is not None:
             fds.append(self.endpoint.sock.fileno())
@@ -342,23 +285,12 @@ class Master:
             fds.extend(self.templates.fds())
         return fds
 
-    def fds_not_for_helpers(self) -> list[int]:
-        """What a template or the watcher closes: ours, and every listening socket."""
-        return [*self.fds_not_for_children(), *self.listeners.not_for_slot(-1),
-                *(s.fileno() for s in self.listeners.app)]
-
     def read_beats(self) -> None:
         """Every SCAN: take each worker's last stamp from the shared table, O(workers)."""
         now = self.procs.monotonic()
-        if now < self.next_scan:
-            return
-        self.next_scan, self.scanned_at = now + SCAN, now
-        beats = self.beats
-        for w in self.pool.workers.values():
-            if w.cell is not None:
-                stamp = beats.last_beat(w.cell)
-                if stamp > w.last_beat:
-                    w.last_beat = stamp
+        if now >= self.next_scan:
+            self.next_scan, self.scanned_at = now + SCAN, now
+            self.pool.take_beats(self.beats)
 
     def read_channel(self, w: Worker) -> None:
         try:
@@ -452,28 +384,9 @@ class Master:
             self.selector.unregister(w.fd)
         os.close(w.fd)
         self.recycler.forget(w.pid)
-        if self.dump_dir is not None:
-            stackdump.remove_files(self.dump_dir, w.slot, w.pid)
-        self.beats.release(w.cell)  # nobody writes it any more: free for the next worker
-        if self.multiproc_dir is not None:
-            try:
-                worker_gone(self.multiproc_dir, w.pid)
-            except Exception as err:  # bookkeeping must never take supervision down
-                log.warning("could not archive the metric files of pid %d: %s", w.pid, err)
-        pool = self.pool
-        exited = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        in_reload = (w.ready_at is None and w.generation == pool.generation
-                     and pool.generation > 0 and pool.state == State.RELOADING)
-        judged = decisions.judge_death(decisions.Death(
-            planned=w.retiring is not None, stopping=self.exit_code is not None,
-            scaled_away=w.slot >= pool.desired,
-            start_error=w.error is not None and exited in (EXIT_APP, EXIT_RESOURCE),
-            ever_ready=pool.ever_ready,
-            ready_for=None if w.ready_at is None else now - w.ready_at,
-            new_in_reload=in_reload, old_serving=in_reload and pool.old_serving(),
-            slot_alive=any(o.slot == w.slot for o in pool.workers.values()),
-            failures=pool.slots[w.slot].failures if w.slot < len(pool.slots) else 0,
-        ), self.breaker, self.policy)
+        self.spawner.release(w)
+        judged = decisions.judge_death(self.pool.death(w, status, now, self.exit_code is not None),
+                                       self.breaker, self.policy)
         self.apply_death(w, judged, status, now)
 
     def apply_death(self, w: Worker, judged: decisions.Judgement, status: int, now: float
@@ -484,7 +397,7 @@ class Master:
             log.log(self.quiet, "worker %d pid %d ended (%s, %s) after %.1fs", w.slot + 1,
                     w.pid, w.retiring, how, lifetime)
             return
-        reason = self.classify(w, status)
+        reason = decisions.death_reason(w.hung, status, self.oom.rose)
         if verdict is Verdict.NOT_RESPAWNED:
             log.log(logging.DEBUG if self.quiet == logging.DEBUG else logging.WARNING,
                     "worker %d died: pid %d %s, %s, lived %.1fs; not respawned (stopping or "
@@ -540,15 +453,6 @@ class Master:
         log.warning("worker %d died: %s; failure %d in a row, respawn in %.3fs "
                     "(backoff ceiling %.3fs)", index + 1, what, slot.failures, wait, ceiling)
 
-    def classify(self, w: Worker, status: int) -> str:
-        if w.hung:
-            return "timeout"
-        if os.WIFSIGNALED(status):
-            if os.WTERMSIG(status) == signal.SIGKILL and self.oom.rose():
-                return "oom"
-            return "signal"
-        return "exit"
-
     # ---- reloads and --preload templates ------------------------------------------------
 
     def abort_reload(self, why: str, error: str | None = None) -> None:
@@ -597,7 +501,7 @@ class Master:
         self.steer()
         now = self.procs.monotonic()
         if self.watcher is not None:  # --reload: stopped with the master, else kept running
-            self.watcher.tend(now, pool.state == State.STOPPING, self.fds_not_for_helpers,
+            self.watcher.tend(now, pool.state == State.STOPPING, self.spawner.helpers_close,
                               HANDLED)
         if pool.state == State.STOPPING:
             self.next_respawn = None
@@ -607,25 +511,13 @@ class Master:
                 self.extend_systemd_timeout(now)
             return
         if self.templates is not None:
-            self.templates.keep_current(pool.generation, now, self.fds_not_for_helpers)
-        staying = pool.staying_by_slot()
-        leaving: list[tuple[Worker, str]] = []
-        self.next_respawn = None
-        for index, slot in enumerate(pool.slots):
-            live = staying.get(index, ())
-            current = [w for w in live if w.generation == pool.generation
-                       and w.recycle is None]
-            if not current:
-                if now >= slot.respawn_at:
-                    slot.respawn_at = 0.0
-                    self.spawn_worker(index, now)
-                if slot.respawn_at > now and (self.next_respawn is None
-                                              or slot.respawn_at < self.next_respawn):
-                    self.next_respawn = slot.respawn_at
-                continue
-            if any(w.ready_at is not None for w in current):
-                leaving += [(w, w.recycle or "reload")
-                            for w in live if w not in current]
+            self.templates.keep_current(pool.generation, now, self.spawner.helpers_close)
+        due, waiting, leaving = pool.needs(now)
+        for index in due:
+            pool.slots[index].respawn_at = 0.0
+            self.spawn_worker(index, now)  # a failed fork sets the slot's backoff
+        self.next_respawn = min((t for i in (*due, *waiting)
+                                 if (t := pool.slots[i].respawn_at) > now), default=None)
         self.retire(leaving, now)
         self.update_state()
 
@@ -689,10 +581,6 @@ class Master:
         end = self.drain_deadline or ((self.drain_at or now) + self.cfg.graceful_timeout
                                       + KILL_GRACE)
         self.systemd.extend_timeout(now, end)
-
-
-def _noop(signum: int, frame: Any) -> None:
-    """Wake-up only: the signal number already went down the wakeup pipe."""
 
 
 def run_master(cfg: Config, listeners: Listeners, desired: int, multiproc_dir: str | None,

@@ -1,17 +1,22 @@
 """The pool as the master knows it: its phase, its workers and slots, and what is read from them.
 
 The loop's verbs (master.py) change a `Pool`; /status, /metrics, /readyz and sd_notify read
-it through the queries below, which are pure: no process, clock or log is touched here, so
-what the pool looks like from outside is decided in one place and tested without processes.
+it through the queries below, and the facts of a death for decisions.judge_death come from
+it. No process, clock or log is touched here (the beat table is read as memory), so what
+the pool looks like from outside is decided in one place and tested without processes.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 
+from hello_cluster.errors import EXIT_APP, EXIT_RESOURCE
 from hello_cluster.observe.metrics import PoolStats
 from hello_cluster.observe.status_page import PoolSnapshot, SlotView, WorkerView, worker_state
+from hello_cluster.supervisor import decisions
+from hello_cluster.system.beats import BeatTable
 from hello_cluster.system.procstat import SlotCpu
 from hello_cluster.system.stackdump import StackRequest
 
@@ -85,6 +90,29 @@ class Pool:
                 staying.setdefault(w.slot, []).append(w)
         return staying
 
+    def needs(self, now: float) -> tuple[list[int], list[int], list[tuple[Worker, str]]]:
+        """What each slot needs this turn: the slots due for a worker (none of the current
+        generation, backoff over), the ones waiting out a backoff, and the workers to
+        retire because their slot's successor is ready (a reload's or a recycle's)."""
+        staying = self.staying_by_slot()
+        due: list[int] = []
+        waiting: list[int] = []
+        leaving: list[tuple[Worker, str]] = []
+        for index, slot in enumerate(self.slots):
+            live = staying.get(index, ())
+            current = [w for w in live if w.generation == self.generation and w.recycle is None]
+            if not current:
+                (due if now >= slot.respawn_at else waiting).append(index)
+            elif any(w.ready_at is not None for w in current):
+                leaving += [(w, w.recycle or "reload") for w in live if w not in current]
+        return due, waiting, leaving
+
+    def take_beats(self, table: BeatTable) -> None:
+        """Each worker's last stamp from the shared beat table (a memory read), O(workers)."""
+        for w in self.workers.values():
+            if w.cell is not None:
+                w.last_beat = max(w.last_beat, table.last_beat(w.cell))
+
     def old_serving(self) -> bool:
         """Workers of an older generation than the current one still serve (a reload)."""
         return any(w.generation < self.generation and w.retiring is None
@@ -94,6 +122,20 @@ class Pool:
         """Every staying worker is of the current generation, and enough are ready."""
         return not any(w.generation != self.generation and w.retiring is None
                        for w in self.workers.values()) and self.ready_count() >= self.desired
+
+    def death(self, w: Worker, status: int, now: float, stopping: bool) -> decisions.Death:
+        """The facts of `w`'s death (already taken out of `workers`) for judge_death."""
+        exited = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        in_reload = (w.ready_at is None and w.generation == self.generation
+                     and self.generation > 0 and self.state == State.RELOADING)
+        return decisions.Death(
+            planned=w.retiring is not None, stopping=stopping, scaled_away=w.slot >= self.desired,
+            start_error=w.error is not None and exited in (EXIT_APP, EXIT_RESOURCE),
+            ever_ready=self.ever_ready,
+            ready_for=None if w.ready_at is None else now - w.ready_at,
+            new_in_reload=in_reload, old_serving=in_reload and self.old_serving(),
+            slot_alive=any(o.slot == w.slot for o in self.workers.values()),
+            failures=self.slots[w.slot].failures if w.slot < len(self.slots) else 0)
 
     def status_line(self) -> str:
         restarts = sum(self.stats.restarts.values())
