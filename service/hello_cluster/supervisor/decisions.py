@@ -126,15 +126,17 @@ def judge_template_death(death: TemplateDeath) -> TemplateJudgement:
     Any other death of the current generation's template is replaced with the backoff of
     backoff.delay, counted across the master's life: an import that fails again after the
     pool served (the files changed under a template that died) waits like a crashing worker
-    instead of forking a new template every turn.
+    instead of forking a new template at once after each failed import.
     """
     same = TemplateJudgement(TemplateVerdict.FORGET, death.failures)
+    if death.stopping:
+        return same
     if not death.imported:
         if death.reloading and death.current and death.old_serving:
             return replace(same, verdict=TemplateVerdict.ABORT_RELOAD)
-        if not death.ever_ready and not death.stopping:
+        if not death.ever_ready:
             return replace(same, verdict=TemplateVerdict.STOP_START)
-    if death.stopping or not death.current:
+    if not death.current:
         return same
     return TemplateJudgement(TemplateVerdict.REPLACE, death.failures + 1)
 
