@@ -10,7 +10,8 @@ in the order the verbs below read, one `turn` after each wake-up:
 This file gathers facts and applies verdicts; the decisions and the rest live beside it:
 what a death, a template's death or a failed reload means (`decisions`), the delay
 (`backoff`), which worker to recycle (`recycling`), the pool's state and what others see of
-it (`pool`), hang kills and stacks (`hangs`), the metrics port (`answers`), sd_notify
+it (`pool`), forking and clearing up after a worker (`spawning`), hang kills and stacks
+(`hangs`), the signal pipe (`wakeups`), the metrics port (`answers`), sd_notify
 (`systemd`), --preload (`template`), --reload (`reloader`). Processes and the clock are
 reached through a `processes.ProcessTable`, so tests/test_master.py drives this loop over a
 fake one.

@@ -50,6 +50,7 @@ from hello_cluster.http import tls
 from hello_cluster.supervisor import backoff, decisions
 from hello_cluster.supervisor.decisions import TemplateVerdict
 from hello_cluster.supervisor.processes import describe_status
+from hello_cluster.supervisor.wakeups import HANDLED
 from hello_cluster.system import channel as ch
 from hello_cluster.system.sockets import Listeners
 from hello_cluster.worker import hooks as worker_hooks
@@ -194,9 +195,7 @@ class Templates:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for t in self.live:  # a template never holds another's ends
             close_fds = [*close_fds, t.fd, t.sock.fileno()]
-        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                   signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)  # as for a worker
         try:
             pid = os.fork()
             if pid == 0:
