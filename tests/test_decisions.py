@@ -9,7 +9,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hello_cluster.supervisor.backoff import Breaker, Policy
-from hello_cluster.supervisor.decisions import Death, Verdict, judge_death
+from hello_cluster.supervisor.decisions import (
+    Abandon,
+    Death,
+    TemplateDeath,
+    TemplateVerdict,
+    Verdict,
+    abandon_reload,
+    judge_death,
+    judge_template_death,
+)
 
 POLICY = Policy(initial=0.1, factor=2.0, cap=30.0, reset_after=10.0, crash_loop_limit=3)
 FIRST = Death(planned=False, stopping=False, scaled_away=False, start_error=False,
@@ -110,3 +119,83 @@ def test_only_counted_deaths_change_the_counters(death: Death, boot_deaths: int)
         assert 1 <= judged.failures <= death.failures + 1
     if death.planned:
         assert judged.verdict is Verdict.PLANNED
+
+
+# ---- a --preload template's death (decisions.judge_template_death) --------------------------
+
+SERVING = TemplateDeath(imported=True, current=True, reloading=False, old_serving=False,
+                        ever_ready=True, stopping=False, failures=0)
+
+
+def test_a_template_that_cannot_import_at_start_stops_the_start() -> None:
+    judged = judge_template_death(replace(SERVING, imported=False, ever_ready=False))
+    assert judged.verdict is TemplateVerdict.STOP_START and judged.failures == 0
+
+
+def test_a_reloads_template_that_cannot_import_keeps_the_old_generation() -> None:
+    death = replace(SERVING, imported=False, reloading=True, old_serving=True)
+    assert judge_template_death(death).verdict is TemplateVerdict.ABORT_RELOAD
+    # an older generation's template is never a reason to abandon the current reload
+    old = judge_template_death(replace(death, current=False))
+    assert old.verdict is TemplateVerdict.FORGET
+
+
+def test_a_serving_template_that_dies_is_replaced_with_backoff() -> None:
+    first = judge_template_death(SERVING)
+    again = judge_template_death(replace(SERVING, failures=first.failures))
+    assert (first.verdict, first.failures) == (TemplateVerdict.REPLACE, 1)
+    assert (again.verdict, again.failures) == (TemplateVerdict.REPLACE, 2)
+
+
+def test_an_import_failing_after_the_pool_served_backs_off_too() -> None:
+    """Not a new template every turn: the replacement waits like a crashing worker."""
+    judged = judge_template_death(replace(SERVING, imported=False, failures=3))
+    assert (judged.verdict, judged.failures) == (TemplateVerdict.REPLACE, 4)
+
+
+def test_a_template_of_a_stopping_master_or_an_old_generation_is_forgotten() -> None:
+    for death in (replace(SERVING, stopping=True), replace(SERVING, current=False),
+                  replace(SERVING, imported=False, stopping=True)):
+        judged = judge_template_death(death)
+        assert (judged.verdict, judged.failures) == (TemplateVerdict.FORGET, 0)
+
+
+templates = st.builds(TemplateDeath, imported=st.booleans(), current=st.booleans(),
+                      reloading=st.booleans(), old_serving=st.booleans(),
+                      ever_ready=st.booleans(), stopping=st.booleans(),
+                      failures=st.integers(0, 10**6))
+
+
+@given(templates)
+def test_only_a_replacement_counts_a_template_failure(death: TemplateDeath) -> None:
+    judged = judge_template_death(death)
+    grew = judged.failures == death.failures + 1
+    assert grew is (judged.verdict is TemplateVerdict.REPLACE)
+    assert judged.failures in (death.failures, death.failures + 1)
+    if death.stopping:
+        assert judged.verdict is TemplateVerdict.FORGET
+    if judged.verdict is not TemplateVerdict.FORGET:
+        assert death.current or judged.verdict is TemplateVerdict.STOP_START
+
+
+# ---- a reload's failure (decisions.abandon_reload) ---------------------------------------
+
+def test_a_failed_reload_keeps_the_newest_older_generation() -> None:
+    """Row 6: the old workers serve on; the failed generation ends."""
+    abandon = abandon_reload([3, 2, 2, 3, 1], failed=3)
+    assert abandon == Abandon(keep=2, kept=3, retire=3)
+
+
+def test_a_failed_reload_with_nothing_old_left_is_not_abandoned() -> None:
+    assert abandon_reload([4, 4], failed=4) is None
+    assert abandon_reload([], failed=1) is None
+
+
+@given(st.lists(st.integers(0, 50)), st.integers(1, 50))
+def test_what_is_kept_is_always_older_than_what_failed(serving: list[int], failed: int
+                                                       ) -> None:
+    abandon = abandon_reload(serving, failed)
+    older = [g for g in serving if g < failed]
+    assert (abandon is None) is (not older)
+    if abandon is not None:
+        assert abandon.keep < failed == abandon.retire and abandon.kept == len(older)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from conftest import TEST_APPS, Load, alive, children, run_cli, wait_for
@@ -91,6 +92,32 @@ def test_broken_new_code_abandons_the_reload(cluster, tmp_path) -> None:
     assert {c.get()[2] for _ in range(5)} == {b"good"}
     [line] = [ln for ln in c.log.splitlines() if "reload failed" in ln]
     assert "half-deployed" in line and "Traceback" not in c.log
+
+
+def test_a_replacement_template_that_cannot_import_backs_off(cluster, tmp_path) -> None:
+    """The files broke after the pool served, then the template died: each replacement
+    that fails the import waits out a growing backoff (decisions.judge_template_death)
+    instead of a new template at once, and the workers serve on meanwhile."""
+    app_file = tmp_path / "versioned.py"
+    app_file.write_text(VERSIONED.format(version="good"))
+    c = cluster("--workers", "2", "--app", "versioned:app", "--preload", "--log-level",
+                "debug", "--backoff-initial", "1s",
+                env={"PYTHONPATH": f"{tmp_path}:{TEST_APPS}"}, workers=2)
+    [template] = templates(c)
+    app_file.write_text("raise RuntimeError('half-deployed')\n")
+    os.kill(template, signal.SIGKILL)
+    wait_for(lambda: "half-deployed" in c.log, 10, what="a failed replacement")
+    started = c.log.count("importing the app for generation")
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:  # the window in which few attempts may happen
+        assert c.get()[2] == b"good"
+        time.sleep(0.2)
+    # Backoff ceilings 1, 2, 4 s after the first failure: a handful of templates at most
+    # in 3 s, where a template per failed import (milliseconds each) made dozens.
+    attempts = c.log.count("importing the app for generation") - started
+    assert attempts <= 4, attempts
+    assert "could not import the app: --app versioned:app: importing versioned raised " \
+           "RuntimeError: half-deployed" in c.log
 
 
 def test_an_app_that_cannot_be_imported_fails_the_start_once() -> None:

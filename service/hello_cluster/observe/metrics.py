@@ -30,7 +30,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from hello_cluster import __version__
 
@@ -327,6 +327,13 @@ class RequestMetrics:
 
 
 ARCHIVED_KINDS = ("counter", "histogram")  # values that only add up; gauges are left alone
+
+
+def worker_gone(directory: str, pid: int) -> None:
+    """A reaped worker's files: its live gauges leave the sum (prometheus-client's
+    mark_process_dead), its counters and histograms fold into the archive (below)."""
+    mark_process_dead(pid, directory)
+    archive_dead_worker(directory, pid)
 
 
 def archive_dead_worker(directory: str, pid: int) -> None:

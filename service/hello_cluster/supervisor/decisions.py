@@ -1,15 +1,20 @@
-"""What a worker's death means: the restart policy as one pure function.
+"""What a death or a failed reload means: the master's decisions as pure functions.
 
-The master (master.py) gathers the facts of a death into a `Death`, asks `judge_death`, and
-applies the verdict: it logs, stops, aborts a reload or schedules the respawn. Nothing here
-touches a process, a clock or a log, so every row of the restart-policy table
-(docs/how-it-works.md, "Restart policy") is a test of milliseconds
-(tests/test_decisions.py). The order of the checks is the policy: the first that holds wins.
+The master (master.py) gathers the facts of a worker's death into a `Death`, asks
+`judge_death`, and applies the verdict: it logs, stops, aborts a reload or schedules the
+respawn. A --preload template's death is `judge_template_death`, and what is kept when a
+reload fails is `abandon_reload`. Nothing here touches a process, a clock or a log, so
+every row of the restart-policy table (docs/how-it-works.md, "Restart policy") is a test
+of milliseconds (tests/test_decisions.py; tests/test_master.py drives the master itself
+over a fake process table). The order of the checks is the policy: the first that holds wins.
 """
 
 from __future__ import annotations
 
 import enum
+import os
+import signal
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from hello_cluster.supervisor import backoff
@@ -41,6 +46,19 @@ class Death:
     failures: int  # the slot's consecutive failures before this death
 
 
+def death_reason(hung: bool, status: int, oom_rose: Callable[[], bool]) -> str:
+    """The `reason` label of an unplanned death (hello_cluster_worker_restarts_total): killed
+    after --worker-timeout, by the kernel's OOM killer (a SIGKILL while the cgroup's oom_kill
+    count rose; `oom_rose` is asked only then), by another signal, or its own exit."""
+    if hung:
+        return "timeout"
+    if os.WIFSIGNALED(status):
+        if os.WTERMSIG(status) == signal.SIGKILL and oom_rose():
+            return "oom"
+        return "signal"
+    return "exit"
+
+
 @dataclass(frozen=True)
 class Judgement:
     verdict: Verdict
@@ -70,3 +88,80 @@ def judge_death(death: Death, breaker: backoff.Breaker, policy: backoff.Policy) 
     else:
         verdict = Verdict.RESPAWN
     return Judgement(verdict, breaker, failures, counted=True)
+
+
+# ---- a --preload template's death -----------------------------------------------------------
+
+class TemplateVerdict(enum.Enum):
+    ABORT_RELOAD = "abort-reload"  # a reload's template could not import the new code
+    STOP_START = "stop-start"  # the app cannot be imported at start: exit 4, said once
+    FORGET = "forget"  # the master is stopping, or the template's generation no longer serves
+    REPLACE = "replace"  # a new template for the current generation, after a backoff
+
+
+@dataclass(frozen=True)
+class TemplateDeath:
+    """The facts of one template's death (supervisor/template.py), as the master reaped it."""
+
+    imported: bool  # it had said READY: the app was imported, workers could be forked
+    current: bool  # it was the current generation's template
+    reloading: bool  # a reload (SIGHUP) is under way
+    old_serving: bool  # workers of an older generation still serve
+    ever_ready: bool  # any worker of this master has ever been ready
+    stopping: bool  # the master is stopping (an exit code is set)
+    failures: int  # the template's consecutive failures before this death
+
+
+@dataclass(frozen=True)
+class TemplateJudgement:
+    verdict: TemplateVerdict
+    failures: int  # consecutive template failures after this death (the backoff's n)
+
+
+def judge_template_death(death: TemplateDeath) -> TemplateJudgement:
+    """What a template's death means; the first rule that holds wins.
+
+    A template that could not import the app fails the start (nothing was ever served, and
+    every template would fail alike) or, in a reload, abandons it while old workers serve.
+    Any other death of the current generation's template is replaced with the backoff of
+    backoff.delay, counted across the master's life: an import that fails again after the
+    pool served (the files changed under a template that died) waits like a crashing worker
+    instead of forking a new template at once after each failed import.
+    """
+    same = TemplateJudgement(TemplateVerdict.FORGET, death.failures)
+    if death.stopping:
+        return same
+    if not death.imported:
+        if death.reloading and death.current and death.old_serving:
+            return replace(same, verdict=TemplateVerdict.ABORT_RELOAD)
+        if not death.ever_ready:
+            return replace(same, verdict=TemplateVerdict.STOP_START)
+    if not death.current:
+        return same
+    return TemplateJudgement(TemplateVerdict.REPLACE, death.failures + 1)
+
+
+# ---- a reload's failure -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Abandon:
+    """A reload abandoned: the generation that serves on, and the one that ends."""
+
+    keep: int  # the newest generation among the workers that still serve
+    kept: int  # how many workers of older generations serve on
+    retire: int  # the failed generation: its workers drain, its template is stopped
+
+
+def abandon_reload(serving: Iterable[int], failed: int) -> Abandon | None:
+    """What a reload's failure means, given the generations of the workers not being retired.
+
+    With workers of an older generation still serving, the reload is abandoned: they serve
+    on, the new generation's workers drain (siblings of a worker that could not start fail
+    the same way), and a SIGHUP that came during the reload is dropped, since it would load
+    the same code. With none left (they died meanwhile) there is nothing to keep: None, and
+    the death is judged as any other (judge_death), so the new generation gets its retries.
+    """
+    old = [g for g in serving if g < failed]
+    if not old:
+        return None
+    return Abandon(keep=max(old), kept=len(old), retire=failed)

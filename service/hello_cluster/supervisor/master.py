@@ -2,213 +2,156 @@
 
 One thread, one selector. Signal handlers only wake the loop (`signal.set_wakeup_fd` writes
 the signal number into a pipe the selector watches); every decision is taken in the loop,
-in the order the verbs below read:
+in the order the verbs below read, one `turn` after each wake-up:
 
     wait_for_events -> handle_signals -> reap_workers -> read_beats -> murder_workers
         -> recycle_workers -> manage_workers -> tell_systemd
 
-What a death means is the pure `decisions.judge_death` (the restart policy), and the delay
-the pure `backoff` module; this file gathers the facts and applies the verdicts.
+This file gathers facts and applies verdicts; the decisions and the rest live beside it:
+what a death, a template's death or a failed reload means (`decisions`), the delay
+(`backoff`), which worker to recycle (`recycling`), the pool's state and what others see of
+it (`pool`), forking and clearing up after a worker (`spawning`), hang kills and stacks
+(`hangs`), the signal pipe (`wakeups`), the metrics port (`answers`), sd_notify
+(`systemd`), --preload (`template`), --reload (`reloader`). Processes and the clock are
+reached through a `processes.ProcessTable`, so tests/test_master.py drives this loop over a
+fake one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import os
 import random
 import selectors
 import signal
 import sys
-import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import InitVar, dataclass, field
 
 from hello_cluster.config import MAX_WORKERS, Config
-from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK, EXIT_RESOURCE
-from hello_cluster.observe.endpoint import Endpoint, Response
-from hello_cluster.observe.metrics import PoolStats, master_registry
-from hello_cluster.observe.scrape import RenderFailed, Scrapes, choose_format
-from hello_cluster.observe.status_page import (
-    PoolSnapshot,
-    SlotView,
-    WorkerView,
-    slot_samples,
-    status_response,
-    worker_state,
-)
+from hello_cluster.errors import EXIT_APP, EXIT_CRASH_LOOP, EXIT_OK
+from hello_cluster.observe.endpoint import Endpoint
+from hello_cluster.observe.metrics import PoolStats
+from hello_cluster.observe.status_page import PoolSnapshot
 from hello_cluster.supervisor import backoff, decisions
-from hello_cluster.supervisor.decisions import Verdict
+from hello_cluster.supervisor.answers import open_endpoint
+from hello_cluster.supervisor.decisions import TemplateVerdict, Verdict
+from hello_cluster.supervisor.hangs import KILL_GRACE, Hangs
 from hello_cluster.supervisor.oom import OomWatch
+from hello_cluster.supervisor.pool import Pool, Slot, State, Worker
+from hello_cluster.supervisor.processes import Os, ProcessTable, describe_status
 from hello_cluster.supervisor.recycling import Recycler
 from hello_cluster.supervisor.reloader import Watcher
+from hello_cluster.supervisor.spawning import Spawner
+from hello_cluster.supervisor.systemd import Systemd
 from hello_cluster.supervisor.template import Template, Templates, become_subreaper
+from hello_cluster.supervisor.wakeups import HANDLED, Wakeups
 from hello_cluster.system import channel as ch
-from hello_cluster.system import stackdump
 from hello_cluster.system.beats import SCAN, BeatTable
 from hello_cluster.system.notify import Notifier, watchdog_interval
-from hello_cluster.system.procstat import SlotCpu
 from hello_cluster.system.sockets import Listeners
-from hello_cluster.system.stackdump import StackRequest
-from hello_cluster.worker import process as worker
 
 log = logging.getLogger("hello_cluster.master")
 
-KILL_GRACE = 2.0  # a hung worker gets this long after SIGTERM before SIGKILL
-# A hung worker's stack (system/stackdump.py) is waited for this long before it is killed
-# anyway; the loop goes on meanwhile, polling every STACK_POLL.
-STACK_WAIT = 0.5
-STACK_POLL = 0.01
 MAX_TIMEOUT = 1.0  # the loop turns at least this often (watchdog, status, deadlines)
 # A steered worker silent this long (three of its 0.1 s beats) gets no new connections
 # until it beats again: its event loop is blocked, so it could not accept them.
 STALL = 0.3
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
-           signal.SIGTTIN, signal.SIGTTOU)
-
-
-class State(enum.Enum):
-    """The pool's phase; its value is what /status and `hello-cluster status` show."""
-
-    STARTING = "starting"  # forking the first pool; READY=1 once every worker accepts
-    RUNNING = "running"
-    RELOADING = "reloading"  # a rolling replacement (SIGHUP) is under way
-    STOPPING = "stopping"  # draining after SIGTERM/SIGINT, or stopping a failed start
-
-
-@dataclass
-class Worker:
-    pid: int
-    slot: int
-    generation: int
-    fd: int
-    spawned_at: float
-    last_beat: float
-    ready_at: float | None = None
-    retiring: str | None = None  # why we are stopping it: a planned end, never backed off
-    kill_at: float | None = None
-    hung: bool = False
-    stalled: bool = False  # silent past STALL: left out of the steering
-    recycle: str | None = None  # a planned replacement asked for: max-requests, memory, lifetime
-    buffer: bytes = b""
-    error: str | None = None
-    cell: int | None = None  # its beat cell in the shared table (None: beats by pipe)
-    stack: StackRequest | None = None  # hung: its stack asked for, SIGTERM once it came
-    hung_why: str = ""
-
-    @property
-    def serving(self) -> bool:
-        """Ready, and neither draining nor hung: it accepts connections."""
-        return self.ready_at is not None and self.retiring is None and not self.hung
-
-
-@dataclass
-class Slot:
-    failures: int = 0
-    respawn_at: float = 0.0
-    restarts: int = 0  # unplanned deaths since the master started (/status)
 
 
 @dataclass
 class Master:
     cfg: Config
     listeners: Listeners
-    desired: int
+    desired: InitVar[int]
     notifier: Notifier = field(default_factory=Notifier)
     multiproc_dir: str | None = None
     policy: backoff.Policy = field(default_factory=backoff.Policy)
     dump_dir: str | None = None  # the workers' stack files (system/stackdump.py)
+    procs: ProcessTable = field(default_factory=Os)  # fork, kill, reap, clock (a fake in tests)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, desired: int) -> None:
         self.pid = os.getpid()
-        self.started_at = time.monotonic()  # /status uptime
-        self.slot_cpu = SlotCpu()  # reaped workers' CPU time per slot (a counter survives)
+        self.started_at = self.procs.monotonic()  # /status uptime
+        self.pool = Pool(desired)
         self.selector = selectors.DefaultSelector()
-        self.workers: dict[int, Worker] = {}
-        self.slots: list[Slot] = [Slot() for _ in range(self.desired)]
-        self.generation = 0
-        self.stats = PoolStats(desired=self.desired)
         self.breaker = backoff.Breaker(self.policy.crash_loop_limit)
-        self.signals: list[int] = []
-        self.state = State.STARTING
         self.exit_code: int | None = None
-        self.ever_ready = False
         self.reload_pending = False
         self.drain_at: float | None = None
         self.drain_deadline: float | None = None
         self.stop_reason = ""
         self.oom = OomWatch()
-        self.watchdog_every = watchdog_interval(os.environ, self.pid)
-        self.watchdog_next = 0.0
-        self.extend_next = 0.0
+        self.systemd = Systemd(self.notifier, watchdog_interval(os.environ, self.pid))
         self.endpoint: Endpoint | None = None
-        self.steered: frozenset[int] | None = None  # the slots new connections go to
         # Room for a full pool of MAX_WORKERS twice over (a reload) and as many draining.
         self.beats = BeatTable(4 * MAX_WORKERS)
         self.next_scan = 0.0
         self.scanned_at = 0.0  # when the beats were last read: silences are measured here
         self.next_respawn: float | None = 0.0  # the earliest respawn due: at start, now
-        self.last_status = ""
         self.recycler = Recycler(self.cfg.max_worker_memory, self.cfg.max_worker_lifetime or 0.0)
+        self.hangs = Hangs(self.cfg, self.dump_dir, self.procs.kill)
+        self.spawner = Spawner(self.cfg, self.listeners, self.beats, self.procs, self.pid,
+                               self.dump_dir, self.multiproc_dir, self.fds_not_for_children)
         self.templates: Templates | None = None  # --preload
-        self.template_due = 0.0
-        self.template_failures = 0
         self.said_error: str | None = None  # the last worker error logged (said once)
         self.watcher = Watcher(self.cfg, self.pid) if self.cfg.reload else None  # --reload
         self.stack_poll: float | None = None  # while a hung worker's stack is awaited
-        self._wake_r, self._wake_w = os.pipe()
+        self.wakeups = Wakeups(self.selector)
 
     # ---- life of the master -------------------------------------------------------------
 
     def run(self) -> int:
-        self.install_signals()
+        self.wakeups.install()
+        self.begin()
+        while True:
+            self.wait_for_events()
+            if not self.turn():
+                break
+        self.shutdown()
+        assert self.exit_code is not None
+        return self.exit_code
+
+    def begin(self) -> None:
         if self.cfg.preload:
             become_subreaper()
             self.templates = Templates(self.cfg, self.pid, self.beats.view, self.selector,
-                                       on_news=lambda: None)
+                                       self.policy)
+            self.spawner.templates = self.templates
         if self.listeners.metrics is not None:
-            registry = master_registry(self.pool_stats, self.multiproc_dir,
-                                       lambda: slot_samples(self.snapshot()))
-            scrapes = Scrapes(registry, self.pool_stats)
-            self.endpoint = Endpoint(self.listeners.metrics, self.selector,
-                                     lambda m, p, a: self.answer(scrapes, p, a))
-        log.info("master ready to fork %d workers on %s%s", self.desired,
+            self.endpoint = open_endpoint(self.listeners.metrics, self.selector,
+                                          self.pool_stats, self.multiproc_dir, self.snapshot,
+                                          self.readiness, self.procs.monotonic)
+        log.info("master ready to fork %d workers on %s%s", self.pool.desired,
                  self.listeners.describe(),
                  " (socket activation)" if self.listeners.activated else "")
-        self.notifier.status(f"starting {self.desired} workers")
-        while True:
-            self.wait_for_events()
-            self.handle_signals()
-            self.reap_workers()
-            if self.exit_code is not None and not self.workers:
-                break
-            self.read_beats()
-            self.murder_workers()
-            self.recycle_workers()
-            self.manage_workers()
-            self.tell_systemd()
-        self.shutdown()
-        return self.exit_code
+        self.notifier.status(f"starting {self.pool.desired} workers")
 
-    def install_signals(self) -> None:
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in HANDLED:
-            # The C-level handler writes the signal number to the wakeup pipe; the Python
-            # handler has nothing left to do. PID 1 has no default actions, so this matters.
-            signal.signal(sig, _noop)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self.read_wakeups)
+    def turn(self) -> bool:
+        """One turn of the loop, after a wake-up; False once stopped with every worker reaped."""
+        self.handle_signals()
+        self.reap_workers()
+        if self.exit_code is not None and not self.pool.workers:
+            return False
+        self.read_beats()
+        self.murder_workers()
+        self.recycle_workers()
+        self.manage_workers()
+        self.tell_systemd()
+        return True
 
     def wait_for_events(self) -> None:
-        now = time.monotonic()
+        now = self.procs.monotonic()
         timeout = max(0.0, min(self.deadlines(), default=now + MAX_TIMEOUT) - now)
-        for key, _ in self.selector.select(min(timeout, MAX_TIMEOUT)):
+        self.dispatch(min(timeout, MAX_TIMEOUT))
+
+    def dispatch(self, timeout: float) -> None:
+        """Wait up to `timeout` for the selector, then run what woke it."""
+        for key, _ in self.selector.select(timeout):
             key.data()
-        self.stats.wakeups += 1
+        self.pool.stats.wakeups += 1
         if self.endpoint is not None:
-            self.endpoint.expire(time.monotonic())
+            self.endpoint.expire(self.procs.monotonic())
 
     def deadlines(self) -> list[float]:
         """The few times the loop must wake at, none of them per worker.
@@ -218,20 +161,15 @@ class Master:
         1/SCAN times a second when nothing happens.
         """
         times = [t for t in (self.next_respawn, self.drain_at, self.drain_deadline,
-                             self.stack_poll,
-                             self.watchdog_next if self.watchdog_every else None,
+                             self.stack_poll, self.systemd.deadline(),
                              self.endpoint.next_deadline() if self.endpoint else None)
                  if t is not None]
-        if self.workers:
+        if self.pool.workers:
             times.append(self.next_scan)
         return times
 
-    def read_wakeups(self) -> None:
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            self.signals.extend(os.read(self._wake_r, 4096))
-
     def shutdown(self) -> None:
-        signal.set_wakeup_fd(-1)
+        self.wakeups.uninstall()
         if self.endpoint is not None:
             self.endpoint.close()
         self.listeners.close_app()
@@ -244,18 +182,10 @@ class Master:
     # ---- signals ------------------------------------------------------------------------
 
     def handle_signals(self) -> None:
-        pending, self.signals = self.signals, []
-        seen: set[int] = set()
-        for sig in pending:
-            if sig == signal.SIGCHLD:
-                continue  # reap_workers runs every turn anyway
+        for sig in self.wakeups.take():  # a burst of the same signal is one request
             if sig in (signal.SIGTTIN, signal.SIGTTOU):
                 self.scale(+1 if sig == signal.SIGTTIN else -1)
-                continue
-            if sig in seen:
-                continue  # a burst of the same signal is one request
-            seen.add(sig)
-            if sig in (signal.SIGTERM, signal.SIGINT):
+            elif sig in (signal.SIGTERM, signal.SIGINT):
                 self.begin_stop(EXIT_OK, f"{signal.Signals(sig).name} received")
             elif sig == signal.SIGQUIT:
                 self.stop_now()
@@ -266,8 +196,8 @@ class Master:
         """Graceful stop: /readyz goes 503, serve through --shutdown-delay, then drain."""
         if self.exit_code is not None:
             return
-        self.exit_code, self.stop_reason, self.state = code, reason, State.STOPPING
-        now = time.monotonic()
+        self.exit_code, self.stop_reason, self.pool.state = code, reason, State.STOPPING
+        now = self.procs.monotonic()
         self.drain_at = now + (self.cfg.shutdown_delay if code == EXIT_OK else 0.0)
         log.log(self.quiet, "stopping (%s): serving %.1fs more, then draining for up to %.1fs",
                 reason, self.drain_at - now, self.cfg.graceful_timeout)
@@ -277,14 +207,15 @@ class Master:
     def stop_now(self) -> None:
         log.warning("SIGQUIT: stopping immediately")
         if self.exit_code is None:
-            self.exit_code, self.stop_reason, self.state = EXIT_OK, "SIGQUIT", State.STOPPING
+            self.exit_code, self.stop_reason = EXIT_OK, "SIGQUIT"
+            self.pool.state = State.STOPPING
             self.notifier.stopping("stopping immediately")
         self.listeners.close_app()
         if self.templates is not None:
             self.templates.stop_all()
-        for w in self.workers.values():
+        for w in self.pool.workers.values():
             w.retiring = w.retiring or "shutdown"
-            _kill(w.pid, signal.SIGKILL)
+            self.procs.kill(w.pid, signal.SIGKILL)
         self.drain_at = None
 
     def start_drain(self, now: float) -> None:
@@ -294,104 +225,60 @@ class Master:
         self.listeners.close_app()
         if self.templates is not None:
             self.templates.stop_all()
-        self.retire([(w, "shutdown") for w in self.workers.values()], now)
+        self.retire([(w, "shutdown") for w in self.pool.workers.values()], now)
 
     def reload(self) -> None:
-        if self.state == State.STOPPING:
+        pool = self.pool
+        if pool.state == State.STOPPING:
             return
-        if self.state == State.RELOADING:
+        if pool.state == State.RELOADING:
             self.reload_pending = True
             return
-        self.generation += 1
-        self.stats.reloads += 1
-        self.state = State.RELOADING
-        log.info("reload: rolling replacement of %d workers (generation %d)", self.desired,
-                 self.generation)
+        pool.generation += 1
+        pool.stats.reloads += 1
+        pool.state = State.RELOADING
+        log.info("reload: rolling replacement of %d workers (generation %d)", pool.desired,
+                 pool.generation)
         self.notifier.reloading()
 
     def scale(self, step: int) -> None:
-        if self.state == State.STOPPING:
+        pool = self.pool
+        if pool.state == State.STOPPING:
             return
-        new = min(MAX_WORKERS, max(1, self.desired + step))
-        if new == self.desired:
+        new = min(MAX_WORKERS, max(1, pool.desired + step))
+        if new == pool.desired:
             log.info("scale: staying at %d workers (limits 1..%d)", new, MAX_WORKERS)
             return
-        log.info("scale: %d -> %d workers", self.desired, new)
-        self.desired = self.stats.desired = new
-        while len(self.slots) < new:
-            self.slots.append(Slot())
-        self.retire([(w, "scale-down") for w in self.workers.values() if w.slot >= new],
-                    time.monotonic())
-        del self.slots[new:]
+        log.info("scale: %d -> %d workers", pool.desired, new)
+        pool.desired = pool.stats.desired = new
+        while len(pool.slots) < new:
+            pool.slots.append(Slot())
+        self.retire([(w, "scale-down") for w in pool.workers.values() if w.slot >= new],
+                    self.procs.monotonic())
+        del pool.slots[new:]
 
     # ---- the life of workers ------------------------------------------------------------
 
     def spawn_worker(self, slot: int, now: float) -> None:
-        template = None
-        if self.templates is not None:
-            template = self.templates.current(self.generation)
-            if template is None or not template.ready:
-                return  # the template is still importing the app; its READY wakes us
-        self.listeners.grow(slot + 1)  # a slot added by SIGTTIN needs its own socket
-        read_fd, write_fd = os.pipe()
-        cell = self.beats.allocate(now)
-        if template is not None:
-            neighbours = self.listeners.neighbours(slot)
-            pid = template.spawn({"slot": slot, "generation": self.generation, "cell": cell,
-                                  "own_socket": bool(self.listeners.groups),
-                                  "neighbours": len(neighbours), "dump_dir": self.dump_dir},
-                                 [write_fd, *(s.fileno() for s in
-                                              [*self.listeners.for_slot(slot), *neighbours])])
-            error = "" if pid else f"the --preload template pid {template.pid} did not answer"
-            if pid is None:
-                assert self.templates is not None
-                self.templates.stop(template)  # a new one starts on the next turn
-        else:
-            pid, error = self.fork_worker(slot, read_fd, write_fd, cell)
-        os.close(write_fd)
-        if pid is None:
-            os.close(read_fd)
-            self.beats.release(cell)
-            self.slots[slot].failures += 1
-            self.schedule_respawn(slot, now, error)
+        generation = self.pool.generation
+        born = self.spawner.spawn(slot, generation, now)
+        if born is None:
+            return  # the --preload template is still importing the app; its READY wakes us
+        if isinstance(born, str):
+            self.pool.slots[slot].failures += 1
+            self.schedule_respawn(slot, now, born)
             return
-        os.set_blocking(read_fd, False)
-        w = Worker(pid=pid, slot=slot, generation=self.generation, fd=read_fd, spawned_at=now,
-                   last_beat=now, cell=cell)
-        self.workers[pid] = w
-        self.selector.register(read_fd, selectors.EVENT_READ, lambda: self.read_channel(w))
-        self.stats.spawns += 1
-        log.debug("spawned worker %d pid %d (generation %d)", slot + 1, pid, self.generation)
-
-    def fork_worker(self, slot: int, read_fd: int, write_fd: int, cell: int | None
-                    ) -> tuple[int | None, str]:
-        close_fds = [read_fd, *self.fds_not_for_children(), *self.listeners.not_for_slot(slot)]
-        spec = worker.WorkerSpec(slot=slot, generation=self.generation, master_pid=self.pid,
-                                 sockets=self.listeners.for_slot(slot), channel_fd=write_fd,
-                                 close_fds=close_fds, own_socket=bool(self.listeners.groups),
-                                 neighbours=self.listeners.neighbours(slot),
-                                 beats=self.beats.view if cell is not None else None,
-                                 beat_cell=cell or 0, dump_dir=self.dump_dir)
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        # Block our signals across fork(): a signal landing in the child before it has reset
-        # its handlers would be written into our wakeup pipe and read as ours. The child
-        # resets the handlers, then unblocks; whatever was pending reaches the new handlers.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-        try:
-            pid = os.fork()
-        except OSError as err:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            return None, f"fork failed: {err.strerror}"
-        if pid == 0:
-            worker.run(self.cfg, spec, unblock=blocked)
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        return pid, ""
+        w = Worker(pid=born.pid, slot=slot, generation=generation, fd=born.fd, spawned_at=now,
+                   last_beat=now, cell=born.cell)
+        self.pool.workers[w.pid] = w
+        self.selector.register(w.fd, selectors.EVENT_READ, lambda: self.read_channel(w))
+        self.pool.stats.spawns += 1
+        log.debug("spawned worker %d pid %d (generation %d)", slot + 1, w.pid, generation)
 
     def fds_not_for_children(self) -> list[int]:
-        """The master's own fds, which a forked worker or template closes at once."""
-        fds = [self._wake_r, self._wake_w, self.selector.fileno(),
-               *(w.fd for w in self.workers.values())]
+        """The master's own fds, which a forked worker, template or watcher closes at once."""
+        fds = [*self.wakeups.fds(), self.selector.fileno(),
+               *(w.fd for w in self.pool.workers.values())]
         if self.endpoint is not None:
             fds.append(self.endpoint.sock.fileno())
             fds.extend(self.endpoint.conns)
@@ -399,51 +286,12 @@ class Master:
             fds.extend(self.templates.fds())
         return fds
 
-    # ---- --preload: the template that imports the app once ------------------------------
-
-    def manage_template(self, now: float) -> None:
-        """Keep a template for the current generation (a reload makes a new generation)."""
-        assert self.templates is not None
-        t = self.templates.current(self.generation)
-        if t is not None and not t.ready and t.error is None \
-                and now - t.started_at > self.cfg.startup_timeout:
-            t.error = (f"the --preload template pid {t.pid} did not import the app within "
-                       f"{self.cfg.startup_timeout:g}s (--startup-timeout)")
-            _kill(t.pid, signal.SIGKILL)  # template_died says why, once
-        if t is None and now >= self.template_due:
-            self.templates.start(self.generation, [
-                *self.fds_not_for_children(), *self.listeners.not_for_slot(-1),
-                *(sock.fileno() for sock in self.listeners.app)])
-
-    def template_died(self, t: Template, status: int, now: float) -> None:
-        how = _describe_status(status)
-        if not t.ready:  # it could not import the app
-            why = t.error or f"the --preload template {how} before importing the app"
-            if self.state == State.RELOADING and t.generation == self.generation \
-                    and self.abort_reload(f"the new code could not be loaded: {why}"):
-                return
-            if not self.ever_ready and self.exit_code is None:
-                self.begin_stop(EXIT_APP, why)
-            return
-        if self.exit_code is not None or t.generation != self.generation:
-            return
-        self.template_failures += 1
-        wait = backoff.delay(self.policy, self.template_failures, random.random)
-        self.template_due = now + wait
-        log.warning("template pid %d %s; a new one imports the app in %.3fs", t.pid, how, wait)
-
     def read_beats(self) -> None:
         """Every SCAN: take each worker's last stamp from the shared table, O(workers)."""
-        now = time.monotonic()
-        if now < self.next_scan:
-            return
-        self.next_scan, self.scanned_at = now + SCAN, now
-        beats = self.beats
-        for w in self.workers.values():
-            if w.cell is not None:
-                stamp = beats.last_beat(w.cell)
-                if stamp > w.last_beat:
-                    w.last_beat = stamp
+        now = self.procs.monotonic()
+        if now >= self.next_scan:
+            self.next_scan, self.scanned_at = now + SCAN, now
+            self.pool.take_beats(self.beats)
 
     def read_channel(self, w: Worker) -> None:
         try:
@@ -454,7 +302,7 @@ class Master:
             self.selector.unregister(w.fd)
             return
         events, errors, w.buffer = ch.parse(w.buffer + data)
-        now = time.monotonic()
+        now = self.procs.monotonic()
         if events or errors:
             w.last_beat = now
         for text in errors:
@@ -467,7 +315,7 @@ class Master:
 
     def worker_ready(self, w: Worker, now: float) -> None:
         w.ready_at = now
-        self.ever_ready = True
+        self.pool.ever_ready = True
         self.breaker = self.breaker.worker_ready()
         log.info("worker %d pid %d ready in %.0f ms", w.slot + 1, w.pid,
                  (now - w.spawned_at) * 1000)
@@ -475,24 +323,25 @@ class Master:
     def recycle_workers(self) -> None:
         """--max-worker-memory and --max-worker-lifetime: one planned replacement at a time,
         chosen by the recycling policy; manage_workers forks the replacement."""
-        if not self.recycler.enabled or self.state != State.RUNNING:
+        pool = self.pool
+        if not self.recycler.enabled or pool.state != State.RUNNING:
             return
         serving, in_flight = [], False
-        for w in self.workers.values():
+        for w in pool.workers.values():
             if w.recycle in ("memory", "lifetime"):
                 in_flight = True
             elif w.recycle is None and w.serving:
                 serving.append(w)
-        decision = self.recycler.due(serving, time.monotonic(), self.desired, in_flight)
+        decision = self.recycler.due(serving, self.procs.monotonic(), pool.desired, in_flight)
         if decision is not None:
-            chosen = self.workers[decision.worker.pid]
+            chosen = pool.workers[decision.worker.pid]
             self.begin_recycle(chosen, decision.reason, decision.detail)
 
     def begin_recycle(self, w: Worker, reason: str, detail: str) -> None:
         """A planned replacement: counted now, the worker drains once its successor is ready."""
         w.recycle = reason
         self.recycler.forget(w.pid)
-        self.stats.recycles[reason.replace("-", "_")] += 1
+        self.pool.stats.recycles[reason.replace("-", "_")] += 1
         log.info("worker %d pid %d: recycling (%s); its replacement starts first",
                  w.slot + 1, w.pid, detail)
 
@@ -508,30 +357,24 @@ class Master:
             log.log(self.quiet, "worker %d pid %d: draining (%s)", w.slot + 1, w.pid, why)
         self.steer()  # no new connection for them from here on
         for w, _ in leaving:
-            _kill(w.pid, signal.SIGTERM)
+            self.procs.kill(w.pid, signal.SIGTERM)
 
     def reap_workers(self) -> None:
-        while True:
-            try:
-                pid, status, usage = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            w = self.workers.pop(pid, None)
-            if w is None and self.watcher is not None \
-                    and self.watcher.reaped(pid, status, time.monotonic()):
+        while (reaped := self.procs.reap()) is not None:
+            pid, status, usage = reaped
+            now = self.procs.monotonic()
+            w = self.pool.workers.pop(pid, None)
+            if w is None and self.watcher is not None and self.watcher.reaped(pid, status, now):
                 continue
             t = self.templates.reaped(pid) if w is None and self.templates else None
             if t is not None:
-                self.template_died(t, status, time.monotonic())
-                continue
-            if w is None:
+                self.template_died(t, status, now)
+            elif w is None:
                 # As PID 1 we inherit orphans; reaping them is the whole job.
                 log.debug("reaped orphan pid %d (status %#x)", pid, status)
-                continue
-            self.slot_cpu.worker_reaped(w.slot, usage)
-            self.worker_died(w, status, time.monotonic())
+            else:
+                self.pool.slot_cpu.worker_reaped(w.slot, usage)
+                self.worker_died(w, status, now)
 
     def worker_died(self, w: Worker, status: int, now: float) -> None:
         # Its last words (the line saying why it cannot start) may still be in the pipe if
@@ -542,46 +385,20 @@ class Master:
             self.selector.unregister(w.fd)
         os.close(w.fd)
         self.recycler.forget(w.pid)
-        if self.dump_dir is not None:
-            stackdump.remove_files(self.dump_dir, w.slot, w.pid)
-        self.beats.release(w.cell)  # nobody writes it any more: free for the next worker
-        if self.multiproc_dir is not None:
-            from prometheus_client import multiprocess
+        self.spawner.release(w)
+        judged = decisions.judge_death(self.pool.death(w, status, now, self.exit_code is not None),
+                                       self.breaker, self.policy)
+        self.apply_death(w, judged, status, now)
 
-            from hello_cluster.observe.metrics import archive_dead_worker
-
-            multiprocess.mark_process_dead(w.pid, self.multiproc_dir)
-            try:
-                archive_dead_worker(self.multiproc_dir, w.pid)
-            except Exception as err:  # bookkeeping must never take supervision down
-                log.warning("could not archive the metric files of pid %d: %s", w.pid, err)
-        how = _describe_status(status)
-        exited = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        in_reload = (w.ready_at is None and w.generation == self.generation
-                     and self.generation > 0 and self.state == State.RELOADING)
-        judged = decisions.judge_death(decisions.Death(
-            planned=w.retiring is not None, stopping=self.exit_code is not None,
-            scaled_away=w.slot >= self.desired,
-            start_error=w.error is not None and exited in (EXIT_APP, EXIT_RESOURCE),
-            ever_ready=self.ever_ready,
-            ready_for=None if w.ready_at is None else now - w.ready_at,
-            new_in_reload=in_reload,
-            old_serving=in_reload and any(o.generation < self.generation and o.retiring is None
-                                          for o in self.workers.values()),
-            slot_alive=any(o.slot == w.slot for o in self.workers.values()),
-            failures=self.slots[w.slot].failures if w.slot < len(self.slots) else 0,
-        ), self.breaker, self.policy)
-        self.apply_death(w, judged, status, how, now - w.spawned_at, now)
-
-    def apply_death(self, w: Worker, judged: decisions.Judgement, status: int, how: str,
-                    lifetime: float, now: float) -> None:
+    def apply_death(self, w: Worker, judged: decisions.Judgement, status: int, now: float
+                    ) -> None:
         """The effects of a verdict (decisions.judge_death): the log line, and what follows."""
-        verdict = judged.verdict
+        verdict, how, lifetime = judged.verdict, describe_status(status), now - w.spawned_at
         if verdict is Verdict.PLANNED:
             log.log(self.quiet, "worker %d pid %d ended (%s, %s) after %.1fs", w.slot + 1,
                     w.pid, w.retiring, how, lifetime)
             return
-        reason = self.classify(w, status)
+        reason = decisions.death_reason(w.hung, status, self.oom.rose)
         if verdict is Verdict.NOT_RESPAWNED:
             log.log(logging.DEBUG if self.quiet == logging.DEBUG else logging.WARNING,
                     "worker %d died: pid %d %s, %s, lived %.1fs; not respawned (stopping or "
@@ -597,16 +414,15 @@ class Master:
             return
         self.say_error(w)
         self.breaker = judged.breaker
-        slot = self.slots[w.slot]
+        slot = self.pool.slots[w.slot]
         slot.failures = judged.failures
-        self.stats.restarts[reason] += 1
+        self.pool.stats.restarts[reason] += 1
         slot.restarts += 1
         if verdict is Verdict.CRASH_LOOP:
-            line = (f"crash loop: {self.breaker.boot_deaths} workers in a row died before "
-                    f"becoming ready; the last (pid {w.pid}) {how}"
-                    + (f": {w.error}" if w.error else "") + "; giving up")
-            log.error(line)
-            self.stats.crash_loop = True
+            log.error(f"crash loop: {self.breaker.boot_deaths} workers in a row died before "
+                      f"becoming ready; the last (pid {w.pid}) {how}"
+                      + (f": {w.error}" if w.error else "") + "; giving up")
+            self.pool.stats.crash_loop = True
             self.begin_stop(EXIT_CRASH_LOOP, "crash loop")
         elif verdict is Verdict.REPLACEMENT_RUNNING:
             # A replacement is already running (recycling or reload): nothing to schedule.
@@ -631,119 +447,64 @@ class Master:
         log.log(level, "worker %d pid %d cannot start: %s", w.slot + 1, w.pid, w.error)
 
     def schedule_respawn(self, index: int, now: float, what: str) -> None:
-        slot = self.slots[index]
+        slot = self.pool.slots[index]
         ceiling = backoff.ceiling(self.policy, slot.failures)
         wait = backoff.delay(self.policy, slot.failures, random.random)
         slot.respawn_at = now + wait
         log.warning("worker %d died: %s; failure %d in a row, respawn in %.3fs "
                     "(backoff ceiling %.3fs)", index + 1, what, slot.failures, wait, ceiling)
 
-    def abort_reload(self, why: str, error: str | None = None) -> bool:
-        """The new generation cannot start while old workers still serve: keep them."""
-        old = [o for o in self.workers.values() if o.generation < self.generation
-               and o.retiring is None]
-        if not old:
-            return False
-        log.error("reload failed: %s; keeping %d workers of the previous generation", why,
-                  len(old))
-        self.said_error = error  # its siblings of the same generation fail the same way
-        self.retire([(o, "reload-aborted") for o in self.workers.values()
-                     if o.generation == self.generation], time.monotonic())
-        self.generation = max(o.generation for o in old)
-        if self.templates is not None:
-            self.templates.stop_others(self.generation)
-        self.state = State.RUNNING
-        self.reload_pending = False
-        self.notifier.ready(self.status_line() + " (reload failed)")
-        return True
+    # ---- reloads and --preload templates ------------------------------------------------
 
-    def classify(self, w: Worker, status: int) -> str:
-        if w.hung:
-            return "timeout"
-        if os.WIFSIGNALED(status):
-            if os.WTERMSIG(status) == signal.SIGKILL and self.oom.rose():
-                return "oom"
-            return "signal"
-        return "exit"
+    def abort_reload(self, why: str, error: str | None = None) -> None:
+        """Apply decisions.abandon_reload: the old generation serves on, the new one ends."""
+        pool = self.pool
+        abandon = decisions.abandon_reload(
+            [o.generation for o in pool.workers.values() if o.retiring is None],
+            pool.generation)
+        if abandon is None:  # the verdicts that lead here saw old workers serving
+            return
+        log.error("reload failed: %s; keeping %d workers of the previous generation", why,
+                  abandon.kept)
+        self.said_error = error  # its siblings of the same generation fail the same way
+        self.retire([(o, "reload-aborted") for o in pool.workers.values()
+                     if o.generation == abandon.retire], self.procs.monotonic())
+        pool.generation = abandon.keep
+        if self.templates is not None:
+            self.templates.stop_others(pool.generation)
+        pool.state = State.RUNNING
+        self.reload_pending = False
+        self.notifier.ready(pool.status_line() + " (reload failed)")
+
+    def template_died(self, t: Template, status: int, now: float) -> None:
+        """Apply decisions.judge_template_death (Templates.died schedules a replacement)."""
+        assert self.templates is not None
+        pool = self.pool
+        verdict, why = self.templates.died(t, status, now, decisions.TemplateDeath(
+            imported=t.ready, current=t.generation == pool.generation,
+            reloading=pool.state == State.RELOADING, old_serving=pool.old_serving(),
+            ever_ready=pool.ever_ready, stopping=self.exit_code is not None,
+            failures=self.templates.failures))
+        if verdict is TemplateVerdict.ABORT_RELOAD:
+            self.abort_reload(f"the new code could not be loaded: {why}")
+        elif verdict is TemplateVerdict.STOP_START:
+            self.begin_stop(EXIT_APP, why)
+
+    # ---- hangs, slots, steering ---------------------------------------------------------
 
     def murder_workers(self) -> None:
-        """Kill the hung (silent past --worker-timeout), the ones not ready within
-        --startup-timeout, and the drainers past their deadline.
-
-        A worker beats from its event loop, which turns only once it serves: importing the
-        app and its lifespan startup come before, so until READY a worker is judged by how
-        long it has been starting, not by its silence.
-        """
-        now = time.monotonic()
-        self.stack_poll = None
-        for w in self.workers.values():
-            if w.stack is not None:
-                if w.stack.done() or w.stack.expired(now):
-                    self.signal_hung(w, now)
-                else:
-                    self.stack_poll = now + STACK_POLL
-                continue
-            if w.kill_at is not None:
-                if now >= w.kill_at:
-                    log.warning("worker %d pid %d did not stop in time (%s); SIGKILL",
-                                w.slot + 1, w.pid, w.retiring or "timeout")
-                    _kill(w.pid, signal.SIGKILL)
-                    w.kill_at = now + 3600  # once; reap_workers takes it from here
-                continue
-            if w.ready_at is None:
-                if now - w.spawned_at > self.cfg.startup_timeout:
-                    self.kill_hung(w, now, f"not ready after {now - w.spawned_at:.1f}s "
-                                   "(--startup-timeout): its app import or lifespan startup "
-                                   "is too slow or stuck")
-                continue
-            silent = self.scanned_at - w.last_beat  # as of the last read of the beats
-            if silent > self.cfg.worker_timeout:
-                self.kill_hung(w, now, f"silent for {silent:.1f}s (--worker-timeout)")
-
-    def kill_hung(self, w: Worker, now: float, why: str) -> None:
-        """Ask for its stack first (faulthandler, answered even from a C call); the SIGTERM
-        follows once it came, or after STACK_WAIT (signal_hung). The loop goes on meanwhile."""
-        w.hung, w.hung_why = True, why
-        if self.dump_dir is not None:
-            try:
-                path = stackdump.file_path(self.dump_dir, w.slot, w.pid, "stacks")
-                w.stack = StackRequest.send(path, w.pid, STACK_WAIT)
-            except OSError as err:
-                log.debug("worker %d pid %d: cannot ask for its stack: %s", w.slot + 1, w.pid,
-                          err)
-        if w.stack is None:
-            self.signal_hung(w, now)
-        else:
-            self.stack_poll = now + STACK_POLL
-
-    def signal_hung(self, w: Worker, now: float) -> None:
-        """One record: why it is killed, and its stack (every thread, innermost call last;
-        under --log-format json the frames are a list in the same object)."""
-        asked, w.stack = w.stack, None
-        threads = asked.read() if asked is not None else []
-        line = f"worker {w.slot + 1} pid {w.pid} {w.hung_why}; killing it"
-        fields: dict[str, Any] = {"slot": w.slot + 1, "worker_pid": w.pid}
-        if threads:
-            fields["threads"] = stackdump.to_json(threads)
-            if self.cfg.log_format != "json":
-                line += "; its stack, innermost call last:\n" + stackdump.render(threads)
-        elif asked is not None:
-            line += f" (its stack did not come within {STACK_WAIT:g}s)"
-        log.error("%s", line, extra={"fields": fields})
-        w.kill_at = now + KILL_GRACE
-        _kill(w.pid, signal.SIGTERM)
+        """Kill the hung, the slow to start and the drainers past their deadline (hangs.py)."""
+        self.stack_poll = self.hangs.murder_workers(self.pool.workers.values(),
+                                                    self.procs.monotonic(), self.scanned_at)
 
     def manage_workers(self) -> None:
+        pool = self.pool
         self.steer()
-        now = time.monotonic()
+        now = self.procs.monotonic()
         if self.watcher is not None:  # --reload: stopped with the master, else kept running
-            if self.state == State.STOPPING:
-                self.watcher.stop()
-            self.watcher.keep_running(now, lambda: [*self.fds_not_for_children(),
-                                                    *self.listeners.not_for_slot(-1),
-                                                    *(s.fileno() for s in self.listeners.app)],
-                                      HANDLED)
-        if self.state == State.STOPPING:
+            self.watcher.tend(now, pool.state == State.STOPPING, self.spawner.helpers_close,
+                              HANDLED)
+        if pool.state == State.STOPPING:
             self.next_respawn = None
             if self.drain_at is not None and now >= self.drain_at:
                 self.start_drain(now)
@@ -751,25 +512,13 @@ class Master:
                 self.extend_systemd_timeout(now)
             return
         if self.templates is not None:
-            self.manage_template(now)
-        staying = self.staying_by_slot()
-        leaving: list[tuple[Worker, str]] = []
-        self.next_respawn = None
-        for index, slot in enumerate(self.slots):
-            live = staying.get(index, ())
-            current = [w for w in live if w.generation == self.generation
-                       and w.recycle is None]
-            if not current:
-                if now >= slot.respawn_at:
-                    slot.respawn_at = 0.0
-                    self.spawn_worker(index, now)
-                if slot.respawn_at > now and (self.next_respawn is None
-                                              or slot.respawn_at < self.next_respawn):
-                    self.next_respawn = slot.respawn_at
-                continue
-            if any(w.ready_at is not None for w in current):
-                leaving += [(w, w.recycle or "reload")
-                            for w in live if w not in current]
+            self.templates.keep_current(pool.generation, now, self.spawner.helpers_close)
+        due, waiting, leaving = pool.needs(now)
+        for index in due:
+            pool.slots[index].respawn_at = 0.0
+            self.spawn_worker(index, now)  # a failed fork sets the slot's backoff
+        self.next_respawn = min((t for i in (*due, *waiting)
+                                 if (t := pool.slots[i].respawn_at) > now), default=None)
         self.retire(leaving, now)
         self.update_state()
 
@@ -779,156 +528,60 @@ class Master:
         Called every turn (a death, a READY or a missed beat each end a wait) and before
         any SIGTERM; it costs a setsockopt only when the set changed. A slot left out
         keeps its socket (held here), so what was queued on it waits for the slot's next
-        worker.
+        worker. Silences are measured as of the last read of the beats, never older.
         """
         if not self.listeners.groups:
             return
-        seen = self.scanned_at  # silences as of the last read of the beats, never older
-        ready: set[int] = set()
-        for w in self.workers.values():
-            if not w.serving or w.slot >= self.desired:
-                continue
-            stalled = seen - w.last_beat > STALL
-            if stalled and not w.stalled:
-                self.stats.stalls += 1
-                log.debug("worker %d pid %d: no beat for %.1fs, its loop is blocked; no new "
-                          "connections for it until it beats", w.slot + 1, w.pid,
-                          seen - w.last_beat)
-            w.stalled = stalled
-            if not stalled:
-                ready.add(w.slot)
-        if frozenset(ready) != self.steered:
-            self.steered = frozenset(ready)
+        ready, stalled = self.pool.steerable(self.scanned_at, STALL)
+        for w in stalled:
+            self.pool.stats.stalls += 1
+            log.debug("worker %d pid %d: no beat for %.1fs, its loop is blocked; no new "
+                      "connections for it until it beats", w.slot + 1, w.pid,
+                      self.scanned_at - w.last_beat)
+        if frozenset(ready) != self.pool.steered:
+            self.pool.steered = frozenset(ready)
             self.listeners.steer(ready)
             log.debug("steering new connections to slots %s",
                       ", ".join(str(s + 1) for s in sorted(ready)) or "(none: kernel hash)")
 
     def update_state(self) -> None:
-        ready = self.ready_count()
-        if self.state == State.STARTING and ready >= self.desired:
-            self.state = State.RUNNING
-            log.info("all %d workers ready", self.desired)
-            self.notifier.ready(self.status_line())
-        elif self.state == State.RELOADING and not any(
-                w.generation != self.generation and w.retiring is None
-                for w in self.workers.values()) and ready >= self.desired:
-            self.state = State.RUNNING
-            log.info("reload complete: %d workers of generation %d", ready, self.generation)
+        pool = self.pool
+        if pool.state == State.STARTING and pool.ready_count() >= pool.desired:
+            pool.state = State.RUNNING
+            log.info("all %d workers ready", pool.desired)
+            self.notifier.ready(pool.status_line())
+        elif pool.state == State.RELOADING and pool.reload_done():
+            pool.state = State.RUNNING
+            log.info("reload complete: %d workers of generation %d", pool.ready_count(),
+                     pool.generation)
             if self.templates is not None:
-                self.templates.stop_others(self.generation)
-            self.notifier.ready(self.status_line())
+                self.templates.stop_others(pool.generation)
+            self.notifier.ready(pool.status_line())
             if self.reload_pending:
                 self.reload_pending = False
                 self.reload()
 
-    def staying_by_slot(self) -> dict[int, list[Worker]]:
-        """The workers not being retired, by slot: one pass, so a turn stays O(workers)."""
-        staying: dict[int, list[Worker]] = {}
-        for w in self.workers.values():
-            if w.retiring is None:
-                staying.setdefault(w.slot, []).append(w)
-        return staying
-
     # ---- what others see ----------------------------------------------------------------
 
-    def ready_count(self) -> int:
-        return sum(1 for w in self.workers.values() if w.serving)
-
-    def status_line(self) -> str:
-        restarts = sum(self.stats.restarts.values())
-        return f"{self.ready_count()}/{self.desired} workers ready, {restarts} restarts"
-
     def pool_stats(self) -> PoolStats:
-        now = time.monotonic()
-        s = self.stats
-        s.desired = self.desired
-        s.running = len(self.workers)
-        s.ready = self.ready_count()
-        s.steered = len(self.steered) if self.steered is not None else s.ready
-        staying = self.staying_by_slot()
-        s.backoff_seconds = max((sl.respawn_at - now for i, sl in enumerate(self.slots)
-                                 if sl.respawn_at > now and i not in staying), default=0.0)
-        return s
+        return self.pool.pool_stats(self.procs.monotonic())
 
     def snapshot(self) -> PoolSnapshot:
-        """The pool as /status and the per-slot samples see it: values, not our objects."""
-        return PoolSnapshot(
-            pid=self.pid, state=self.state.value, started_at=self.started_at, desired=self.desired,
-            ready=self.ready_count(), reloads=self.stats.reloads,
-            restarts=sum(self.stats.restarts.values()), crash_loop=self.stats.crash_loop,
-            request_metrics=self.cfg.request_metrics, multiproc_dir=self.multiproc_dir,
-            workers=tuple(WorkerView(
-                w.pid, w.slot, w.generation, w.spawned_at,
-                worker_state(w.hung, w.retiring is not None, w.ready_at is not None,
-                             w.stalled), w.retiring is None)
-                for w in self.workers.values()),
-            slots=tuple(SlotView(s.restarts, s.respawn_at) for s in self.slots),
-            slot_cpu=self.slot_cpu)
+        return self.pool.snapshot(self.pid, self.started_at, self.cfg.request_metrics,
+                                  self.multiproc_dir)
 
     def readiness(self) -> tuple[bool, str]:
-        ready = self.ready_count()
-        if self.stats.crash_loop:
-            return False, "crash loop: workers keep dying before they become ready"
-        if self.state == State.STOPPING:
-            return False, f"stopping: {self.stop_reason}"
-        if ready == 0:
-            return False, f"no worker ready yet (0/{self.desired})"
-        return True, f"ready: {ready}/{self.desired} workers"
-
-    def answer(self, scrapes: Scrapes, path: str, accept: str) -> Response:
-        if path == "/metrics":
-            fmt = choose_format(accept)  # the client picks one of ours; its bytes stay out
-            try:
-                body = scrapes.body(fmt, time.monotonic())
-            except RenderFailed:
-                return Response(500, b"collecting metrics failed; see the log\n")
-            except Exception:  # a scrape must never take supervision down
-                log.exception("collecting metrics failed")
-                return Response(500, b"collecting metrics failed; see the log\n")
-            return Response(200, body, fmt.content_type)
-        if path == "/status":
-            return status_response(self.snapshot())
-        if path == "/livez":
-            return Response(200, b"ok: master loop turning\n")
-        if path == "/readyz":
-            ok, why = self.readiness()
-            return Response(200 if ok else 503, why.encode() + b"\n")
-        return Response(404, b"not found: try /metrics, /status, /livez or /readyz\n")
+        return self.pool.readiness(self.stop_reason)
 
     def tell_systemd(self) -> None:
-        now = time.monotonic()
-        if self.watchdog_every and now >= self.watchdog_next:
-            self.notifier.watchdog()
-            self.watchdog_next = now + self.watchdog_every
-        if self.state in (State.RUNNING, State.RELOADING):
-            line = self.status_line()
-            if line != self.last_status:  # a datagram only when there is news
-                self.last_status = line
-                self.notifier.status(line)
+        running = self.pool.state in (State.RUNNING, State.RELOADING)
+        self.systemd.tell(self.procs.monotonic(), self.pool.status_line() if running else None)
 
     def extend_systemd_timeout(self, now: float) -> None:
         """While draining legitimately takes long, tell systemd not to kill us yet."""
-        if now < self.extend_next:
-            return
         end = self.drain_deadline or ((self.drain_at or now) + self.cfg.graceful_timeout
                                       + KILL_GRACE)
-        self.notifier.extend_timeout(max(0.0, end - now) + 5.0)
-        self.extend_next = now + 5.0
-
-
-def _noop(signum: int, frame: Any) -> None:
-    """Wake-up only: the signal number already went down the wakeup pipe."""
-
-
-def _kill(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit status {os.WEXITSTATUS(status)}"
+        self.systemd.extend_timeout(now, end)
 
 
 def run_master(cfg: Config, listeners: Listeners, desired: int, multiproc_dir: str | None,

@@ -110,6 +110,13 @@ class Watcher:
     due: float = 0.0  # when to start it (again)
     stopping: bool = False
 
+    def tend(self, now: float, stopping: bool, close_fds: Callable[[], Sequence[int]],
+             signals: Iterable[int]) -> None:
+        """Each turn of the master: stopped with the master, else kept running."""
+        if stopping:
+            self.stop()
+        self.keep_running(now, close_fds, signals)
+
     def keep_running(self, now: float, close_fds: Callable[[], Sequence[int]],
                      signals: Iterable[int]) -> None:
         """Start the watcher when there is none and it is due; `signals` are the master's,

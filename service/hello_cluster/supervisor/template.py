@@ -21,6 +21,9 @@ reload. Here the master never imports the app:
 
 The master waits for a spawn answer at most SPAWN_TIMEOUT: a template that does not answer
 is killed and replaced, so a wedged template can delay supervision by that much, once.
+What a template's death means is the pure decisions.judge_template_death; `Templates`
+applies the part that is its own (the backoff before a new one) and hands the master the
+rest (abandon the reload, fail the start).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import gc
 import json
 import logging
 import os
+import random
 import selectors
 import signal
 import socket
@@ -43,7 +47,12 @@ from typing import Any, NoReturn
 
 from hello_cluster.config import Config
 from hello_cluster.http import tls
+from hello_cluster.supervisor import backoff, decisions
+from hello_cluster.supervisor.decisions import TemplateVerdict
+from hello_cluster.supervisor.processes import describe_status
+from hello_cluster.supervisor.wakeups import HANDLED
 from hello_cluster.system import channel as ch
+from hello_cluster.system.sockets import Listeners
 from hello_cluster.worker import hooks as worker_hooks
 from hello_cluster.worker import loader
 from hello_cluster.worker import process as worker
@@ -116,11 +125,69 @@ class Templates:
     master_pid: int
     beats: memoryview[float]
     selector: selectors.BaseSelector
-    on_news: Callable[[], None]
+    policy: backoff.Policy = field(default_factory=backoff.Policy)
     live: list[Template] = field(default_factory=list)
+    due: float = 0.0  # when a new template may start: a failed one's backoff
+    failures: int = 0  # consecutive template failures (judge_template_death counts them)
 
     def current(self, generation: int) -> Template | None:
         return next((t for t in self.live if t.generation == generation), None)
+
+    def ready(self, generation: int) -> bool:
+        """`generation`'s template has imported the app: workers can be forked from it."""
+        template = self.current(generation)
+        return template is not None and template.ready
+
+    def keep_current(self, generation: int, now: float,
+                     close_fds: Callable[[], Sequence[int]]) -> None:
+        """Keep a template for `generation` (a reload makes a new one): start it when due,
+        kill it when it did not import the app within --startup-timeout."""
+        t = self.current(generation)
+        if t is not None and not t.ready and t.error is None \
+                and now - t.started_at > self.cfg.startup_timeout:
+            t.error = (f"the --preload template pid {t.pid} did not import the app within "
+                       f"{self.cfg.startup_timeout:g}s (--startup-timeout)")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(t.pid, signal.SIGKILL)  # died() says why, once
+        if t is None and now >= self.due:
+            self.start(generation, close_fds())
+
+    def died(self, t: Template, status: int, now: float, facts: decisions.TemplateDeath
+             ) -> tuple[TemplateVerdict, str]:
+        """Judge a reaped template's death: a replacement is scheduled here; the verdict
+        and why are returned for the master (abandon the reload, fail the start)."""
+        why = t.error or f"the --preload template {describe_status(status)} before " \
+                         "importing the app"
+        judged = decisions.judge_template_death(facts)
+        self.failures = judged.failures
+        if judged.verdict is TemplateVerdict.REPLACE:
+            wait = backoff.delay(self.policy, self.failures, random.random)
+            self.due = now + wait
+            if t.ready:
+                log.warning("template pid %d %s; a new one imports the app in %.3fs", t.pid,
+                            describe_status(status), wait)
+            else:
+                log.warning("template pid %d could not import the app: %s; a new one tries "
+                            "in %.3fs", t.pid, why, wait)
+        return judged.verdict, why
+
+    def spawn_worker(self, generation: int, slot: int, cell: int | None,
+                     listeners: Listeners, dump_dir: str | None, channel_fd: int
+                     ) -> tuple[int | None, str]:
+        """A worker of `generation` forked by its template (ready: see `ready`): its pid
+        and "", or None and why not."""
+        template = self.current(generation)
+        assert template is not None and template.ready
+        neighbours = listeners.neighbours(slot)
+        pid = template.spawn({"slot": slot, "generation": generation, "cell": cell,
+                              "own_socket": bool(listeners.groups),
+                              "neighbours": len(neighbours), "dump_dir": dump_dir},
+                             [channel_fd, *(s.fileno() for s in
+                                            [*listeners.for_slot(slot), *neighbours])])
+        if pid is None:
+            self.stop(template)  # a new one starts on the next turn
+            return None, f"the --preload template pid {template.pid} did not answer"
+        return pid, ""
 
     def start(self, generation: int, close_fds: Sequence[int]) -> Template:
         """Fork a template for `generation`; READY or ERROR arrives on its channel."""
@@ -128,9 +195,7 @@ class Templates:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for t in self.live:  # a template never holds another's ends
             close_fds = [*close_fds, t.fd, t.sock.fileno()]
-        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                   signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)  # as for a worker
         try:
             pid = os.fork()
             if pid == 0:
@@ -158,7 +223,6 @@ class Templates:
             with contextlib.suppress(KeyError, ValueError):
                 if template.ready or template.error:
                     self.selector.unregister(template.fd)
-            self.on_news()
 
     def fds(self) -> list[int]:
         """What a forked worker or template must not keep open."""
