@@ -172,6 +172,9 @@ def test_proxy_protocol_needs_trusted_peers_and_a_plain_port() -> None:
     done = run_cli("--proxy-protocol", "v2")
     assert done.returncode == 2 and "--forwarded-allow-ips" in done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
+    done = run_cli("--proxy-protocol", "v1", "--forwarded-allow-ips", "127.0.0.1",
+                   "--ssl-certfile", "/etc/hostname", "--ssl-keyfile", "/etc/hostname")
+    assert done.returncode == 2 and "plain ports" in done.stderr, done.stderr
     done = run_cli("--proxy-protocol", "v3")
     assert done.returncode == 2 and "v3" in done.stderr
 
