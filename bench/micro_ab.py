@@ -81,9 +81,9 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="hc-bench-ab-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tmp
     try:
+        import peer_frameworks
         import uvloop
 
-        import peer_frameworks
         from hello_cluster import app as new_app
         from hello_cluster.http import fastproto as new_proto
 

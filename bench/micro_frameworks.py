@@ -7,7 +7,12 @@ for the built-in page:
 
 - total: the request through the protocol, the response written, the task done;
 - app alone: the app called directly with a no-op send (no protocol, no task);
+- app in a Task: the same, each call in a Task of its own, as a server runs it;
 - server: total minus app alone (parse, scope, the Task, send, bookkeeping);
+- footprint: the hello page through the fast protocol and FastAPI alone, one after the
+  other per request, against the sum of the two measured apart: what a larger per-request
+  working set (caches, branch predictors) adds to both, the reason the "server" part of a
+  FastAPI request is larger than the whole hello request;
 
 each the median of RUNS runs of N requests, CPU time of this process (time.process_time),
 interleaved so background load hits all alike. Then the app alone under cProfile, its
@@ -60,6 +65,49 @@ async def alone_us(app: Any, n: int) -> float:
     return (time.process_time() - t) / n * 1e6
 
 
+async def task_us(app: Any, n: int) -> float:
+    """The app called in a Task of its own per request, with a no-op send."""
+    async def send(message: Any) -> None:
+        return None
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    loop = asyncio.get_running_loop()
+    sleep = asyncio.sleep
+    t = time.process_time()
+    for _ in range(n):
+        loop.create_task(app(dict(SCOPE, state={}), receive, send))
+        await sleep(0)
+    elapsed = (time.process_time() - t) / n * 1e6
+    t = time.process_time()
+    for _ in range(n):
+        await sleep(0)
+    return elapsed - (time.process_time() - t) / n * 1e6
+
+
+async def mixed_us(hello: Any, other: Any, n: int) -> float:
+    """The hello page through the fast protocol, then `other` alone, per request."""
+    async def send(message: Any) -> None:
+        return None
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    proto = mp.make_protocol("fast", hello, None)
+    sleep = asyncio.sleep
+    t = time.process_time()
+    for _ in range(n):
+        proto.data_received(mp.REQUEST)
+        await sleep(0)
+        await other(dict(SCOPE, state={}), receive, send)
+    elapsed = (time.process_time() - t) / n * 1e6
+    t = time.process_time()
+    for _ in range(n):
+        await sleep(0)
+    return elapsed - (time.process_time() - t) / n * 1e6
+
+
 async def whole_us(kind: str, app: Any, n: int) -> float:
     mp.N = n
     total, _writes = await mp.whole_us(kind, app, None)
@@ -106,9 +154,9 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="hc-bench-frameworks-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tmp
     try:
+        import peer_frameworks
         import uvloop
 
-        import peer_frameworks
         from hello_cluster.app import app as hello
 
         apps = {"hello": hello, "starlette": peer_frameworks.starlette_app,
@@ -118,13 +166,18 @@ def main() -> None:
             for name, app in apps.items():
                 samples.setdefault((name, "alone"), []).append(
                     uvloop.run(alone_us(app, args.n)))
+                samples.setdefault((name, "task"), []).append(
+                    uvloop.run(task_us(app, args.n)))
                 for kind in ("fast", "uvicorn"):
                     samples.setdefault((name, kind), []).append(
                         uvloop.run(whole_us(kind, app, args.n)))
+            samples.setdefault(("mixed", ""), []).append(
+                uvloop.run(mixed_us(hello, apps["fastapi"], args.n)))
         out: dict[str, Any] = {"n": args.n, "runs": args.runs, "apps": {}}
         for name, app in apps.items():
             alone = statistics.median(samples[name, "alone"])
-            row: dict[str, Any] = {"app_alone_us": round(alone, 2)}
+            row: dict[str, Any] = {"app_alone_us": round(alone, 2), "app_in_task_us": round(
+                statistics.median(samples[name, "task"]), 2)}
             for kind in ("fast", "uvicorn"):
                 total = statistics.median(samples[name, kind])
                 row[f"{kind}_total_us"] = round(total, 2)
@@ -138,6 +191,12 @@ def main() -> None:
             row["app_by_part_us"] = {k: round(v * alone, 2) for k, v in shares.items()
                                      if v * alone >= 0.1}
             out["apps"][name] = row
+        apart = statistics.median(samples["hello", "fast"]) + statistics.median(
+            samples["fastapi", "alone"])
+        together = statistics.median(samples["mixed", ""])
+        out["footprint"] = {"hello_fast_plus_fastapi_alone_apart_us": round(apart, 2),
+                            "the_two_interleaved_us": round(together, 2),
+                            "added_us": round(together - apart, 2)}
         print(json.dumps(out, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,7 +5,9 @@
 - `starlette_app`: Starlette, one route answering a `JSONResponse`;
 - `django_asgi`, `django_wsgi`: Django 5 with settings made here (no database, no
   middleware, DEBUG off), one view answering a `JsonResponse`;
-- `flask_app`: Flask, one view answering the same JSON with `jsonify`.
+- `flask_app`: Flask, one view answering the same JSON with `jsonify`;
+- `flask_sleep_app`: the same view after `time.sleep(0.005)`, as a view waiting 5 ms on a
+  database would: the case where the server's threads matter.
 
 Every response carries `x-worker-pid` (the bench finds the workers by it) and the same
 JSON object (28 bytes; Flask adds a newline, Django a space), so differences within one
@@ -97,6 +99,23 @@ def _flask() -> Any:
     return app
 
 
+def _flask_sleep() -> Any:
+    import time
+
+    from flask import Flask, jsonify
+
+    app = Flask(__name__)
+
+    @app.get("/")
+    def root() -> Any:
+        time.sleep(0.005)
+        response = jsonify(MESSAGE)
+        response.headers["x-worker-pid"] = _pid()
+        return response
+
+    return app
+
+
 def __getattr__(name: str) -> Any:
     """Build an app only when a server asks for it, so each imports just its framework."""
     if name == "fastapi_app":
@@ -105,6 +124,8 @@ def __getattr__(name: str) -> Any:
         app = _starlette()
     elif name == "flask_app":
         app = _flask()
+    elif name == "flask_sleep_app":
+        app = _flask_sleep()
     elif name == "urlpatterns":
         app = _urlpatterns()
     elif name in ("django_asgi", "django_wsgi"):

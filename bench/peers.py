@@ -295,7 +295,8 @@ def nginx_contender(workers: int, port: int) -> Contender | None:
 
 APPS = Suite("apps", "uvicorn/fastapi", "hc/fastapi", "hc/fastapi", "nginx")
 ASGI_APPS = {"fastapi": "fastapi_app", "starlette": "starlette_app", "django-asgi": "django_asgi"}
-WSGI_APPS = {"flask": "flask_app", "django-wsgi": "django_wsgi"}
+WSGI_APPS = {"flask": "flask_app", "flask-sleep": "flask_sleep_app",
+             "django-wsgi": "django_wsgi"}
 
 
 def frameworks_env() -> dict[str, str]:

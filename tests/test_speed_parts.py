@@ -24,7 +24,8 @@ def _pid_header() -> bytes:
         return {"type": "http.request", "body": b"", "more_body": False}
 
     asyncio.run(app({"type": "http", "method": "GET"}, receive, send))
-    return dict(sent[0]["headers"])[b"x-worker-pid"]
+    value: bytes = dict(sent[0]["headers"])[b"x-worker-pid"]
+    return value
 
 
 def test_builtin_page_names_the_child_after_fork() -> None:
