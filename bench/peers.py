@@ -23,6 +23,9 @@ BENCH_BIN = BENCH_VENV / "bin"
 WORK = BENCH_VENV / "work"
 MAIN_BIN = ROOT / ".venv" / "bin"
 PEER_PACKAGES = ["gunicorn", "uvicorn[standard]", "uvicorn-worker", "granian", "py-spy", "flask"]
+# The apps suite's frameworks (bench/peer_frameworks.py), the project's test extra's versions
+# where it has them.
+FRAMEWORK_PACKAGES = ["fastapi", "starlette", "django", "flask"]
 BASELINE = "uvicorn"
 
 
@@ -153,11 +156,14 @@ def contenders(workers: int, port_of: dict[str, int], metrics_port_of: dict[str,
         [py, str(BENCH / "ceiling.py"), "--host", "127.0.0.1", "--port", str(port_of["ceiling"]),
          "--workers", n],
         kind="ceiling", respawns=False))
+    nginx = nginx_contender(workers, port_of["nginx"])
+    if nginx is not None:
+        out.append(nginx)
     return out
 
 
 NAMES = ["hc", "hc-nometrics", "hc-fast", "hc-fast-nometrics", "hc-shared", "uvicorn",
-         "gunicorn-uvicorn", "granian", "node", "gunicorn-sync", "ceiling"]
+         "gunicorn-uvicorn", "granian", "node", "gunicorn-sync", "ceiling", "nginx"]
 
 
 def wsgi_contenders(workers: int, threads: int, port_of: dict[str, int],
@@ -236,3 +242,149 @@ def ensure_module(module: str, packages: list[str], quiet: bool = False) -> Path
                         *packages], check=True,
                        stdout=subprocess.DEVNULL if quiet else None)
     return python
+
+
+# ---- the machine's limit: nginx --------------------------------------------------------
+
+NGINX_CONF = """\
+worker_processes {workers};
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            add_header x-worker-pid $pid;
+            default_type text/html;
+            return 200 "<h1>Hello Python!</h1><p>Hello Cluster!</p>";
+        }}
+    }}
+}}
+"""
+
+
+def nginx_contender(workers: int, port: int) -> Contender | None:
+    """nginx, `workers` worker processes answering `return 200` with the hello page.
+
+    Not a peer: no Python, no framework, a C event loop writing a fixed answer. It is
+    what this machine can serve with wrk on the same cores, the row the others are read
+    against. None when nginx is not installed (`apt-get install nginx-light`).
+    """
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
+                                       else None)
+    if binary is None:
+        return None
+    prefix = WORK / f"nginx-{port}"
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(workers=workers, prefix=prefix, port=port))
+    return Contender("nginx", f"nginx, {workers} workers, `return 200` (the machine's limit)",
+                     [binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
+                     kind="ceiling", respawns=True)
+
+
+# ---- the apps suite: real frameworks under every server --------------------------------
+
+APPS = Suite("apps", "uvicorn/fastapi", "hc/fastapi", "hc/fastapi", "nginx")
+ASGI_APPS = {"fastapi": "fastapi_app", "starlette": "starlette_app", "django-asgi": "django_asgi"}
+WSGI_APPS = {"flask": "flask_app", "flask-sleep": "flask_sleep_app",
+             "django-wsgi": "django_wsgi"}
+
+
+def frameworks_env() -> dict[str, str]:
+    return {"PYTHONPATH": f"{BENCH}{os.pathsep}{ROOT / 'service'}"}
+
+
+def apps_contenders(workers: int, threads: int, port_of: dict[str, int],
+                    metrics_port_of: dict[str, int]) -> list[Contender]:
+    """Every app of peer_frameworks.py under hello-cluster and each installed peer.
+
+    ASGI apps: hello-cluster (its defaults: --http fast, request metrics on), uvicorn,
+    granian and gunicorn with uvicorn workers. WSGI apps: hello-cluster --interface wsgi,
+    granian --interface wsgi and gunicorn gthread, `threads` per worker each. Then the
+    built-in page under hello-cluster and Node's cluster, and nginx as the limit.
+    """
+    n, t = str(workers), str(threads)
+    env = frameworks_env()
+    out: list[Contender] = []
+
+    def have(tool: str) -> bool:
+        return (BENCH_BIN / tool).exists()
+
+    for app, attr in ASGI_APPS.items():
+        target = f"peer_frameworks:{attr}"
+        name = f"hc/{app}"
+        out.append(Contender(name, f"hello-cluster, {app}",
+                             hello_argv(port_of[name], metrics_port_of[name], workers,
+                                        ["--app", target, "--request-metrics"]),
+                             env=env, kind="subject", notify=True, reload_signal=True))
+        if have("uvicorn"):
+            name = f"uvicorn/{app}"
+            out.append(Contender(name, f"uvicorn --workers {n}, {app}", [
+                str(BENCH_BIN / "uvicorn"), target, "--host", "127.0.0.1",
+                "--port", str(port_of[name]), "--workers", n, "--loop", "uvloop",
+                "--http", "httptools", "--no-access-log", "--no-server-header",
+                "--log-level", "warning"], env=env, reload_signal=True))
+        if have("granian"):
+            name = f"granian/{app}"
+            out.append(Contender(name, f"granian --interface asgi, {app}", [
+                str(BENCH_BIN / "granian"), "--interface", "asgi", "--host", "127.0.0.1",
+                "--port", str(port_of[name]), "--workers", n, "--loop", "uvloop", "--no-ws",
+                "--respawn-failed-workers", "--log-level", "warning", "--no-access-log",
+                target], env=env, reload_signal=True))
+        if have("gunicorn"):
+            name = f"gunicorn/{app}"
+            out.append(Contender(name, f"gunicorn -k uvicorn_worker.UvicornWorker, {app}", [
+                str(BENCH_BIN / "gunicorn"), "-k", "uvicorn_worker.UvicornWorker", "-w", n,
+                "-b", f"127.0.0.1:{port_of[name]}", "--log-level", "warning", target],
+                env=env, reload_signal=True))
+    for app, attr in WSGI_APPS.items():
+        target = f"peer_frameworks:{attr}"
+        name = f"hc/{app}"
+        out.append(Contender(name, f"hello-cluster --interface wsgi, {app}",
+                             hello_argv(port_of[name], metrics_port_of[name], workers,
+                                        ["--app", target, "--interface", "wsgi",
+                                         "--wsgi-threads", t, "--request-metrics"]),
+                             env=env, kind="subject", notify=True, reload_signal=True))
+        if have("granian"):
+            name = f"granian/{app}"
+            out.append(Contender(name, f"granian --interface wsgi --blocking-threads {t}, {app}", [
+                str(BENCH_BIN / "granian"), "--interface", "wsgi", "--host", "127.0.0.1",
+                "--port", str(port_of[name]), "--workers", n, "--blocking-threads", t,
+                "--respawn-failed-workers", "--log-level", "warning", "--no-access-log",
+                target], env=env, reload_signal=True))
+        if have("gunicorn"):
+            name = f"gunicorn/{app}"
+            out.append(Contender(name, f"gunicorn -k gthread --threads {t}, {app}", [
+                str(BENCH_BIN / "gunicorn"), "-k", "gthread", "--threads", t, "-w", n,
+                "-b", f"127.0.0.1:{port_of[name]}", "--log-level", "warning", target],
+                env=env, reload_signal=True))
+    name = "hc/hello"
+    out.append(Contender(name, "hello-cluster, the built-in page",
+                         hello_argv(port_of[name], metrics_port_of[name], workers,
+                                    ["--request-metrics"]),
+                         kind="subject", notify=True, reload_signal=True))
+    node = shutil.which("node")
+    if node:
+        out.append(Contender("node/hello", "node cluster, the same page",
+                             [node, str(BENCH / "node_cluster.js")],
+                             env={"WORKERS": n, "PORT": str(port_of["node/hello"]),
+                                  "HOST": "127.0.0.1"}))
+    nginx = nginx_contender(workers, port_of["nginx"])
+    if nginx is not None:
+        out.append(nginx)
+    return out
+
+
+APP_NAMES = [f"{server}/{app}" for app in ASGI_APPS
+             for server in ("hc", "uvicorn", "granian", "gunicorn")] + \
+    [f"{server}/{app}" for app in WSGI_APPS for server in ("hc", "granian", "gunicorn")] + \
+    ["hc/hello", "node/hello", "nginx"]

@@ -54,6 +54,9 @@ def summarize(field: list[peers.Contender], records: dict[str, dict[str, Any]],
         row: dict[str, Any] = {"label": c.label, "kind": c.kind}
         for mode in ("ka", "close"):
             row[f"{mode}_rps"] = med([x["rps"] for x in r[mode]])
+            row[f"{mode}_rps_range"] = spread([x["rps"] for x in r[mode]])
+            row[f"{mode}_cpu_us"] = med([x.get("cpu_us") for x in r[mode]])
+            row[f"{mode}_cpu_us_range"] = spread([x.get("cpu_us") for x in r[mode]])
             row[f"{mode}_p50_ms"] = med([x["p50_ms"] for x in r[mode]])
             row[f"{mode}_p99_ms"] = med([x["p99_ms"] for x in r[mode]])
             row[f"{mode}_failed"] = med([x["failed"] for x in r[mode]])
@@ -92,16 +95,68 @@ def summarize(field: list[peers.Contender], records: dict[str, dict[str, Any]],
         "fast_vs_ceiling": paired(records, "hc-fast-nometrics", "ceiling", "ka"),
         "fast_metrics_vs_ceiling": paired(records, "hc-fast", "ceiling", "ka"),
     }
+    if suite.name == "apps":
+        return {"rows": rows, "derived": extra, "targets": apps_targets(records)}
     return {"rows": rows, "derived": extra, "targets": targets(rows, suite, extra)}
 
 
-def paired(records: dict[str, dict[str, Any]], a: str, b: str, mode: str) -> float | None:
-    """Median over rounds of a's throughput / b's in the same round (same background load)."""
+def spread(values: list[Any]) -> list[float] | None:
+    """[min, max] over the rounds: how far apart the rounds were."""
+    xs = [v for v in values if v is not None]
+    return [min(xs), max(xs)] if xs else None
+
+
+def paired(records: dict[str, dict[str, Any]], a: str, b: str, mode: str,
+           key: str = "rps") -> float | None:
+    """Median over rounds of a's `key` / b's in the same round (same background load)."""
+    return med(paired_all(records, a, b, mode, key))
+
+
+def paired_all(records: dict[str, dict[str, Any]], a: str, b: str, mode: str,
+               key: str = "rps") -> list[float]:
+    """a's `key` / b's, one ratio per round both were measured in."""
     if a not in records or b not in records:
-        return None
-    first = {x.get("round"): x["rps"] for x in records[a][mode]}
-    second = {x.get("round"): x["rps"] for x in records[b][mode]}
-    return med([first[k] / second[k] for k in first if second.get(k)])
+        return []
+    first = {x.get("round"): x.get(key) for x in records[a][mode]}
+    second = {x.get("round"): x.get(key) for x in records[b][mode]}
+    return [v / second[k] for k, v in first.items() if v is not None and second.get(k)]
+
+
+# The apps suite (issue 25): (key, what, a, b, mode, measure, threshold, op); the value is
+# the median over rounds of a / b in the same round, and the target is met only when every
+# round agrees (the worst round passes too), not in one lucky round.
+APPS_TARGETS = [
+    ("fastapi_vs_uvicorn", "FastAPI keep-alive req/s vs uvicorn", "hc/fastapi",
+     "uvicorn/fastapi", "ka", "rps", 1.1, "ge"),
+    ("fastapi_vs_granian", "FastAPI keep-alive req/s vs granian", "hc/fastapi",
+     "granian/fastapi", "ka", "rps", 1.0, "ge"),
+    ("fastapi_cpu_vs_granian", "FastAPI CPU per request vs granian's", "hc/fastapi",
+     "granian/fastapi", "ka", "cpu_us", 1.0, "le"),
+    ("flask_vs_granian", "Flask keep-alive req/s vs granian --interface wsgi", "hc/flask",
+     "granian/flask", "ka", "rps", 1.0, "ge"),
+    ("flask_close_vs_granian", "Flask Connection: close req/s vs granian", "hc/flask",
+     "granian/flask", "close", "rps", 1.0, "ge"),
+    ("hello_vs_nginx", "built-in page keep-alive req/s vs nginx", "hc/hello", "nginx", "ka",
+     "rps", 0.8, "ge"),
+    ("hello_cpu_vs_node", "built-in page CPU per request vs Node's cluster", "hc/hello",
+     "node/hello", "ka", "cpu_us", 0.8, "le"),
+]
+
+
+def apps_targets(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for key, what, a, b, mode, measure, limit, op in APPS_TARGETS:
+        ratios = paired_all(records, a, b, mode, measure)
+        if not ratios:
+            out.append({"key": key, "what": what, "value": None, "range": None,
+                        "target": limit, "op": op, "pass": None})
+            continue
+        worst = min(ratios) if op == "ge" else max(ratios)
+        ok = worst >= limit if op == "ge" else worst <= limit
+        out.append({"key": key, "what": what, "value": med(ratios),
+                    "range": [min(ratios), max(ratios)], "target": limit, "op": op,
+                    "pass": ok})
+    return out
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -187,16 +242,18 @@ def markdown(doc: dict[str, Any], field: list[peers.Contender]) -> str:
         "",
         "## Throughput and latency",
         "",
-        "| contender | keep-alive req/s | p50 / p99 ms | Connection: close req/s "
-        "| p50 / p99 ms |",
-        "|---|---:|---:|---:|---:|",
+        "| contender | keep-alive req/s | CPU us/request | p50 / p99 ms "
+        "| Connection: close req/s | CPU us/request | p50 / p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in field:
         r = rows[c.name]
         lines.append(
             f"| {r['label']} | {_n(r['ka_rps'])}{_x(r['ka_rps_vs_uvicorn'])} "
+            f"| {_n(r.get('ka_cpu_us'), 1)} "
             f"| {_n(r['ka_p50_ms'], 2)} / {_n(r['ka_p99_ms'], 2)} "
             f"| {_n(r['close_rps'])}{_x(r['close_rps_vs_uvicorn'])} "
+            f"| {_n(r.get('close_cpu_us'), 1)} "
             f"| {_n(r['close_p50_ms'], 2)} / {_n(r['close_p99_ms'], 2)} |")
     lines += [
         "",
@@ -309,4 +366,69 @@ def markdown(doc: dict[str, Any], field: list[peers.Contender]) -> str:
             lines += ["", "| self % | function |", "|---:|---|"]
             lines += [f"| {pct:.1f} | `{fn}` |" for fn, pct in p["self"]]
             lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _range(v: list[float] | None, digits: int = 0) -> str:
+    return "" if v is None else f" ({v[0]:,.{digits}f}-{v[1]:,.{digits}f})"
+
+
+def apps_markdown(doc: dict[str, Any], field: list[peers.Contender]) -> str:
+    """The apps suite: per app, every server's req/s and CPU per request, with the spread."""
+    m = doc["machine"]
+    rows = doc["summary"]["rows"]
+    raw = doc["raw"]
+    lines = [
+        f"# hello-cluster benchmark, {doc['date'][:10]}, apps suite (real frameworks)",
+        "",
+        f"- date: {doc['date']}",
+        f"- machine: {m['cores']} cores ({m['cores_usable']} usable), {m['cpu']}, "
+        f"Linux {m['kernel']}, Python {m['python']}, node {m['node']}, {m.get('nginx')}, "
+        f"{m['wrk']}",
+        "- peers' venv: " + ", ".join(f"{k} {v}" for k, v in sorted(m["peers"].items())),
+        "- hello-cluster's venv: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(m.get("hello_cluster_deps", {}).items())),
+        f"- command: `{doc['command']}`",
+        f"- {doc['workers']} workers each, {doc['reps']} rounds, {doc['duration_s']:g} s per "
+        "wrk run (`wrk -t1 -c64`, keep-alive, then `Connection: close`); every contender "
+        "measured in every round, the order reversed every other round; run took "
+        f"{doc['elapsed_s']} s",
+        "- figures are medians over the rounds, (min-max) the spread of the rounds; "
+        "CPU us/request is utime + stime of the server's whole process tree during the wrk "
+        "run divided by the requests served; wrk runs on the same 2 cores",
+        f"- load average (1 min) at start / end: "
+        f"{doc['summary']['derived'].get('loadavg_at_start', 0):.2f} / "
+        f"{m.get('loadavg_at_end', 0):.2f}",
+        "",
+        "| app | server | keep-alive req/s | CPU us/req | Connection: close req/s "
+        "| CPU us/req | hello-cluster / this, keep-alive req/s (per round) |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for c in field:
+        r = rows[c.name]
+        app = c.name.split("/", 1)[1] if "/" in c.name else "hello"
+        server = c.label.split(",", 1)[0]
+        mine = f"hc/{app}"
+        vs = ""
+        if mine != c.name and mine in raw:
+            ratios = paired_all(raw, mine, c.name, "ka")
+            if ratios:
+                vs = f"{med(ratios):.2f}x" + _range([min(ratios), max(ratios)], 2)
+        lines.append(
+            f"| {app} | {server} | {_n(r['ka_rps'])}{_range(r['ka_rps_range'])} "
+            f"| {_n(r['ka_cpu_us'], 1)}{_range(r['ka_cpu_us_range'], 1)} "
+            f"| {_n(r['close_rps'])}{_range(r['close_rps_range'])} "
+            f"| {_n(r['close_cpu_us'], 1)}{_range(r['close_cpu_us_range'], 1)} | {vs} |")
+    lines += ["", "## Targets (issue 25): met only if every round meets it", "",
+              "| target | median (min-max over rounds) | goal | result |",
+              "|---|---:|---:|---|"]
+    ops = {"ge": ">=", "le": "<="}
+    for t in doc["summary"]["targets"]:
+        verdict = "no data" if t["pass"] is None else "PASS" if t["pass"] else "FAIL"
+        lines.append(f"| {t['what']} | {_n(t['value'], 2)}{_range(t['range'], 2)} "
+                     f"| {ops[t['op']]} {t['target']} | {verdict} |")
+    errors = [(rows[c.name]["label"], e) for c in field for e in rows[c.name]["errors"]]
+    if errors:
+        lines += ["", "## Problems during the run", ""]
+        lines += [f"- {label}: {e}" for label, e in errors]
     return "\n".join(lines) + "\n"

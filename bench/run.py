@@ -68,7 +68,7 @@ class Session:
         if self.notify is not None:
             env["NOTIFY_SOCKET"] = self.notify.path
         self.t0 = time.monotonic()
-        self.proc = h.Proc(c.argv, env, LOGS / log_name)
+        self.proc = h.Proc(c.argv, env, LOGS / log_name.replace("/", "-"))
         self.startup_pids_ms: float | None = None
         self.startup_ready_ms: float | None = None
         self.pids: set[int] = set()
@@ -119,14 +119,34 @@ def measure_respawn(s: Session, pid: int) -> float | None:
     return None if when is None else (when - t) * 1000
 
 
+def measured_wrk(port: int, pgid: int, duration: float, close: bool) -> tuple[h.WrkResult,
+                                                                              float | None]:
+    """One wrk run and the server tree's CPU per request served during it, in us."""
+    before = h.group_cpu_s(pgid)
+    r = h.wrk(port, duration, close=close)
+    spent = h.group_cpu_s(pgid) - before
+    return r, (spent * 1e6 / r.requests if r.requests else None)
+
+
+def round_order(live: list[peers.Contender], rnd: int) -> list[peers.Contender]:
+    """The contenders in report order, reversed every other round.
+
+    Whatever drifts during a round (other work on a shared machine, thermal state) then
+    favours the front of the list in one round and the back in the next.
+    """
+    return list(live) if rnd % 2 == 0 else list(reversed(live))
+
+
 def throughput_phase(field: list[peers.Contender], ports: dict[str, int],
                      args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> None:
-    """All contenders up at once (idle ones cost no CPU); wrk visits them round-robin.
+    """All contenders up at once (idle ones cost no CPU); wrk visits them in turn.
 
-    Each round measures every contender within a minute or so, so background load on a
-    shared machine hits a round's contenders alike; ratios are taken per round and the
-    median reported. After the last round: one /metrics scrape (hello-cluster) and the
-    supervisor's RSS after load.
+    Each round measures every contender back to back, the order reversed every other
+    round, so background load on a shared machine hits a round's contenders alike;
+    ratios are taken per round and the median reported. Each wrk run also records the
+    server's CPU per request: utime + stime of its whole process group over the run,
+    divided by the requests wrk counted. After the last round: one /metrics scrape
+    (hello-cluster) and the supervisor's RSS after load.
     """
     sessions: dict[str, Session] = {}
     try:
@@ -139,14 +159,15 @@ def throughput_phase(field: list[peers.Contender], ports: dict[str, int],
         for c in live:
             h.wrk(ports[c.name], 1, close=False)  # warm-up, discarded
         for rnd in range(args.reps):
-            order = live[rnd % len(live):] + live[: rnd % len(live)]
             print(f"[throughput round {rnd + 1}/{args.reps}]", flush=True)
-            for c in order:
+            for c in round_order(live, rnd):
                 for mode, close in (("ka", False), ("close", True)):
-                    r = h.wrk(ports[c.name], args.duration, close=close)
-                    records[c.name][mode].append({**summary(r), "round": rnd})
-                    print(f"    {c.name:16} {mode:5} {r.rps:9.0f} req/s  p50 {fmt(r.p50_ms)} ms"
-                          f"  p99 {fmt(r.p99_ms)} ms  failed {r.failed}", flush=True)
+                    r, cpu = measured_wrk(ports[c.name], sessions[c.name].proc.pid,
+                                          args.duration, close)
+                    records[c.name][mode].append({**summary(r), "round": rnd, "cpu_us": cpu})
+                    print(f"    {c.name:18} {mode:5} {r.rps:9.0f} req/s  cpu {fmt(cpu)} us/req"
+                          f"  p50 {fmt(r.p50_ms)} ms  p99 {fmt(r.p99_ms)} ms"
+                          f"  failed {r.failed}", flush=True)
         for c in live:
             if c.kind == "subject":
                 scrape(c)
@@ -278,7 +299,8 @@ def machine() -> dict[str, Any]:
                 if p["name"].lower() in wanted}
 
     versions = packages(peers.BENCH_BIN / "pip", {"gunicorn", "uvicorn", "uvicorn-worker",
-                                                  "granian", "uvloop", "httptools", "flask"})
+                                                  "granian", "uvloop", "httptools", "flask",
+                                                  "fastapi", "starlette", "django"})
     return {
         "loadavg_at_end": os.getloadavg()[0],
         "cores": os.cpu_count(),
@@ -289,7 +311,10 @@ def machine() -> dict[str, Any]:
         "node": version(["node", "--version"]) if shutil.which("node") else None,
         "wrk": version(["wrk", "--version"]),
         "peers": versions,
-        "hello_cluster_deps": packages(peers.MAIN_BIN / "pip", {"uvicorn", "a2wsgi", "flask"}),
+        "hello_cluster_deps": packages(peers.MAIN_BIN / "pip", {"uvicorn", "a2wsgi", "flask",
+                                                               "fastapi", "starlette", "django",
+                                                               "uvloop", "httptools"}),
+        "nginx": version(["nginx", "-v"]) if shutil.which("nginx") else None,
         "hello_cluster": version([str(peers.MAIN_BIN / "hello-cluster"), "--version"]),
     }
 
@@ -325,9 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    ap.add_argument("--suite", choices=["asgi", "wsgi"], default="asgi",
+    ap.add_argument("--suite", choices=["asgi", "wsgi", "apps"], default="asgi",
                     help="asgi: the hello page (default); wsgi: a Flask page against gunicorn "
-                         "(sync, gthread) and granian --interface wsgi")
+                         "(sync, gthread) and granian --interface wsgi; apps: FastAPI, "
+                         "Starlette, Django and Flask under every server, throughput and "
+                         "CPU per request only, nginx as the limit")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="only the throughput phase (no start-up, respawn, SIGKILL or reload "
+                         "sessions); implied by --suite apps")
     ap.add_argument("--wsgi-threads", type=int, default=None,
                     help="threads per worker for every threaded WSGI contender (wsgi suite; "
                          "default: hello-cluster's own --wsgi-threads default)")
@@ -341,22 +371,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None,
                     help="results directory (default bench/results, or bench/results/wsgi)")
     args = ap.parse_args(argv)
-    suite = peers.WSGI if args.suite == "wsgi" else peers.ASGI
+    suite = {"wsgi": peers.WSGI, "apps": peers.APPS}.get(args.suite, peers.ASGI)
+    if suite is peers.APPS:
+        args.throughput_only = True
     if args.wsgi_threads is None:
         from hello_cluster.config import DEFAULT_WSGI_THREADS  # the project's venv runs this
 
         args.wsgi_threads = DEFAULT_WSGI_THREADS
     if args.out is None:
-        args.out = str(RESULTS / "wsgi" if suite is peers.WSGI else RESULTS)
+        args.out = str(RESULTS / "wsgi" if suite is peers.WSGI
+                       else RESULTS / "apps" if suite is peers.APPS else RESULTS)
     if args.quick:
         args.reps, args.duration = 1, 2.0
     ensure_tools()
+    if suite is peers.APPS:
+        for module in ("fastapi", "django"):
+            peers.ensure_module(module, peers.FRAMEWORK_PACKAGES)
     LOGS.mkdir(parents=True, exist_ok=True)
-    names = peers.WSGI_NAMES if suite is peers.WSGI else peers.NAMES
+    names = {"wsgi": peers.WSGI_NAMES, "apps": peers.APP_NAMES}.get(suite.name, peers.NAMES)
     ports = {n: h.free_port() for n in names}
     metrics_ports = {n: h.free_port() for n in names}
     if suite is peers.WSGI:
         field = peers.wsgi_contenders(args.workers, args.wsgi_threads, ports, metrics_ports)
+    elif suite is peers.APPS:
+        field = peers.apps_contenders(args.workers, args.wsgi_threads, ports, metrics_ports)
     else:
         field = peers.contenders(args.workers, ports, metrics_ports,
                                  include_sync=not args.no_sync)
@@ -369,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: {len(field)} contenders x {args.reps} reps, {args.workers} workers, "
           f"{args.duration:g}s wrk runs, {os.cpu_count()} cores", flush=True)
     throughput_phase(field, ports, args, records)
-    for rep in range(args.reps):
+    for rep in range(0 if args.throughput_only else args.reps):
         order = field[rep % len(field):] + field[: rep % len(field)]  # rotate against drift
         for c in order:
             print(f"[rep {rep + 1}/{args.reps}] {c.label}", flush=True)
@@ -386,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     summ["derived"]["micro_protocol"] = micro_protocol() if suite is peers.ASGI else None
     summ["derived"]["loadavg_at_start"] = load_at_start
     profile: dict[str, Any] | None = None
-    if args.profile == "always" or (args.profile == "auto" and report.needs_profile(summ)):
+    if suite is not peers.APPS and (args.profile == "always" or (
+            args.profile == "auto" and report.needs_profile(summ))):
         print("bench: profiling one worker each of hello-cluster and uvicorn under load "
               "with py-spy", flush=True)
         profile = profiling.profile_all(
@@ -405,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
            "summary": summ, "raw": records, "profile": profile,
            "elapsed_s": round((dt.datetime.now() - started).total_seconds())}
     (out_dir / f"{stamp}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    md = report.markdown(doc, field)
+    md = report.apps_markdown(doc, field) if suite is peers.APPS else report.markdown(doc, field)
     (out_dir / f"{stamp}.md").write_text(md)
     print(md)
     print(f"bench: wrote {out_dir / (stamp + '.json')} and .md", flush=True)

@@ -14,18 +14,27 @@ from the same deque (no executor future to wait for). Everything else is a2wsgi'
 environ, the streamed `wsgi.input`, `start_response`, the iteration of the body.
 
 Streaming and backpressure are kept: each message is handed over as soon as the view makes
-it, and the thread blocks once `send_queue_size` messages are waiting for the loop (a
-semaphore instead of the bounded asyncio.Queue), so a view that yields faster than the
-client reads does not grow memory.
+it, and the thread blocks once `send_queue_size` messages are waiting for the loop (instead
+of the bounded asyncio.Queue), so a view that yields faster than the client reads does not
+grow memory. The thread takes a lock only when it has to wait: a `threading.Semaphore` (a
+Condition and a lock in Python, three acquires and three releases a response) cost more
+than the small view it guarded.
+
+The views run in ViewPool, ThreadPoolExecutor's rule (a thread per view up to the limit,
+an idle thread reused first) without what a pool that returns results needs: no Future
+(with its Condition) and no work item per view, since the view's outcome comes back on the
+deque anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
+import queue
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 from a2wsgi import WSGIMiddleware as _A2wsgiMiddleware
@@ -34,20 +43,71 @@ from a2wsgi.wsgi import Body, WSGIResponder, build_environ
 from hello_cluster.http.deadline import CURRENT
 
 _DONE = object()  # the view returned (or raised): no more messages for this response
+_LOG = logging.getLogger("hello_cluster.wsgi")
+
+
+class ViewPool:
+    """Threads that run views: up to `threads`, started as needed, idle ones reused first.
+
+    ThreadPoolExecutor's growth rule (a new thread only when none is idle, never more than
+    the limit; further views wait in the queue) with a deque of idle tokens instead of its
+    semaphore and nothing per call but one queue entry. Threads are daemons: a worker ends
+    with os._exit, after its graceful drain has waited for the views it was serving.
+    """
+
+    def __init__(self, threads: int, name: str = "WSGI") -> None:
+        self.limit = max(1, threads)
+        self.name = name
+        self.jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = \
+            queue.SimpleQueue()
+        self.idle: deque[None] = deque()  # one token per thread about to wait for a job
+        self.threads: list[threading.Thread] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.jobs.put((fn, args))
+        try:
+            self.idle.pop()  # an idle thread will take it (deque ops are atomic)
+        except IndexError:
+            if len(self.threads) < self.limit:
+                thread = threading.Thread(target=self._work, daemon=True,
+                                          name=f"{self.name}_{len(self.threads)}")
+                self.threads.append(thread)
+                thread.start()
+
+    def shutdown(self) -> None:
+        """Let every thread end once the jobs queued before this are done."""
+        for _ in self.threads:
+            self.jobs.put(None)
+
+    def _work(self) -> None:
+        get, idle = self.jobs.get, self.idle
+        while True:
+            job = get()
+            if job is None:
+                return
+            fn, args = job
+            try:
+                fn(*args)
+            except BaseException:  # noqa: BLE001  (a view's errors are handled inside fn)
+                _LOG.exception("a WSGI pool job failed")
+            del job, fn, args  # nothing of the request outlives it while the thread idles
+            idle.append(None)
 
 
 class Responder(WSGIResponder):
     """One request: the view runs in the pool, its messages are sent by this coroutine."""
 
-    def __init__(self, app: Any, executor: ThreadPoolExecutor, send_queue_size: int) -> None:
+    def __init__(self, app: Any, pool: ViewPool, send_queue_size: int) -> None:
         # Not WSGIResponder.__init__: it builds the asyncio.Queue this class does not use.
         self.app = app
-        self.executor = executor
+        self.pool = pool
         self.loop = asyncio.get_running_loop()
         self.response_started = False
         self.exc_info: Any = None
         self.outbox: deque[Any] = deque()
-        self.space = threading.Semaphore(send_queue_size)
+        self.limit = send_queue_size  # messages waiting for the loop before the view waits
+        self.space: threading.Condition | None = None  # made when the view first waits
+        self.blocked = False  # the view waits for room in the outbox
         self.wake_pending = False
         self.waiter: asyncio.Future[None] | None = None
         self.failed: BaseException | None = None  # what the view raised
@@ -56,14 +116,14 @@ class Responder(WSGIResponder):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         environ = build_environ(scope, Body(self.loop, receive))
         context = contextvars.copy_context()
-        self.executor.submit(context.run, self._run_view, environ)
+        self.pool.submit(context.run, self._run_view, environ)
         try:
             error = await self._send_all(send)
         except asyncio.CancelledError:
             # Nobody will take the view's messages now: unblock its thread and make its
             # next send raise, so the view ends instead of holding a pool thread forever.
             self.broken = True
-            self.space.release(1 << 16)
+            self._make_room()
             raise
         if error is not None:
             raise error
@@ -91,17 +151,24 @@ class Responder(WSGIResponder):
                     and not outbox[0].get("body") and not outbox[0].get("more_body"):
                 # The last chunk followed by the empty end: one message that ends the body.
                 outbox.popleft()
-                self.space.release()
                 message = {"type": "http.response.body", "body": message["body"]}
+            if self.blocked:
+                self._make_room()
             try:
                 if error is None:
                     await send(message)
             except Exception as exc:  # noqa: BLE001  (raised once the view is done)
                 error = exc
                 self.broken = True
-            finally:
-                self.space.release()
+                self._make_room()
         return error
+
+    def _make_room(self) -> None:
+        """Wake the view if it waits for room in the outbox (or for the response to end)."""
+        space = self.space
+        if space is not None:
+            with space:
+                space.notify()
 
     # The view's thread.
 
@@ -120,11 +187,29 @@ class Responder(WSGIResponder):
 
     def send(self, message: Any) -> None:
         """Called by a2wsgi's `start_response` and `wsgi` for each message, in the thread."""
-        if not self.broken:
-            self.space.acquire()
+        if len(self.outbox) >= self.limit and not self.broken:
+            self._wait_for_room()
         if self.broken:  # the response is gone: end the view (its iterable is closed)
             raise ConnectionError("the response can no longer be sent")
         self._hand_over(message)
+
+    def _wait_for_room(self) -> None:
+        """Block the view's thread until the loop has taken messages out (backpressure).
+
+        `blocked` is set before the outbox is looked at again and the loop looks at
+        `blocked` after taking a message out, so one of the two always sees the other: the
+        view never sleeps through the message that made room. The wait is re-checked every
+        second anyway.
+        """
+        if self.space is None:
+            self.space = threading.Condition(threading.Lock())
+        with self.space:
+            self.blocked = True
+            try:
+                while len(self.outbox) >= self.limit and not self.broken:
+                    self.space.wait(1.0)
+            finally:
+                self.blocked = False
 
     def _hand_over(self, message: Any) -> None:
         self.outbox.append(message)
@@ -144,11 +229,17 @@ class Responder(WSGIResponder):
 
 
 class WSGIMiddleware(_A2wsgiMiddleware):
-    """a2wsgi's middleware (thread pool, lifespan, websocket refusal) with Responder."""
+    """a2wsgi's middleware (lifespan, websocket refusal) with Responder and ViewPool."""
+
+    def __init__(self, app: Any, workers: int = 10, send_queue_size: int = 10) -> None:
+        # Not a2wsgi's __init__: it starts the ThreadPoolExecutor this class does not use.
+        self.app = app
+        self.send_queue_size = send_queue_size
+        self.pool = ViewPool(workers)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            await Responder(self.app, self.executor, self.send_queue_size)(scope, receive, send)
+            await Responder(self.app, self.pool, self.send_queue_size)(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 
