@@ -224,7 +224,7 @@ class FastProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.connections.add(self)
         self.server = _address(transport, "sockname")
-        self.client = _address(transport, "peername")  # type: ignore[assignment]
+        self.client = _address(transport, "peername")
         self.scheme = "https" if is_ssl(self.transport) else "http"
         self.since = time.monotonic()  # a silent new connection counts from here
         self._arm(HEAD_TIMEOUT, HEAD_TIMEOUT)
