@@ -1,0 +1,74 @@
+"""The bench's CPU-per-request figure and the apps suite's verdicts (bench/harness.py,
+bench/report.py), on a real process tree: a reading that cannot see a busy child, or a
+target that passes on one lucky round, would make the tables say what did not happen."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ROOT
+
+BENCH = ROOT / "bench"
+BURN = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"
+
+
+@pytest.fixture()
+def bench(monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.syspath_prepend(str(BENCH))
+    return BENCH
+
+
+def test_group_cpu_counts_every_process_of_the_tree(bench: Path) -> None:
+    import harness
+
+    # A parent that forks a child; both burn 0.3 s of CPU, in one session (one group).
+    code = ("import os, time\n" + BURN.format(s=0.3) +
+            "pid = os.fork()\n"
+            "if pid == 0:\n" + "".join("    " + line + "\n" for line in
+                                       BURN.format(s=0.3).splitlines()) +
+            "    os._exit(0)\n"
+            "os.waitpid(pid, 0)\ntime.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        spent = 0.0
+        while time.monotonic() < deadline:
+            spent = harness.group_cpu_s(proc.pid)
+            if spent >= 0.55:
+                break
+            time.sleep(0.05)
+        # the reaped child's 0.3 s counts through the parent's cutime + cstime
+        assert 0.55 <= spent < 2.0
+        assert harness.group_cpu_s(proc.pid + 10_000_000) == 0.0  # no such group
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _records(pairs: list[tuple[float, float]], key: str = "rps") -> dict[str, Any]:
+    return {name: {"ka": [{"round": i, key: pair[j]} for i, pair in enumerate(pairs)],
+                   "close": []}
+            for j, name in enumerate(("hc/fastapi", "uvicorn/fastapi"))}
+
+
+def test_apps_targets_need_every_round(bench: Path) -> None:
+    import report
+
+    def verdict(pairs: list[tuple[float, float]]) -> dict[str, Any]:
+        found: list[dict[str, Any]] = [t for t in report.apps_targets(_records(pairs))
+                                       if t["key"] == "fastapi_vs_uvicorn"]
+        return found[0]
+
+    steady = verdict([(120.0, 100.0), (115.0, 100.0), (112.0, 100.0)])
+    assert steady["pass"] is True and steady["range"] == pytest.approx([1.12, 1.2])
+    lucky = verdict([(150.0, 100.0), (130.0, 100.0), (100.0, 100.0)])  # median 1.3, worst 1.0
+    assert lucky["value"] == pytest.approx(1.3) and lucky["pass"] is False
+    missing = [t for t in report.apps_targets(_records([(1.0, 1.0)]))
+               if t["key"] == "hello_vs_nginx"][0]
+    assert missing["pass"] is None and missing["value"] is None
