@@ -53,6 +53,10 @@ class ViewPool:
     the limit; further views wait in the queue) with a deque of idle tokens instead of its
     semaphore and nothing per call but one queue entry. Threads are daemons: a worker ends
     with os._exit, after its graceful drain has waited for the views it was serving.
+    The idle tokens are an upper bound, as that semaphore's count is: a thread that finds a
+    queued job takes it without its token being taken. An extra token can only make a later
+    view wait for the next free thread instead of starting one more below the limit, which
+    ThreadPoolExecutor accepts the same way; the limit itself always holds.
     """
 
     def __init__(self, threads: int, name: str = "WSGI") -> None:

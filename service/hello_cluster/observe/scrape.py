@@ -131,8 +131,8 @@ def _quality(ranges: list[MediaRange], kind: str, sub: str,
             rank = 0
         else:
             continue
-        if rank > best_rank:
-            best_rank, best_q = rank, r.q
+        if rank > best_rank or (rank == best_rank and r.q > best_q):
+            best_rank, best_q = rank, r.q  # a range named twice: its best q, in any order
     return best_rank, best_q
 
 
