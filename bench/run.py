@@ -42,11 +42,14 @@ RESPAWN_TIMEOUT = 15.0
 
 
 def ensure_tools() -> None:
-    """wrk from apt if missing; the peers into bench/.venv; hello-cluster's own venv."""
-    if shutil.which("wrk") is None:
-        print("bench: installing wrk with apt-get", flush=True)
+    """wrk and nginx (the machine's limit row) from apt if missing; the peers into
+    bench/.venv; hello-cluster's own venv."""
+    missing = [package for package, binary in (("wrk", "wrk"), ("nginx-light", "nginx"))
+               if shutil.which(binary) is None and not Path(f"/usr/sbin/{binary}").exists()]
+    if missing:
+        print(f"bench: installing {' '.join(missing)} with apt-get", flush=True)
         subprocess.run(["apt-get", "update", "-qq"], check=False)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
     if not (peers.MAIN_BIN / "hello-cluster").exists():
         sys.exit("bench: .venv/bin/hello-cluster is missing; run `make .venv/bin/hello-cluster`")
     if shutil.which("node") is None:
