@@ -73,6 +73,7 @@ from hello_cluster.http.policy import (
     http09,
     make_room,
     parser_refusal,
+    trailer_refusal,
 )
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -579,10 +580,9 @@ class FastProtocol(asyncio.Protocol):
         if not self.trailer_since:
             self.trailer_since = now
         self.trailer_bytes += size
-        if self.trailer_bytes > MAX_TRAILER_BYTES:
-            self._refuse_body(RESPONSE_431)
-        elif now - self.trailer_since > HEAD_TIMEOUT:
-            self._refuse_body(RESPONSE_408)
+        refusal = trailer_refusal(self.trailer_bytes, self.trailer_since, now)
+        if refusal is not None:
+            self._refuse_body(refusal)
 
     def _refuse(self, response: bytes) -> None:
         if not self.transport.is_closing():

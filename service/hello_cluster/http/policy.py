@@ -156,6 +156,17 @@ def parser_refusal(error: BaseException, data: bytes, at_start: bool) -> bytes:
     return error_response(400, INVALID_REQUEST)
 
 
+def trailer_refusal(total: int, since: float, now: float) -> bytes | None:
+    """The answer to a trailer section of `total` bytes begun at `since`, if it is past
+    its bounds (MAX_TRAILER_BYTES, HEAD_TIMEOUT): both protocols count a read that
+    continues one (httptools holds the field being read, so it is bounded by its reads)."""
+    if total > MAX_TRAILER_BYTES:
+        return RESPONSE_431
+    if now - since > HEAD_TIMEOUT:
+        return RESPONSE_408
+    return None
+
+
 def valid_token(name: bytes) -> bool:
     return _TOKEN.match(name) is not None
 

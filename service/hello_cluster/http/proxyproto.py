@@ -114,19 +114,18 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
         return ProxyHeader(16 + length, None)
     if command != 1:
         raise ProxyHeaderError(f"PROXY v2 header with command {command}")
-    if family == 0x11:  # TCP over IPv4
-        if length < 12:
-            raise ProxyHeaderError("PROXY v2 IPv4 addresses cut short")
-        src, dst, sport, dport = struct.unpack("!4s4sHH", body[:12])
-        return ProxyHeader(16 + length, (socket.inet_ntop(socket.AF_INET, src), sport),
-                           (socket.inet_ntop(socket.AF_INET, dst), dport))
-    if family == 0x21:  # TCP over IPv6
-        if length < 36:
-            raise ProxyHeaderError("PROXY v2 IPv6 addresses cut short")
-        src, dst, sport, dport = struct.unpack("!16s16sHH", body[:36])
-        return ProxyHeader(16 + length, (socket.inet_ntop(socket.AF_INET6, src), sport),
-                           (socket.inet_ntop(socket.AF_INET6, dst), dport))
-    return ProxyHeader(16 + length, None)  # UNSPEC, UDP or unix: nothing an HTTP scope uses
+    if family not in _V2_TCP:
+        return ProxyHeader(16 + length, None)  # UNSPEC, UDP or unix: nothing a scope uses
+    af, size, name = _V2_TCP[family]
+    if length < 2 * size + 4:
+        raise ProxyHeaderError(f"PROXY v2 {name} addresses cut short")
+    src, dst, sport, dport = struct.unpack(f"!{size}s{size}sHH", body[:2 * size + 4])
+    return ProxyHeader(16 + length, (socket.inet_ntop(af, src), sport),
+                       (socket.inet_ntop(af, dst), dport))
+
+
+# v2 address families carried over TCP: (socket family, address bytes, name)
+_V2_TCP = {0x11: (socket.AF_INET, 4, "IPv4"), 0x21: (socket.AF_INET6, 16, "IPv6")}
 
 
 def trusts(allowed: tuple[str, ...], host: str | None) -> bool:

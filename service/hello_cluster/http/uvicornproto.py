@@ -62,6 +62,7 @@ from hello_cluster.http.policy import (
     http09,
     make_room,
     parser_refusal,
+    trailer_refusal,
 )
 
 
@@ -302,10 +303,9 @@ class WorkerProtocol(HttpToolsProtocol):
             if not self._trailer_since:
                 self._trailer_since = now
             self._trailer_bytes += n
-            if self._trailer_bytes > MAX_TRAILER_BYTES:
-                self._refuse_body(RESPONSE_431)
-            elif now - self._trailer_since > HEAD_TIMEOUT:
-                self._refuse_body(RESPONSE_408)
+            refusal = trailer_refusal(self._trailer_bytes, self._trailer_since, now)
+            if refusal is not None:
+                self._refuse_body(refusal)
             return
         if self.draining and self.cycle is not cycle and self.cycle is not None:
             # A request that came in after the drain began: answer it, then close. The
