@@ -54,6 +54,11 @@ PLAIN, LENGTH, CHUNKED, CLOSE = 0, 1, 2, 3
 LINES: dict[tuple[bytes, bytes], tuple[bytes, int, int]] = {}
 
 
+def unframed(status: int, kind: int) -> bool:
+    """A framing header (LENGTH or CHUNKED) that is dropped, not sent, for this status."""
+    return status in BODILESS and (kind == CHUNKED or status == 204)
+
+
 def status_line(status: Any) -> bytes:
     line = FINAL_LINE.get(status) if type(status) is int else None
     if line is None:
@@ -115,7 +120,7 @@ def frame(chunked: bool | None, length: int, kind: int, new_length: int) -> None
 
 def check_start(message: dict[str, Any]) -> None:
     """The checks fastproto makes while it encodes a response start, for `--http uvicorn`."""
-    status = message.get("status")
+    status: Any = message.get("status")
     status_line(status)
     chunked: bool | None = None
     length = 0
@@ -123,8 +128,7 @@ def check_start(message: dict[str, Any]) -> None:
     for pair in headers:
         name, value = pair
         _, kind, new_length = header_line(name, value)
-        if kind in (LENGTH, CHUNKED) and not (status in BODILESS and (kind == CHUNKED
-                                                                       or status == 204)):
+        if kind in (LENGTH, CHUNKED) and not unframed(status, kind):
             if chunked is not None:
                 frame(chunked, length, kind, new_length)
             else:

@@ -52,10 +52,10 @@ from hello_cluster.http.appcheck import (
     CHUNKED,
     LENGTH,
     LINES,
-    STATUS_LINE,
     frame,
     header_line,
     status_line,
+    unframed,
 )
 from hello_cluster.http.policy import (
     GOOD_HOSTS,
@@ -66,10 +66,11 @@ from hello_cluster.http.policy import (
     MAX_DISCARD_BYTES,
     MAX_HEAD_BYTES,
     MAX_TRAILER_BYTES,
+    RESPONSE_400,
     RESPONSE_408,
     RESPONSE_431,
+    RESPONSE_HTTP09,
     check_request,
-    error_response,
     http09,
     make_room,
     parser_refusal,
@@ -293,7 +294,7 @@ class FastProtocol(asyncio.Protocol):
                     if self.head_raw > MAX_HEAD_BYTES:
                         self._refuse_head()
                 if http09(self.parser.get_http_version(), data):
-                    self._refuse_after(error_response(505, "HTTP/0.9 is not supported"))
+                    self._refuse_after(RESPONSE_HTTP09)
             elif self.body_open:
                 if in_trailers and self.chunk_open and not self.chunk_data:
                     self._bound_trailers(len(data))
@@ -316,7 +317,7 @@ class FastProtocol(asyncio.Protocol):
             elif self.body_open:  # its body or trailers: the app reading it sees a disconnect
                 self.logger.warning(INVALID_REQUEST)
                 self._refuse_body(RESPONSE_431 if self.trailer_bytes > MAX_TRAILER_BYTES
-                                  else error_response(400, INVALID_REQUEST))
+                                  else RESPONSE_400)
             else:
                 self.logger.warning(INVALID_REQUEST)
                 fresh = at_start and self.completed == completed  # the line is data[0:]
@@ -533,13 +534,6 @@ class FastProtocol(asyncio.Protocol):
         protocol.connection_made(self.transport)
         protocol.data_received(b"".join(output))
         self.transport.set_protocol(protocol)
-
-    def send_400_response(self, msg: str) -> None:
-        body = msg.encode("ascii")
-        self._refuse_after(b"".join((
-            STATUS_LINE[400], _default_lines(self.server_state.default_headers),
-            b"content-type: text/plain; charset=utf-8\r\n",
-            b"content-length: %d\r\n" % len(body), _CLOSE_LINE, b"\r\n", body)))
 
     def _refuse_head(self) -> None:
         self._refuse_after(RESPONSE_431)
@@ -765,10 +759,10 @@ class Cycle:
             if kind != "http.response.start":
                 raise RuntimeError(
                     f"Expected ASGI message 'http.response.start', but got '{kind}'.")
+            # The start is checked whole before anything of it is kept: if it fails, run()
+            # answers 500 and the worker serves on.
             status = message["status"]
-            line = status_line(status)  # the start is checked whole before anything is
-            parts = [line, _default_lines(proto.server_state.default_headers)]
-            # kept: if it fails, run() answers 500 and the worker serves on
+            parts = [status_line(status), _default_lines(proto.server_state.default_headers)]
             framing: bool | None = None  # True: chunked, False: a content-length (once)
             has_close = False
             lines_get = LINES.get
@@ -780,7 +774,7 @@ class Cycle:
                 line, what, length = hit if hit is not None else header_line(name, value)
                 if what:
                     if what in (LENGTH, CHUNKED):
-                        if status in BODILESS and (what == CHUNKED or status == 204):
+                        if unframed(status, what):
                             continue  # framing a body that cannot be there: not sent
                         if framing is not None:  # a second one: the same length is sent
                             frame(framing, self.length, what, length)  # once, else refused

@@ -31,6 +31,8 @@ import termios
 from operator import attrgetter
 from typing import Any
 
+import httptools
+
 log = logging.getLogger("hello_cluster.worker")
 
 IDLE_GRACE = 0.5  # seconds an idle connection may still bring one last request when draining
@@ -68,6 +70,8 @@ RESPONSE_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection
 RESPONSE_431 = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
                 b"connection: close\r\n\r\n")
 INVALID_REQUEST = "Invalid HTTP request received."
+RESPONSE_400 = error_response(400, INVALID_REQUEST)
+RESPONSE_HTTP09 = error_response(505, "HTTP/0.9 is not supported")
 
 
 class Refusal(Exception):
@@ -150,10 +154,10 @@ def parser_refusal(error: BaseException, data: bytes, at_start: bool) -> bytes:
     context = error.__context__
     if isinstance(context, Refusal):
         return context.response
-    if type(error).__name__ == "HttpParserInvalidMethodError" and at_start \
+    if isinstance(error, httptools.HttpParserInvalidMethodError) and at_start \
             and _REQUEST_LINE.match(data):
         return error_response(501, "unknown method")
-    return error_response(400, INVALID_REQUEST)
+    return RESPONSE_400
 
 
 def trailer_refusal(total: int, since: float, now: float) -> bytes | None:

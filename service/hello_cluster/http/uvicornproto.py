@@ -55,10 +55,11 @@ from hello_cluster.http.policy import (
     LENIENCIES,
     MAX_HEAD_BYTES,
     MAX_TRAILER_BYTES,
+    RESPONSE_400,
     RESPONSE_408,
     RESPONSE_431,
+    RESPONSE_HTTP09,
     check_request,
-    error_response,
     http09,
     make_room,
     parser_refusal,
@@ -279,7 +280,7 @@ class WorkerProtocol(HttpToolsProtocol):
                     self._refuse_head()
             elif self._body_open:
                 self.logger.warning(INVALID_REQUEST)
-                self._refuse_body(error_response(400, INVALID_REQUEST))
+                self._refuse_body(RESPONSE_400)
             else:
                 self.logger.warning(INVALID_REQUEST)
                 fresh = at_start and self._completed == completed  # the line is data[0:]
@@ -296,7 +297,7 @@ class WorkerProtocol(HttpToolsProtocol):
                     self._refuse_head()
                     return
             if http09(self.parser.get_http_version(), data):
-                self._refuse_after(error_response(505, "HTTP/0.9 is not supported"))
+                self._refuse_after(RESPONSE_HTTP09)
                 return
         elif in_trailers and self._chunk_open and not self._chunk_data:
             now = time.monotonic()
@@ -311,9 +312,6 @@ class WorkerProtocol(HttpToolsProtocol):
             # A request that came in after the drain began: answer it, then close. The
             # app's task has not run yet, so the response will carry `connection: close`.
             self.cycle.keep_alive = False
-
-    def send_400_response(self, msg: str) -> None:
-        self._refuse_after(error_response(400, msg))
 
     def _refuse_head(self) -> None:
         self._refuse_after(RESPONSE_431)
