@@ -71,11 +71,10 @@ class Forwarded:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket"):
-            client = scope.get("client")
-            if client is not None and trusts(self.allowed, client[0]):
-                values = [v.decode("latin-1") for k, v in scope["headers"] if k == b"forwarded"]
-                if values:
-                    self.apply(scope, ", ".join(values))
+            values = [v.decode("latin-1") for k, v in scope["headers"] if k == b"forwarded"]
+            client = scope.get("client")  # the header first: most requests have none
+            if values and client is not None and trusts(self.allowed, client[0]):
+                self.apply(scope, ", ".join(values))
         await self.app(scope, receive, send)
 
     def apply(self, scope: dict[str, Any], value: str) -> None:

@@ -22,6 +22,7 @@ protocol that waits for the header and then hands the connection to the HTTP pro
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -138,7 +139,15 @@ def trusts(allowed: tuple[str, ...], host: str | None) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return any(address in ipaddress.ip_network(item, strict=False) for item in allowed)
+    return any(address in network for network in _networks(allowed))
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(allowed: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                                 ...]:
+    """--forwarded-allow-ips parsed once (config.parse_forwarded checked every item), not
+    on every connection or request that asks."""
+    return tuple(ipaddress.ip_network(item, strict=False) for item in allowed)
 
 
 class ProxyFront(asyncio.Protocol):
