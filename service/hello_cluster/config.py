@@ -132,6 +132,39 @@ _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 MAX_DURATION = 7 * 24 * 3600.0
 
 
+# --gc tuned: the workers' cyclic collector after the app's start (worker/gctune.py). The
+# startup heap is frozen and the young generation collected every 7,000 allocations instead
+# of 700: Flask 1.14-1.19x the requests/s at 0.84-0.86x the CPU per request, FastAPI 1.11x
+# at 0.90x (bench/code_ab.py, docs/benchmarks.md#the-cyclic-collector---gc).
+TUNED_GC = (7000, 20, 20)
+
+
+def gc_thresholds(setting: str) -> tuple[int, int, int] | None:
+    """What a parsed --gc setting asks for: thresholds to set (after a freeze), or None."""
+    if setting == "tuned":
+        return TUNED_GC
+    if setting == "python":
+        return None
+    g0, g1, g2 = (int(part) for part in setting.split(","))
+    return (g0, g1, g2)
+
+
+def parse_gc(text: str) -> str:
+    """`tuned`, `python` (the interpreter's own settings) or G0,G1,G2, kept as words so that
+    `hello-cluster config` prints what reads back."""
+    word = text.strip().lower()
+    if word in ("tuned", "python"):
+        return word
+    parts = [part.strip() for part in word.split(",")]
+    if len(parts) != 3 or not all(part.isdecimal() for part in parts):
+        raise ConfigError(f"{text!r} is not a collector setting; use tuned, python or three "
+                          "thresholds such as 7000,20,20 (see gc.set_threshold)")
+    if max(int(part) for part in parts) > 10**9:
+        raise ConfigError(f"{text!r}: a threshold above 1000000000 never collects; use 0 to "
+                          "turn the collector off")
+    return ",".join(str(int(part)) for part in parts)
+
+
 def parse_duration(text: str) -> float:
     """Seconds from `30`, `30s`, `1.5s`, `500ms`, `2m` or `1h`; at most a week."""
     match = _DURATION.match(text)
@@ -364,6 +397,7 @@ class Config:
     http: str = "fast"  # the workers' protocol: fastproto.py, or uvicorn's httptools one
     root_path: str = ""  # ASGI root_path, WSGI SCRIPT_NAME
     stall_report_after: float = 1.0  # 0: off (worker/stalls.py)
+    gc: str = "tuned"  # tuned, python or G0,G1,G2 (worker/gctune.py)
     request_timeout: float | None = None  # None or 0: off (http/deadline.py)
     config: str | None = None  # --config FILE, already applied: kept for `hello-cluster config`
     hooks: str | None = None  # --hooks MODULE (worker/hooks.py)
@@ -601,6 +635,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("stall-report-after", parse_duration, "1s",
            "a worker's event loop blocked this long logs the app's line it is blocked in, "
            "and how long the stall lasted when it ends (0 = off)", "DURATION"),
+    Option("gc", parse_gc, "tuned",
+           "each worker's cyclic garbage collector once the app has started: tuned (freeze "
+           "the startup heap, collect the young generation every 7000 allocations), python "
+           "(the interpreter's own settings) or G0,G1,G2 thresholds", "tuned|python|G0,G1,G2",
+           doc="each worker's cyclic garbage collector once the app has started: `tuned` "
+           "freezes the startup heap (`gc.freeze()`) and sets the thresholds to 7000,20,20; "
+           "`python` leaves the interpreter's own (700,10,10, nothing frozen); three numbers "
+           "freeze and set those thresholds (0 turns the collector off) (see [The cyclic "
+           "collector](benchmarks.md#the-cyclic-collector---gc))"),
     Option("request-timeout", parse_duration, None,
            "cancel an HTTP request still running after this long: 504 if no response began, "
            "else the connection is closed; WSGI views get the 504 and run on (unset = off)",

@@ -28,7 +28,7 @@ import setproctitle
 import uvicorn
 
 from hello_cluster import logs
-from hello_cluster.config import DEFAULT_APP, Config
+from hello_cluster.config import DEFAULT_APP, Config, gc_thresholds
 from hello_cluster.errors import (
     EXIT_APP,
     EXIT_RESOURCE,
@@ -43,8 +43,8 @@ from hello_cluster.http.policy import connection_limit
 from hello_cluster.http.uvicornproto import WorkerProtocol, expire_slow_heads
 from hello_cluster.system import channel as ch
 from hello_cluster.system.beats import Beater
+from hello_cluster.worker import gctune, loader
 from hello_cluster.worker import hooks as worker_hooks
-from hello_cluster.worker import loader
 from hello_cluster.worker.looplag import LoopLag
 from hello_cluster.worker.neighbours import Helper
 from hello_cluster.worker.stalls import StallWatch
@@ -168,8 +168,10 @@ class WorkerServer(uvicorn.Server):
                  neighbours: Sequence[socket.socket] = (),
                  hooks: worker_hooks.Hooks | None = None,
                  info: worker_hooks.WorkerInfo | None = None, dumps: Dumps | None = None,
-                 stall_report_after: float = 0.0) -> None:
+                 stall_report_after: float = 0.0,
+                 gc_thresholds: tuple[int, int, int] | None = None) -> None:
         super().__init__(config)
+        self.gc_thresholds = gc_thresholds
         self.hooks, self.info = hooks, info
         self.dumps = dumps
         self.stall_watch = StallWatch.for_worker(stall_report_after, TICK)
@@ -230,6 +232,7 @@ class WorkerServer(uvicorn.Server):
                     self.channel.error(str(err))
                     self.exit_code, self.should_exit = EXIT_APP, True
                     return
+            gctune.tune(self.gc_thresholds)  # what exists now lives as long as the worker
             if self.dumps is not None:
                 self.dumps.serve_tasks(asyncio.get_running_loop())
             if self.stall_watch is not None:
@@ -416,7 +419,8 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
     beater = Beater(spec.beats, spec.beat_cell) if spec.beats is not None else None
     server = WorkerServer(uv_config, channel, beat_ticks, max_requests, metrics,
                           LISTEN_GRACE if spec.own_socket else 0.0, beater, spec.neighbours,
-                          hooks, info, dumps, cfg.stall_report_after)
+                          hooks, info, dumps, cfg.stall_report_after,
+                          gc_thresholds(cfg.gc))
     server.run(sockets=list(spec.sockets))
     if access_log is not None:
         access_log.flush()  # the lines of the last tenth of a second
