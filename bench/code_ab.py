@@ -3,6 +3,7 @@
     git archive <commit> service | tar -x -C /tmp/hc-base     # the code before the change
     .venv/bin/python bench/code_ab.py --base /tmp/hc-base [--app peer_frameworks:fastapi_app]
         [--interface wsgi] [--rounds 6] [--duration 3] [--workers 2] [--close]
+        [--new-args '--wsgi-dispatch loop']
 
 Both builds run the same flags and app from the project's venv (`--base DIR` holds DIR/service,
 the other is this checkout's service/), on two ports for the whole measurement; wrk
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=3.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--close", action="store_true", help="Connection: close, not keep-alive")
+    ap.add_argument("--new-args", default="",
+                    help="flags for the new build only, e.g. '--wsgi-dispatch loop' (with "
+                    "--base . the same code with and without a flag)")
     args = ap.parse_args(argv)
     extra = ["--request-metrics"]
     if args.app:
@@ -65,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     procs: dict[str, tuple[h.Proc, int]] = {}
     try:
         for name, service in builds.items():
-            procs[name] = start(name, service, extra, args.workers)
+            own = args.new_args.split() if name == "new" else []
+            procs[name] = start(name, service, [*extra, *own], args.workers)
         for _, port in procs.values():
             h.wrk(port, 1, args.close)  # warm-up, discarded
         rows: list[dict[str, float]] = []
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         summary: dict[str, object] = {"mode": "close" if args.close else "keep-alive",
                                       "app": args.app or "built-in", "rounds": args.rounds,
                                       "duration_s": args.duration, "workers": args.workers,
+                                      "new_args": args.new_args,
                                       "loadavg": round(os.getloadavg()[0], 2)}
         for key in ("rps", "cpu_us"):
             ratios = [r[f"new_{key}"] / r[f"base_{key}"] for r in rows if r[f"base_{key}"]]

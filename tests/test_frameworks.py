@@ -182,3 +182,19 @@ def test_framework_app_from_its_directory(cluster, tmp_path: Path, name: str) ->
         assert c.get("/")[0] == 200
     wait_for(lambda: get_ok(c) == before + 25, 5, what="25 requests counted")
     assert "Traceback" not in c.log
+
+
+@pytest.mark.parametrize("name", [n for n, app in APPS.items() if app[2] == "WSGI"])
+def test_wsgi_framework_on_the_loop(cluster, tmp_path: Path, name: str) -> None:
+    """--wsgi-dispatch loop: the same answers from a real framework, and a SIGHUP under load
+    and a killed worker cost what they cost with threads."""
+    files, spec, _ = APPS[name]
+    app_dir = write_app(tmp_path / name, files)
+    threaded = cluster("--workers", "1", "--app", spec, env={"PYTHONPATH": ""}, cwd=app_dir,
+                       workers=1)
+    c = cluster("--workers", "2", "--app", spec, "--wsgi-dispatch", "loop",
+                env={"PYTHONPATH": ""}, cwd=app_dir, workers=2)
+    status, _, body = c.get("/")
+    assert status == 200, body
+    assert body == threaded.get("/")[2]
+    survive_reload_and_kill(c)

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from hello_cluster.config import TUNED_GC, ConfigError, gc_thresholds, parse_gc
+from hello_cluster.config import TUNED_GC, gc_thresholds, parse_gc
+from hello_cluster.errors import ConfigError
 
 APP = '''
 import gc

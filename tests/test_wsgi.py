@@ -222,3 +222,66 @@ def test_wsgi_environ_and_bodies_match_uvicorn(cluster) -> None:
         os.killpg(peer.pid, signal.SIGKILL)
         peer.wait(timeout=10)
     assert len(c.workers()) == 1 and "Traceback" not in c.log
+
+
+# ---- --wsgi-dispatch loop: views without a body on the event loop -----------------------
+
+LOOP = (*WSGI, "--wsgi-dispatch", "loop")
+
+
+def test_loop_dispatch_runs_bodiless_views_on_the_loop(cluster) -> None:
+    """GETs run on the worker's main thread; a request with a body, and every view under
+    --request-timeout, still runs in the pool; what the view sees and answers is the same."""
+    c = cluster("--workers", "1", *LOOP, workers=1)
+    assert c.get("/sleep?s=0")[2] == b"slept in MainThread\n"
+    assert c.get("/")[2] == b"hello from wsgi\n"
+    seen = json.loads(c.get("/environ?x=1")[2])
+    assert seen["PATH_INFO"] == "/environ" and seen["QUERY_STRING"] == "x=1"
+    assert _post(c.port, b"one\ntwo\n") == (200, b"got one\ngot two\n")  # in a pool thread
+    # Content-Length: 0 is no body: on the loop.
+    assert c.get("/sleep?s=0", headers={"Content-Length": "0"})[2] == b"slept in MainThread\n"
+    timed = cluster("--workers", "1", *LOOP, "--request-timeout", "30s", workers=1)
+    assert timed.get("/sleep?s=0")[2].startswith(b"slept in WSGI_")
+    plain = cluster("--workers", "1", *WSGI, workers=1)
+    assert plain.get("/sleep?s=0")[2].startswith(b"slept in WSGI_")
+
+
+def test_loop_dispatch_streams_with_backpressure(cluster) -> None:
+    """A 48 MiB stream begun on the loop moves to a pool thread once a few chunks wait, so
+    a client that reads nothing for a while costs a few chunks of memory, not the stream,
+    and the loop serves others meanwhile."""
+    c = cluster("--workers", "1", *LOOP, workers=1)
+    pid = c.workers()[0]
+    assert c.get("/stream?n=4")[2] == b"x" * 4 * 65536  # fewer chunks than the bound: inline
+    before = _rss(pid)
+    chunks = 768
+    with socket.create_connection(("127.0.0.1", c.port), timeout=20) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(f"GET /stream?n={chunks} HTTP/1.1\r\nHost: x\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        wait_for(lambda: c.metric("hello_cluster_http_requests_in_progress") >= 1, 10,
+                 what="the stream in flight")
+        assert c.get("/", timeout=5)[0] == 200  # the loop is free while the stream waits
+        grown = _rss(pid) - before
+        assert grown < 16 * 2**20, f"the worker buffered {grown} bytes for a stalled reader"
+        received = 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            received += len(data)
+    body = chunks * 65536
+    assert body < received < body + chunks * 16 + 4096
+    assert c.workers() == [pid]
+
+
+def test_loop_dispatch_view_that_raises(cluster) -> None:
+    """On the loop too, a view's exception costs its own request (500), not the worker."""
+    c = cluster("--workers", "1", *LOOP, workers=1)
+    pid = c.workers()[0]
+    for _ in range(3):
+        assert c.get("/boom")[0] == 500
+    assert c.get("/")[2] == b"hello from wsgi\n"
+    wait_for(lambda: "hc_wsgiapp: boom" in c.log, 5, what="the view's exception in the log")
+    assert c.workers() == [pid]

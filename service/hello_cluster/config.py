@@ -384,6 +384,7 @@ class Config:
     factory: bool = False
     interface: str = "auto"
     wsgi_threads: int = DEFAULT_WSGI_THREADS
+    wsgi_dispatch: str = "threads"  # or "loop" (http/wsgi.py Responder._run_inline)
     # TLS and the access log (tls.py, accesslog.py)
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
@@ -577,6 +578,18 @@ OPTIONS: tuple[Option, ...] = (
            "at once)", "N",
            doc="threads per worker that run WSGI views: the most WSGI requests a worker serves at "
            "once"),
+    Option("wsgi-dispatch", parse_choice("threads", "loop"), "threads",
+           "where WSGI views run: threads (a view that blocks holds a thread, never the "
+           "worker) or loop (views without a request body run on the event loop, as a "
+           "gunicorn sync worker runs them: faster for views that never block)",
+           "threads|loop",
+           doc="where WSGI views run: `threads` (the pool of `--wsgi-threads`; a view that "
+           "blocks holds a thread, never the worker's loop); `loop` runs a view without a "
+           "request body on the event loop itself, as a gunicorn sync worker would: no thread "
+           "hand-off, so faster for views that never block, but a view that waits stops "
+           "its worker (requests with a body, and the rest of a long stream, still go to "
+           "the threads; `--request-timeout` sends every view to the threads) (see "
+           "[WSGI dispatch](benchmarks.md#wsgi-views-on-the-loop---wsgi-dispatch-loop))"),
     # TLS with uvicorn's flag names (tls.py); workers load the files at start, so a SIGHUP
     # reload rotates the certificate.
     Option("ssl-certfile", parse_path, None,

@@ -46,6 +46,14 @@ _DONE = object()  # the view returned (or raised): no more messages for this res
 _LOG = logging.getLogger("hello_cluster.wsgi")
 
 
+def _has_body(scope: Any) -> bool:
+    """The request may bring a body (a length other than 0, or any transfer coding)."""
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" 0")):
+            return True
+    return False
+
+
 class ViewPool:
     """Threads that run views: up to `threads`, started as needed, idle ones reused first.
 
@@ -101,10 +109,14 @@ class ViewPool:
 class Responder(WSGIResponder):
     """One request: the view runs in the pool, its messages are sent by this coroutine."""
 
-    def __init__(self, app: Any, pool: ViewPool, send_queue_size: int) -> None:
+    inline = False  # the view is running on the loop's thread (see _run_inline)
+
+    def __init__(self, app: Any, pool: ViewPool, send_queue_size: int,
+                 on_loop: bool = False) -> None:
         # Not WSGIResponder.__init__: it builds the asyncio.Queue this class does not use.
         self.app = app
         self.pool = pool
+        self.on_loop = on_loop
         self.loop = asyncio.get_running_loop()
         self.response_started = False
         self.exc_info: Any = None
@@ -118,9 +130,15 @@ class Responder(WSGIResponder):
         self.broken = False  # sending failed: later messages are dropped, not queued
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        environ = build_environ(scope, Body(self.loop, receive))
+        body = Body(self.loop, receive)
+        environ = build_environ(scope, body)
         context = contextvars.copy_context()
-        self.pool.submit(context.run, self._run_view, environ)
+        if self.on_loop and not _has_body(scope) and CURRENT.get() is None:
+            body._has_more = False  # noqa: SLF001  (nothing to read: never asks the loop)
+            self.inline = True
+            context.run(self._run_inline, environ)
+        else:
+            self.pool.submit(context.run, self._run_view, environ)
         try:
             error = await self._send_all(send)
         except asyncio.CancelledError:
@@ -189,8 +207,59 @@ class Responder(WSGIResponder):
                 request.view_thread = None
             self._hand_over(_DONE)
 
+    def _run_inline(self, environ: Any) -> None:
+        """--wsgi-dispatch loop: the view runs here, on the loop's thread, as a gunicorn sync
+        worker runs it; its body is iterated here too until `send_queue_size` messages wait
+        (a large or slow stream), and the rest of the iteration moves to a pool thread, which
+        then waits for the client as a threaded view does. Nothing here may block on the
+        loop, so the request has no body to read and send() never waits (see __call__)."""
+        iterable: Any = None
+        try:
+            iterable = self.wsgi_app(environ)
+            iterator = iter(iterable)
+            for chunk in iterator:
+                self._hand_over({"type": "http.response.body", "body": chunk,
+                                 "more_body": True})
+                if len(self.outbox) >= self.limit:
+                    self.inline = False
+                    self.pool.submit(contextvars.copy_context().run, self._finish,
+                                     iterable, iterator)
+                    return
+            self._hand_over({"type": "http.response.body", "body": b""})
+        except BaseException as exc:  # noqa: BLE001  (handed to the loop, raised there)
+            self.failed = exc
+        self._close(iterable)
+        self._hand_over(_DONE)
+
+    def _finish(self, iterable: Any, iterator: Any) -> None:
+        """In a pool thread: the rest of a body the loop began (see _run_inline)."""
+        try:
+            for chunk in iterator:
+                self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self.send({"type": "http.response.body", "body": b""})
+        except BaseException as exc:  # noqa: BLE001
+            self.failed = exc
+        self._close(iterable)
+        self._hand_over(_DONE)
+
+    def wsgi_app(self, environ: Any) -> Any:
+        return self.app(environ, self.start_response)
+
+    def _close(self, iterable: Any) -> None:
+        close = getattr(iterable, "close", None)
+        if close is not None:
+            try:
+                close()
+            except BaseException as exc:  # noqa: BLE001
+                if self.failed is None:
+                    self.failed = exc
+
     def send(self, message: Any) -> None:
-        """Called by a2wsgi's `start_response` and `wsgi` for each message, in the thread."""
+        """Called by a2wsgi's `start_response` and `wsgi` for each message, in the thread
+        (or on the loop for a view it runs, which never waits here: see _run_inline)."""
+        if self.inline:
+            self._hand_over(message)
+            return
         if len(self.outbox) >= self.limit and not self.broken:
             self._wait_for_room()
         if self.broken:  # the response is gone: end the view (its iterable is closed)
@@ -217,7 +286,7 @@ class Responder(WSGIResponder):
 
     def _hand_over(self, message: Any) -> None:
         self.outbox.append(message)
-        if not self.wake_pending:
+        if not self.wake_pending and not self.inline:  # inline: _send_all runs next
             self.wake_pending = True
             self.loop.call_soon_threadsafe(self._wake)
 
@@ -240,10 +309,12 @@ class WSGIMiddleware(_A2wsgiMiddleware):
         self.app = app
         self.send_queue_size = send_queue_size
         self.pool = ViewPool(workers)
+        self.on_loop = False  # --wsgi-dispatch loop (set by the worker)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            await Responder(self.app, self.pool, self.send_queue_size)(scope, receive, send)
+            await Responder(self.app, self.pool, self.send_queue_size,
+                            self.on_loop)(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 
