@@ -297,6 +297,9 @@ APPS = Suite("apps", "uvicorn/fastapi", "hc/fastapi", "hc/fastapi", "nginx")
 ASGI_APPS = {"fastapi": "fastapi_app", "starlette": "starlette_app", "django-asgi": "django_asgi"}
 WSGI_APPS = {"flask": "flask_app", "flask-sleep": "flask_sleep_app",
              "django-wsgi": "django_wsgi"}
+# hello-cluster --wsgi-dispatch loop as well: the Flask view, and the sleeping one that shows
+# what the loop costs a view that waits.
+LOOP_APPS = ("flask", "flask-sleep")
 
 
 def frameworks_env() -> dict[str, str]:
@@ -354,6 +357,14 @@ def apps_contenders(workers: int, threads: int, port_of: dict[str, int],
                                         ["--app", target, "--interface", "wsgi",
                                          "--wsgi-threads", t, "--request-metrics"]),
                              env=env, kind="subject", notify=True, reload_signal=True))
+        if app in LOOP_APPS:
+            name = f"hc-loop/{app}"
+            out.append(Contender(name, f"hello-cluster --wsgi-dispatch loop, {app}",
+                                 hello_argv(port_of[name], metrics_port_of[name], workers,
+                                            ["--app", target, "--interface", "wsgi",
+                                             "--wsgi-threads", t, "--wsgi-dispatch", "loop",
+                                             "--request-metrics"]),
+                                 env=env, kind="subject", notify=True, reload_signal=True))
         if have("granian"):
             name = f"granian/{app}"
             out.append(Contender(name, f"granian --interface wsgi --blocking-threads {t}, {app}", [
@@ -387,4 +398,4 @@ def apps_contenders(workers: int, threads: int, port_of: dict[str, int],
 APP_NAMES = [f"{server}/{app}" for app in ASGI_APPS
              for server in ("hc", "uvicorn", "granian", "gunicorn")] + \
     [f"{server}/{app}" for app in WSGI_APPS for server in ("hc", "granian", "gunicorn")] + \
-    ["hc/hello", "node/hello", "nginx"]
+    [f"hc-loop/{app}" for app in LOOP_APPS] + ["hc/hello", "node/hello", "nginx"]

@@ -136,6 +136,12 @@ APPS_TARGETS = [
      "granian/flask", "ka", "rps", 1.0, "ge"),
     ("flask_close_vs_granian", "Flask Connection: close req/s vs granian", "hc/flask",
      "granian/flask", "close", "rps", 1.0, "ge"),
+    ("flask_sleep_vs_granian", "Flask, a view sleeping 5 ms, keep-alive req/s vs granian",
+     "hc/flask-sleep", "granian/flask-sleep", "ka", "rps", 1.0, "ge"),
+    ("flask_loop_vs_granian", "Flask keep-alive req/s vs granian, --wsgi-dispatch loop",
+     "hc-loop/flask", "granian/flask", "ka", "rps", 1.0, "ge"),
+    ("flask_loop_close_vs_granian", "Flask Connection: close req/s vs granian, "
+     "--wsgi-dispatch loop", "hc-loop/flask", "granian/flask", "close", "rps", 1.0, "ge"),
     ("hello_vs_nginx", "built-in page keep-alive req/s vs nginx", "hc/hello", "nginx", "ka",
      "rps", 0.8, "ge"),
     ("hello_cpu_vs_node", "built-in page CPU per request vs Node's cluster", "hc/hello",

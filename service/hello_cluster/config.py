@@ -134,8 +134,8 @@ MAX_DURATION = 7 * 24 * 3600.0
 
 # --gc tuned: the workers' cyclic collector after the app's start (worker/gctune.py). The
 # startup heap is frozen and the young generation collected every 7,000 allocations instead
-# of 700: Flask 1.14-1.19x the requests/s at 0.84-0.86x the CPU per request, FastAPI 1.11x
-# at 0.90x (bench/code_ab.py, docs/benchmarks.md#the-cyclic-collector---gc).
+# of 700: the collector's share of a loaded worker's CPU (perf) went from 5.4% to 1.4% on
+# Flask and from 4.0% to 0 on FastAPI (docs/benchmarks.md, "What changed for issue 25").
 TUNED_GC = (7000, 20, 20)
 
 
@@ -589,7 +589,7 @@ OPTIONS: tuple[Option, ...] = (
            "hand-off, so faster for views that never block, but a view that waits stops "
            "its worker (requests with a body, and the rest of a long stream, still go to "
            "the threads; `--request-timeout` sends every view to the threads) (see "
-           "[WSGI dispatch](benchmarks.md#wsgi-views-on-the-loop---wsgi-dispatch-loop))"),
+           "[WSGI dispatch](benchmarks.md#what-changed-for-issue-25-measured-before-and-after))"),
     # TLS with uvicorn's flag names (tls.py); workers load the files at start, so a SIGHUP
     # reload rotates the certificate.
     Option("ssl-certfile", parse_path, None,
@@ -656,7 +656,7 @@ OPTIONS: tuple[Option, ...] = (
            "freezes the startup heap (`gc.freeze()`) and sets the thresholds to 7000,20,20; "
            "`python` leaves the interpreter's own (700,10,10, nothing frozen); three numbers "
            "freeze and set those thresholds (0 turns the collector off) (see [The cyclic "
-           "collector](benchmarks.md#the-cyclic-collector---gc))"),
+           "collector](benchmarks.md#what-changed-for-issue-25-measured-before-and-after))"),
     Option("request-timeout", parse_duration, None,
            "cancel an HTTP request still running after this long: 504 if no response began, "
            "else the connection is closed; WSGI views get the 504 and run on (unset = off)",
