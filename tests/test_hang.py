@@ -26,6 +26,11 @@ APP = TEST_APPS / "hc_hang.py"
 WSGI_APP = TEST_APPS / "hc_wsgiapp.py"
 
 
+def lines_of(marker: str, path: Path = APP) -> list[int]:
+    """Every line carrying `marker`: a loop's stack may be sampled on any of its lines."""
+    return [n for n, line in enumerate(path.read_text().splitlines(), 1) if marker in line]
+
+
 def line_of(marker: str, path: Path = APP) -> int:
     """The line of the test app that carries `marker` (so the tests never hard-code it)."""
     for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -129,7 +134,8 @@ def test_a_hang_kill_logs_the_stack_in_a_c_call_and_in_python_code(cluster: Star
         loop = [t for t in record["threads"] if t["event_loop"]]
         assert len(loop) == 1, record
         innermost = loop[0]["frames"][-1]
-        assert innermost == {"file": str(APP), "line": line_of(marker), "function": function}
+        assert innermost["file"] == str(APP) and innermost["function"] == function, innermost
+        assert innermost["line"] in lines_of(marker), innermost
         def respawned(pid: int = pid) -> bool:
             return bool(c.workers()) and c.workers()[0] != pid
 
@@ -155,7 +161,7 @@ def test_a_stall_is_reported_with_its_line_and_how_long_it_lasted(cluster: Start
              what="the stall histogram")
     assert c.get("/spin?s=0.8", timeout=10)[0] == 200
     wait_for(lambda: c.log.count("stall ended") == 2, 5, what="the second stall's end")
-    assert f"{APP}:{line_of('HANG-SPIN')} in pure_python_spin" in c.log
+    assert any(f"{APP}:{n} in pure_python_spin" in c.log for n in lines_of("HANG-SPIN")), c.log
 
 
 # ---- hello-cluster dump --------------------------------------------------------------------

@@ -34,7 +34,7 @@ def pure_python_spin(seconds: float) -> int:
     end = time.monotonic() + seconds
     n = 0
     while time.monotonic() < end:  # HANG-SPIN: bytecode, never a C call for long
-        n += 1
+        n += 1  # HANG-SPIN too: a sample lands on either line of the loop
     return n
 
 
