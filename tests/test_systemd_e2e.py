@@ -130,7 +130,15 @@ class NsSystemd:
         return int(self.prop(SERVICE, "MainPID"))
 
     def cursor(self) -> str:
-        out = self.run("journalctl", "--lines=0", "--show-cursor", "--quiet").stdout
+        result = self.run("journalctl", "--lines=0", "--show-cursor", "--quiet", check=False)
+        if result.returncode != 0:  # say what journald is doing, not just "exited 1"
+            state = self.run("systemctl", "--no-pager", "status", "systemd-journald.service",
+                             "systemd-journald.socket", check=False)
+            header = self.run("journalctl", "--header", check=False)
+            raise AssertionError(f"journalctl --show-cursor exited {result.returncode}: "
+                                 f"{result.stderr}\n{state.stdout}\n{header.stdout[-3000:]}"
+                                 f"{header.stderr}")
+        out = result.stdout
         match = re.search(r"-- cursor: (\S+)", out)
         assert match, out
         return match.group(1)
