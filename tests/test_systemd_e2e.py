@@ -130,7 +130,17 @@ class NsSystemd:
         return int(self.prop(SERVICE, "MainPID"))
 
     def cursor(self) -> str:
-        result = self.run("journalctl", "--lines=0", "--show-cursor", "--quiet", check=False)
+        # A systemd just booted for this module (xdist may hand the module's tests to a
+        # worker in more than one run, each with its own systemd) has no journal file until
+        # something logs: journald is socket-activated. Log a line, then read the cursor.
+        self.run("systemd-cat", "--identifier=hc-e2e", "echo", "cursor mark", check=False)
+        deadline = time.monotonic() + 10
+        while True:
+            result = self.run("journalctl", "--lines=0", "--show-cursor", "--quiet",
+                              check=False)
+            if result.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         if result.returncode != 0:  # say what journald is doing, not just "exited 1"
             state = self.run("systemctl", "--no-pager", "status", "systemd-journald.service",
                              "systemd-journald.socket", check=False)
