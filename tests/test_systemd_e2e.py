@@ -130,17 +130,18 @@ class NsSystemd:
         return int(self.prop(SERVICE, "MainPID"))
 
     def cursor(self) -> str:
-        # A systemd just booted for this module (xdist may hand the module's tests to a
-        # worker in more than one run, each with its own systemd) has no journal file until
-        # something logs: journald is socket-activated. Log a line, then read the cursor.
-        self.run("systemd-cat", "--identifier=hc-e2e", "echo", "cursor mark", check=False)
-        deadline = time.monotonic() + 10
-        while True:
-            result = self.run("journalctl", "--lines=0", "--show-cursor", "--quiet",
-                              check=False)
-            if result.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        result = self.run("journalctl", "--lines=0", "--show-cursor", "--quiet", check=False)
+        if result.returncode != 0:
+            # A systemd that nothing has logged to yet has no journal file (journald is
+            # socket-activated): log a line, then read the cursor. Only then: a line that
+            # journald takes in later than what the test then does would move the cursor
+            # past it.
+            self.run("systemd-cat", "--identifier=hc-e2e", "echo", "cursor mark", check=False)
+            deadline = time.monotonic() + 10
+            while result.returncode != 0 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                result = self.run("journalctl", "--lines=0", "--show-cursor", "--quiet",
+                                  check=False)
         if result.returncode != 0:  # say what journald is doing, not just "exited 1"
             state = self.run("systemctl", "--no-pager", "status", "systemd-journald.service",
                              "systemd-journald.socket", check=False)
@@ -444,7 +445,10 @@ def remove_cgroups(groups: list[Path], timeout: float = 10.0) -> None:
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: xdist (--dist loadgroup) may run other modules' tests between this
+# module's on the same worker, and a module-scoped systemd would then be torn down and
+# booted again mid-story (seen as g2 meeting a systemd 0.3 s old, with no journal yet).
+@pytest.fixture(scope="session")
 def sd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NsSystemd]:
     need_root()
     unshare = need_command("unshare", "util-linux")
@@ -514,7 +518,7 @@ def sd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NsSystemd]:
         remove_cgroups(groups)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def net(sd: NsSystemd) -> Iterator[NetnsClient]:
     client = NetnsClient(sd.pid)
     yield client
