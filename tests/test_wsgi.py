@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -75,10 +76,13 @@ def _rss(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def test_wsgi_stream_backpressure(cluster) -> None:
+@pytest.mark.parametrize("dispatch", ["threads", "loop"])
+def test_wsgi_stream_backpressure(cluster, dispatch: str) -> None:
     """A view yielding 48 MiB to a client that reads nothing for a while: the view's thread
-    waits (a few chunks are queued, not the stream), and the client then gets every byte."""
-    c = cluster("--workers", "1", *WSGI, workers=1)
+    waits (a few chunks are queued, not the stream), and the client then gets every byte.
+    With --wsgi-dispatch loop the stream begins on the loop and moves to a pool thread
+    once a few chunks wait; either way the loop serves others meanwhile."""
+    c = cluster("--workers", "1", *WSGI, "--wsgi-dispatch", dispatch, workers=1)
     pid = c.workers()[0]
     assert c.get("/stream?n=4")[2] == b"x" * 4 * 65536  # warm: the pool thread exists
     before = _rss(pid)
@@ -88,6 +92,7 @@ def test_wsgi_stream_backpressure(cluster) -> None:
         s.sendall(f"GET /stream?n={chunks} HTTP/1.1\r\nHost: x\r\n"
                   "Connection: close\r\n\r\n".encode())
         time.sleep(2.0)  # not reading: the socket buffers fill, then the transport pauses
+        assert c.get("/", timeout=5)[0] == 200  # the loop is free while the stream waits
         grown = _rss(pid) - before
         assert grown < 16 * 2**20, f"the worker buffered {grown} bytes for a stalled reader"
         received = 0
@@ -101,11 +106,14 @@ def test_wsgi_stream_backpressure(cluster) -> None:
     assert received > body  # the head and the chunk framing come on top of the body
     assert received < body + chunks * 16 + 4096
     assert c.get("/")[0] == 200
+    assert c.workers() == [pid]
 
 
-def test_wsgi_view_that_raises(cluster) -> None:
-    """A view's exception is a 500 with the traceback in the log, and the worker serves on."""
-    c = cluster("--workers", "1", *WSGI, workers=1)
+@pytest.mark.parametrize("dispatch", ["threads", "loop"])
+def test_wsgi_view_that_raises(cluster, dispatch: str) -> None:
+    """A view's exception is a 500 with the traceback in the log, and the worker serves on
+    (on the loop too: it costs its own request, not the worker)."""
+    c = cluster("--workers", "1", *WSGI, "--wsgi-dispatch", dispatch, workers=1)
     pid = c.workers()[0]
     for _ in range(3):
         assert c.get("/boom")[0] == 500
@@ -193,10 +201,12 @@ def _post(port: int, body: bytes) -> tuple[int, bytes]:
         conn.close()
 
 
-def test_wsgi_environ_and_bodies_match_uvicorn(cluster) -> None:
+@pytest.mark.parametrize("dispatch", ["threads", "loop"])
+def test_wsgi_environ_and_bodies_match_uvicorn(cluster, dispatch: str) -> None:
     """Fuzzed paths, queries and bodies: the WSGI app sees what uvicorn --interface wsgi
-    gives it (except the two fixes: wsgi.errors, SCRIPT_NAME), and never a 5xx."""
-    c = cluster("--workers", "1", *WSGI, workers=1)
+    gives it (except the two fixes: wsgi.errors, SCRIPT_NAME), and never a 5xx; with
+    --wsgi-dispatch loop too (the GETs run on the loop, the POSTs in the pool)."""
+    c = cluster("--workers", "1", *WSGI, "--wsgi-dispatch", dispatch, workers=1)
     port = free_port()
     peer = _start_uvicorn(port)
     try:
@@ -244,44 +254,3 @@ def test_loop_dispatch_runs_bodiless_views_on_the_loop(cluster) -> None:
     assert timed.get("/sleep?s=0")[2].startswith(b"slept in WSGI_")
     plain = cluster("--workers", "1", *WSGI, workers=1)
     assert plain.get("/sleep?s=0")[2].startswith(b"slept in WSGI_")
-
-
-def test_loop_dispatch_streams_with_backpressure(cluster) -> None:
-    """A 48 MiB stream begun on the loop moves to a pool thread once a few chunks wait, so
-    a client that reads nothing for a while costs a few chunks of memory, not the stream,
-    and the loop serves others meanwhile."""
-    c = cluster("--workers", "1", *LOOP, workers=1)
-    pid = c.workers()[0]
-    assert c.get("/stream?n=4")[2] == b"x" * 4 * 65536  # fewer chunks than the bound: inline
-    before = _rss(pid)
-    chunks = 768
-    with socket.create_connection(("127.0.0.1", c.port), timeout=20) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        s.sendall(f"GET /stream?n={chunks} HTTP/1.1\r\nHost: x\r\n"
-                  "Connection: close\r\n\r\n".encode())
-        wait_for(lambda: c.metric("hello_cluster_http_requests_in_progress") >= 1, 10,
-                 what="the stream in flight")
-        assert c.get("/", timeout=5)[0] == 200  # the loop is free while the stream waits
-        grown = _rss(pid) - before
-        assert grown < 16 * 2**20, f"the worker buffered {grown} bytes for a stalled reader"
-        received = 0
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            data = s.recv(1 << 20)
-            if not data:
-                break
-            received += len(data)
-    body = chunks * 65536
-    assert body < received < body + chunks * 16 + 4096
-    assert c.workers() == [pid]
-
-
-def test_loop_dispatch_view_that_raises(cluster) -> None:
-    """On the loop too, a view's exception costs its own request (500), not the worker."""
-    c = cluster("--workers", "1", *LOOP, workers=1)
-    pid = c.workers()[0]
-    for _ in range(3):
-        assert c.get("/boom")[0] == 500
-    assert c.get("/")[2] == b"hello from wsgi\n"
-    wait_for(lambda: "hc_wsgiapp: boom" in c.log, 5, what="the view's exception in the log")
-    assert c.workers() == [pid]
