@@ -225,27 +225,25 @@ class Responder(WSGIResponder):
                     self.pool.submit(contextvars.copy_context().run, self._finish,
                                      iterable, iterator)
                     return
-            self._hand_over({"type": "http.response.body", "body": b""})
         except BaseException as exc:  # noqa: BLE001  (handed to the loop, raised there)
             self.failed = exc
-        self._close(iterable)
-        self._hand_over(_DONE)
+            self._end(iterable)
+            return
+        self._finish(iterable, iterator)  # the iterator is spent: the end, close, done
 
     def _finish(self, iterable: Any, iterator: Any) -> None:
-        """In a pool thread: the rest of a body the loop began (see _run_inline)."""
+        """The rest of a body begun on the loop: in a pool thread, or on the loop once the
+        body is all out (see _run_inline)."""
         try:
             for chunk in iterator:
                 self.send({"type": "http.response.body", "body": chunk, "more_body": True})
             self.send({"type": "http.response.body", "body": b""})
         except BaseException as exc:  # noqa: BLE001
             self.failed = exc
-        self._close(iterable)
-        self._hand_over(_DONE)
+        self._end(iterable)
 
-    def wsgi_app(self, environ: Any) -> Any:
-        return self.app(environ, self.start_response)
-
-    def _close(self, iterable: Any) -> None:
+    def _end(self, iterable: Any) -> None:
+        """Close the view's iterable (PEP 3333), then tell the loop the view is done."""
         close = getattr(iterable, "close", None)
         if close is not None:
             try:
@@ -253,6 +251,10 @@ class Responder(WSGIResponder):
             except BaseException as exc:  # noqa: BLE001
                 if self.failed is None:
                     self.failed = exc
+        self._hand_over(_DONE)
+
+    def wsgi_app(self, environ: Any) -> Any:
+        return self.app(environ, self.start_response)
 
     def send(self, message: Any) -> None:
         """Called by a2wsgi's `start_response` and `wsgi` for each message, in the thread
