@@ -343,8 +343,11 @@ def build_app(cfg: Config, first: bool = True, preloaded: Any = None) -> tuple[A
                 if loaded.interface == loader.WSGI else "")
         preloaded = loaded.app
     app = preloaded
-    if cfg.wsgi_dispatch == "loop" and hasattr(app, "on_loop"):  # a WSGI app (http/wsgi.py)
-        app.on_loop = True
+    if cfg.wsgi_dispatch == "loop":  # imported only then: an ASGI worker never loads a2wsgi
+        from hello_cluster.http.wsgi import WSGIMiddleware
+
+        if isinstance(app, WSGIMiddleware):
+            app.on_loop = True
     if cfg.request_timeout:  # innermost: the metrics and the access log see its 504
         from hello_cluster.http.deadline import RequestTimeout
 
