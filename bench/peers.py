@@ -351,19 +351,17 @@ def apps_contenders(workers: int, threads: int, port_of: dict[str, int],
                 env=env, reload_signal=True))
     for app, attr in WSGI_APPS.items():
         target = f"peer_frameworks:{attr}"
-        name = f"hc/{app}"
-        out.append(Contender(name, f"hello-cluster --interface wsgi, {app}",
-                             hello_argv(port_of[name], metrics_port_of[name], workers,
-                                        ["--app", target, "--interface", "wsgi",
-                                         "--wsgi-threads", t, "--request-metrics"]),
-                             env=env, kind="subject", notify=True, reload_signal=True))
+        ours = ["--app", target, "--interface", "wsgi", "--wsgi-threads", t,
+                "--request-metrics"]
+        variants = [("hc", "hello-cluster --interface wsgi", ours)]
         if app in LOOP_APPS:
-            name = f"hc-loop/{app}"
-            out.append(Contender(name, f"hello-cluster --wsgi-dispatch loop, {app}",
+            variants.append(("hc-loop", "hello-cluster --wsgi-dispatch loop",
+                             [*ours, "--wsgi-dispatch", "loop"]))
+        for server, label, extra in variants:
+            name = f"{server}/{app}"
+            out.append(Contender(name, f"{label}, {app}",
                                  hello_argv(port_of[name], metrics_port_of[name], workers,
-                                            ["--app", target, "--interface", "wsgi",
-                                             "--wsgi-threads", t, "--wsgi-dispatch", "loop",
-                                             "--request-metrics"]),
+                                            extra),
                                  env=env, kind="subject", notify=True, reload_signal=True))
         if have("granian"):
             name = f"granian/{app}"

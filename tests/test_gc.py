@@ -16,6 +16,7 @@ import pytest
 
 from hello_cluster.config import TUNED_GC, gc_thresholds, parse_gc
 from hello_cluster.errors import ConfigError
+from hello_cluster.supervisor import memory
 
 APP = '''
 import gc
@@ -51,11 +52,16 @@ def test_refused(text: str) -> None:
         parse_gc(text)
 
 
+def _worker(cluster: Any, app_dir: Path, *args: str) -> Any:
+    """One worker serving the app below; answered once, so its start is complete."""
+    c = cluster("--workers", "1", "--app", "gcapp:app", "--app-dir", str(app_dir), *args,
+                workers=1)
+    assert c.get("/")[0] == 200
+    return c
+
+
 def _worker_gc(cluster: Any, app_dir: Path, *args: str) -> dict[str, Any]:
-    c = cluster("--workers", "1", "--app", "gcapp:app", "--app-dir", str(app_dir), *args)
-    status, _, body = c.get("/")
-    assert status == 200
-    result: dict[str, Any] = json.loads(body)
+    result: dict[str, Any] = json.loads(_worker(cluster, app_dir, *args).get("/")[2])
     return result
 
 
@@ -84,22 +90,13 @@ def test_thresholds_given(cluster: Any, app_dir: Path) -> None:
     assert seen["frozen"] > 1000
 
 
-def _uss(pid: int) -> int:
-    total = 0
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith(("Private_Clean:", "Private_Dirty:")):
-            total += int(line.split()[1]) * 1024
-    return total
-
-
 def test_tuning_copies_no_shared_pages(cluster: Any, app_dir: Path) -> None:
     """Freezing costs no memory: a gc.collect() in the worker would write to every object
     it inherited from the master and copy those pages (5 -> 13 MiB of USS per worker here),
-    which --max-worker-memory and the pool's memory figures would count."""
+    which --max-worker-memory (this same USS reading) and the pool's memory figures count."""
     seen = {}
     for setting in ("python", "tuned"):
-        c = cluster("--workers", "1", "--app", "gcapp:app", "--app-dir", str(app_dir),
-                    "--gc", setting, workers=1)
-        assert c.get("/")[0] == 200
-        seen[setting] = _uss(c.workers()[0])
-    assert seen["tuned"] <= seen["python"] + 2 * 2**20, seen
+        c = _worker(cluster, app_dir, "--gc", setting)
+        seen[setting] = memory.uss_bytes(c.workers()[0])
+    assert None not in seen.values(), seen
+    assert seen["tuned"] <= seen["python"] + 2 * 2**20, seen  # type: ignore[operator]

@@ -130,7 +130,10 @@ class NsSystemd:
         return int(self.prop(SERVICE, "MainPID"))
 
     def cursor(self) -> str:
-        result = self.run("journalctl", "--lines=0", "--show-cursor", "--quiet", check=False)
+        def read() -> subprocess.CompletedProcess[str]:
+            return self.run("journalctl", "--lines=0", "--show-cursor", "--quiet", check=False)
+
+        result = read()
         if result.returncode != 0:
             # A systemd that nothing has logged to yet has no journal file (journald is
             # socket-activated): log a line, then read the cursor. Only then: a line that
@@ -140,8 +143,7 @@ class NsSystemd:
             deadline = time.monotonic() + 10
             while result.returncode != 0 and time.monotonic() < deadline:
                 time.sleep(0.2)
-                result = self.run("journalctl", "--lines=0", "--show-cursor", "--quiet",
-                                  check=False)
+                result = read()
         if result.returncode != 0:  # say what journald is doing, not just "exited 1"
             state = self.run("systemctl", "--no-pager", "status", "systemd-journald.service",
                              "systemd-journald.socket", check=False)
