@@ -32,11 +32,12 @@ def lines_of(marker: str, path: Path = APP) -> list[int]:
 
 
 def line_of(marker: str, path: Path = APP) -> int:
-    """The line of the test app that carries `marker` (so the tests never hard-code it)."""
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if marker in line:
-            return number
-    raise AssertionError(f"{marker} not in {path}")
+    """The first line of the test app that carries `marker` (so the tests never hard-code
+    it)."""
+    found = lines_of(marker, path)
+    if not found:
+        raise AssertionError(f"{marker} not in {path}")
+    return found[0]
 
 
 def in_background(path: str, port: int, timeout: float = 30.0) -> threading.Thread:
