@@ -121,3 +121,66 @@ def test_request_metrics_counted_like_the_middleware() -> None:
     assert metrics.run_count == 0  # counts() folded the run in: nothing is counted twice
     metrics.flush()
     assert metrics.counts() == {} and sum(metrics._buckets) == 0
+
+
+def test_a_closed_connection_leaves_no_cyclic_garbage() -> None:
+    """Connections served and closed over loopback on uvloop (a request with
+    `Connection: close`, a keep-alive one the client drops, one that reads a body) are freed
+    by reference count: the collector finds none of their protocols, transports, cycles or
+    tasks. Each left 17 such objects before connection_lost broke the protocol's cycles, and
+    collecting them cost a worker 9.5% of its CPU under `Connection: close`."""
+    import gc
+
+    import uvloop
+
+    requests = [b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab"]
+
+    async def main() -> list[Any]:
+        config = uvicorn.Config(reads_body, lifespan="off", log_config=None,
+                                proxy_headers=False)
+        config.load()
+        state = ServerState()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: FastProtocol(config=config, server_state=state, app_state={}),
+            "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+
+        async def one(request: bytes) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            reply = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+            writer.close()
+            await writer.wait_closed()
+            return reply
+
+        for request in requests:  # warm: the first connection builds caches, not garbage
+            await one(request)
+        await asyncio.sleep(0.05)
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(10):
+                for request in requests:
+                    assert (await one(request)).startswith(b"HTTP/1.1 200 OK")
+            for _ in range(100):  # bounded: the server sees the closes within 1 s
+                if not state.connections:
+                    break
+                await asyncio.sleep(0.01)
+            assert not state.connections
+            gc.collect()
+            found = [o for o in gc.garbage if isinstance(o, (FastProtocol, asyncio.Task))
+                     or type(o).__name__ in ("Cycle", "TCPTransport")]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+            server.close()
+            await server.wait_closed()
+        return found
+
+    found = uvloop.run(main())
+    assert not found, sorted({type(o).__name__ for o in found})

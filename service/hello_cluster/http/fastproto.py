@@ -258,7 +258,16 @@ class FastProtocol(asyncio.Protocol):
         if exc is None:
             self.transport.close()
         self._disarm()
+        # The parser holds this protocol's bound methods and the cycle holds the protocol:
+        # both reference cycles. Broken here, a closed connection's objects (protocol,
+        # transport, cycle, task: 17 per connection) are freed by reference count instead of
+        # waiting for the cyclic collector, which took 9.5% of a worker's CPU under
+        # `Connection: close` (perf: gc_collect_main, visit_decref). A request still running
+        # keeps its cycle through its task; nothing reads self.cycle once the connection is
+        # lost (no more reads, timers or drain calls reach it).
         self.parser = None  # type: ignore[assignment]
+        self.cycle = None
+        self.pipeline.clear()
 
     def eof_received(self) -> bool | None:
         """The client half-closed (shutdown(SHUT_WR)): a request it sent whole is still
