@@ -14,6 +14,12 @@ for the built-in page:
   working set (caches, branch predictors) adds to both, the reason the "server" part of a
   FastAPI request is larger than the whole hello request;
 
+For Django's ASGI handler (its view is sync: asgiref runs it in a thread) the whole request
+is awaited to its end instead of one loop turn, the CPU time counts every thread, and in
+place of the profile (cProfile sees one thread) it gives the same Django stack called
+synchronously through its WSGI handler (what the ASGI layer adds is the difference) and
+the threads started per request;
+
 each the median of RUNS runs of N requests, CPU time of this process (time.process_time),
 interleaved so background load hits all alike. Then the app alone under cProfile, its
 own time (tottime) summed by the package the function lives in (fastapi, starlette,
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import io
 import json
 import os
 import pstats
@@ -51,7 +58,23 @@ SCOPE: dict[str, Any] = {
     "headers": [(b"host", b"127.0.0.1:8085")], "state": {}}
 
 
-async def alone_us(app: Any, n: int) -> float:
+def receive_once() -> Any:
+    """A request's `receive` as a server gives it: the (empty) body, then nothing until the
+    client leaves. Django listens for that disconnect in a task of its own and refuses a
+    second body; the other apps never call receive twice, so they keep the cheaper one."""
+    sent = [False]
+
+    async def receive() -> Any:
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.get_running_loop().create_future()  # cancelled when the app is done
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def alone_us(app: Any, n: int, fresh_receive: bool = False) -> float:
     """The app called directly, as a server would, with a no-op send."""
     async def send(message: Any) -> None:
         return None
@@ -61,11 +84,11 @@ async def alone_us(app: Any, n: int) -> float:
 
     t = time.process_time()
     for _ in range(n):
-        await app(dict(SCOPE, state={}), receive, send)
+        await app(dict(SCOPE, state={}), receive_once() if fresh_receive else receive, send)
     return (time.process_time() - t) / n * 1e6
 
 
-async def task_us(app: Any, n: int) -> float:
+async def task_us(app: Any, n: int, fresh_receive: bool = False) -> float:
     """The app called in a Task of its own per request, with a no-op send."""
     async def send(message: Any) -> None:
         return None
@@ -75,10 +98,14 @@ async def task_us(app: Any, n: int) -> float:
 
     loop = asyncio.get_running_loop()
     sleep = asyncio.sleep
+    tasks = []
     t = time.process_time()
     for _ in range(n):
-        loop.create_task(app(dict(SCOPE, state={}), receive, send))
+        tasks.append(loop.create_task(app(dict(SCOPE, state={}),
+                                          receive_once() if fresh_receive else receive, send)))
         await sleep(0)
+    if fresh_receive:  # an app whose view runs in a thread is not done in one turn
+        await asyncio.gather(*tasks)
     elapsed = (time.process_time() - t) / n * 1e6
     t = time.process_time()
     for _ in range(n):
@@ -112,6 +139,61 @@ async def whole_us(kind: str, app: Any, n: int) -> float:
     mp.N = n
     total, _writes = await mp.whole_us(kind, app, None)
     return total
+
+
+async def whole_awaited_us(kind: str, app: Any, n: int) -> float:
+    """Request in, its task awaited to the end (for an app whose view runs in a thread)."""
+    proto = mp.make_protocol(kind, app, None)
+    transport = proto.transport
+    t = time.process_time()
+    for _ in range(n):
+        proto.data_received(mp.REQUEST)
+        await asyncio.gather(*list(proto.tasks))
+    elapsed = (time.process_time() - t) / n * 1e6
+    assert transport.writes >= n and not transport.closed, transport.writes
+    return elapsed
+
+
+def sync_stack_us(wsgi_app: Any, n: int) -> float:
+    """The same Django view through Django's WSGI handler, called synchronously."""
+    environ = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": "/",
+               "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8085",
+               "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": "127.0.0.1:8085",
+               "REMOTE_ADDR": "127.0.0.1", "wsgi.url_scheme": "http",
+               "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": True,
+               "wsgi.run_once": False, "wsgi.version": (1, 0)}
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
+        return None
+
+    t = time.process_time()
+    for _ in range(n):
+        body = wsgi_app(dict(environ, **{"wsgi.input": io.BytesIO()}), start_response)
+        for _chunk in body:
+            pass
+        body.close()
+    return (time.process_time() - t) / n * 1e6
+
+
+def threads_per_request(app: Any, n: int) -> float:
+    """Threads the app starts per request, counted at threading.Thread.start."""
+    import threading
+
+    started = [0]
+    original = threading.Thread.start
+
+    def counting(self: threading.Thread) -> None:
+        started[0] += 1
+        original(self)
+
+    threading.Thread.start = counting  # type: ignore[method-assign]
+    try:
+        import uvloop
+
+        uvloop.run(alone_us(app, n, fresh_receive=True))
+    finally:
+        threading.Thread.start = original  # type: ignore[method-assign]
+    return started[0] / n
 
 
 def package_of(filename: str) -> str:
@@ -160,17 +242,22 @@ def main() -> None:
         from hello_cluster.app import app as hello
 
         apps = {"hello": hello, "starlette": peer_frameworks.starlette_app,
-                "fastapi": peer_frameworks.fastapi_app}
+                "fastapi": peer_frameworks.fastapi_app,
+                "django": peer_frameworks.django_asgi}
+        threaded = {"django"}  # the view runs in asgiref's thread: awaited, not profiled
         samples: dict[tuple[str, str], list[float]] = {}
         for _ in range(args.runs):
             for name, app in apps.items():
                 samples.setdefault((name, "alone"), []).append(
-                    uvloop.run(alone_us(app, args.n)))
+                    uvloop.run(alone_us(app, args.n, name in threaded)))
                 samples.setdefault((name, "task"), []).append(
-                    uvloop.run(task_us(app, args.n)))
+                    uvloop.run(task_us(app, args.n, name in threaded)))
+                whole = whole_awaited_us if name in threaded else whole_us
                 for kind in ("fast", "uvicorn"):
                     samples.setdefault((name, kind), []).append(
-                        uvloop.run(whole_us(kind, app, args.n)))
+                        uvloop.run(whole(kind, app, args.n)))
+            samples.setdefault(("django", "sync"), []).append(
+                sync_stack_us(peer_frameworks.django_wsgi, args.n))
             samples.setdefault(("mixed", ""), []).append(
                 uvloop.run(mixed_us(hello, apps["fastapi"], args.n)))
         out: dict[str, Any] = {"n": args.n, "runs": args.runs, "apps": {}}
@@ -187,9 +274,16 @@ def main() -> None:
             row["fast_saves_us"] = round(row["uvicorn_total_us"] - row["fast_total_us"], 2)
             row["fast_saves_pct"] = round(100 * row["fast_saves_us"] / row["uvicorn_total_us"],
                                           1)
-            shares = uvloop.run(profile(app, args.n))
-            row["app_by_part_us"] = {k: round(v * alone, 2) for k, v in shares.items()
-                                     if v * alone >= 0.1}
+            if name in threaded:
+                sync = statistics.median(samples["django", "sync"])
+                row["sync_stack_alone_us"] = round(sync, 2)
+                row["asgi_layer_us"] = round(alone - sync, 2)
+                row["threads_started_per_request"] = round(
+                    threads_per_request(app, min(args.n, 500)), 2)
+            else:
+                shares = uvloop.run(profile(app, args.n))
+                row["app_by_part_us"] = {k: round(v * alone, 2) for k, v in shares.items()
+                                         if v * alone >= 0.1}
             out["apps"][name] = row
         apart = statistics.median(samples["hello", "fast"]) + statistics.median(
             samples["fastapi", "alone"])
