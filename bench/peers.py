@@ -300,6 +300,10 @@ WSGI_APPS = {"flask": "flask_app", "flask-sleep": "flask_sleep_app",
 # hello-cluster --wsgi-dispatch loop as well: the Flask view, and the sleeping one that shows
 # what the loop costs a view that waits.
 LOOP_APPS = ("flask", "flask-sleep")
+# And --cpu-affinity always (each worker and its view threads on one CPU from the start;
+# the default auto pins only while the traffic is keep-alive) for the same two:
+# where the thread hand-off, which pinning makes cheaper, is in every request.
+PINNED_APPS = ("flask", "flask-sleep")
 
 
 def frameworks_env() -> dict[str, str]:
@@ -357,6 +361,9 @@ def apps_contenders(workers: int, threads: int, port_of: dict[str, int],
         if app in LOOP_APPS:
             variants.append(("hc-loop", "hello-cluster --wsgi-dispatch loop",
                              [*ours, "--wsgi-dispatch", "loop"]))
+        if app in PINNED_APPS:
+            variants.append(("hc-pinned", "hello-cluster --cpu-affinity always",
+                             [*ours, "--cpu-affinity", "always"]))
         for server, label, extra in variants:
             name = f"{server}/{app}"
             out.append(Contender(name, f"{label}, {app}",
@@ -396,4 +403,5 @@ def apps_contenders(workers: int, threads: int, port_of: dict[str, int],
 APP_NAMES = [f"{server}/{app}" for app in ASGI_APPS
              for server in ("hc", "uvicorn", "granian", "gunicorn")] + \
     [f"{server}/{app}" for app in WSGI_APPS for server in ("hc", "granian", "gunicorn")] + \
-    [f"hc-loop/{app}" for app in LOOP_APPS] + ["hc/hello", "node/hello", "nginx"]
+    [f"hc-loop/{app}" for app in LOOP_APPS] + [f"hc-pinned/{app}" for app in PINNED_APPS] + \
+    ["hc/hello", "node/hello", "nginx"]

@@ -72,3 +72,20 @@ def test_apps_targets_need_every_round(bench: Path) -> None:
     missing = [t for t in report.apps_targets(_records([(1.0, 1.0)]))
                if t["key"] == "hello_vs_nginx"][0]
     assert missing["pass"] is None and missing["value"] is None
+
+
+def test_thread_wake_measures_both_placements_in_their_own_process() -> None:
+    """bench/thread_wake.py, the figure behind --cpu-affinity: each placement measured, the
+    pinned one really on one CPU (its child reports it), this process left as it was."""
+    import json
+    import os
+
+    before = os.sched_getaffinity(0)
+    done = subprocess.run([sys.executable, str(BENCH / "thread_wake.py"), "--n", "300",
+                           "--runs", "1"], capture_output=True, text=True, timeout=60,
+                          check=True)
+    out = json.loads(done.stdout)
+    assert out["cpus"] == sorted(before) and os.sched_getaffinity(0) == before
+    for placement in ("free", "one_cpu"):
+        assert out[placement]["cpu_us"] > 0 and out[placement]["wall_us"] > 0
+    assert out["free"]["ran_on"] == sorted(before) and out["one_cpu"]["ran_on"] == [min(before)]

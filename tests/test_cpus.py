@@ -15,6 +15,7 @@ from hello_cluster.system.cpus import (
     parse_cpu_max,
     parse_mountinfo,
     parse_proc_cgroup,
+    plan_pinning,
 )
 
 V2_MOUNTINFO = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
@@ -116,3 +117,40 @@ def test_real_v1_cpu_cgroup_gives_one_worker(cluster) -> None:
         assert c.metric("hello_cluster_workers_desired") == 1
         assert len(c.workers()) == 1
         c.kill_all()
+
+
+# --cpu-affinity: the pure plan.
+
+def test_pinning_round_robin_when_the_workers_divide_evenly() -> None:
+    plan = plan_pinning("auto", {1, 0}, 2, None)
+    assert plan.cpus == (0, 1)
+    assert [plan.cpu_for(slot) for slot in range(2)] == [0, 1]
+    four = plan_pinning("auto", [3, 1, 1], 4, (2.0, "/sys/fs/cgroup/cpu.max"))
+    assert [four.cpu_for(slot) for slot in range(4)] == [1, 3, 1, 3]
+
+
+def test_no_pinning_where_it_cannot_help_or_would_hurt() -> None:
+    cases = {
+        ("none", (0, 1), 2, None): "--cpu-affinity none",
+        ("auto", (0,), 1, None): "1 usable CPU",
+        ("auto", (0, 1), 1, None): "do not divide evenly",
+        ("auto", (0, 1), 3, None): "do not divide evenly",
+        ("auto", (0, 1, 2, 3), 2, None): "do not divide evenly",
+        ("auto", (0, 1), 2, (1.5, "/x/cpu.max")): "quota (1.5 CPUs, /x/cpu.max) is below",
+    }
+    for (mode, cpus, workers, quota), reason in cases.items():
+        plan = plan_pinning(mode, cpus, workers, quota)
+        assert plan.cpus == () and plan.cpu_for(0) is None, (mode, cpus, workers, quota)
+        assert reason in plan.reason
+
+
+@given(st.sets(st.integers(0, 63), min_size=0, max_size=8), st.integers(1, 64),
+       st.none() | st.floats(0.1, 80))
+def test_a_pinned_plan_gives_every_cpu_the_same_share(cpus: set[int], workers: int,
+                                                      quota: float | None) -> None:
+    plan = plan_pinning("auto", cpus, workers, None if quota is None else (quota, "q"))
+    if not plan.cpus:
+        return
+    assert set(plan.cpus) == cpus and (quota is None or quota >= len(cpus) - 1e-9)
+    shares = [plan.cpu_for(slot) for slot in range(workers)]
+    assert {shares.count(cpu) for cpu in cpus} == {workers // len(cpus)}

@@ -385,6 +385,7 @@ class Config:
     interface: str = "auto"
     wsgi_threads: int = DEFAULT_WSGI_THREADS
     wsgi_dispatch: str = "threads"  # or "loop" (http/wsgi.py Responder._run_inline)
+    cpu_affinity: str = "auto"  # always, none (system/cpus.py, worker/affinity.py)
     # TLS and the access log (tls.py, accesslog.py)
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
@@ -448,6 +449,19 @@ OPTIONS: tuple[Option, ...] = (
            "N|auto",
            doc="`auto` = CPUs usable by affinity, reduced by a cgroup CPU quota (v1 or v2), "
            "rounded up, at least 1"),
+    Option("cpu-affinity", parse_choice("auto", "always", "none"), "auto",
+           "auto: a threaded WSGI worker pins itself to one CPU while its traffic is "
+           "keep-alive; always: every worker pinned at start; none: the kernel moves "
+           "workers (pinning needs the workers to divide evenly over the usable CPUs, with "
+           "no cgroup quota sharing them)", "auto|always|none",
+           doc="`auto`: a worker serving a WSGI app through its thread pool pins itself (its "
+           "loop and view threads) to its slot's CPU while its requests outnumber its new "
+           "connections 4 to 1, and unpins at 2 to 1; `always`: every worker is pinned at "
+           "start, whatever its app and traffic; `none`: the kernel moves workers. Pinning "
+           "is planned only when the workers divide evenly over the CPUs usable by affinity "
+           "and no cgroup CPU quota is tighter than those CPUs (then they are shared); the "
+           "master logs the plan and each worker when it pins or unpins (see [CPU "
+           "affinity](how-it-works.md#cpu-affinity))"),
     Option("reuse-port", parse_choice("auto", "on", "off"), "auto",
            "auto/on: a TCP --bind becomes one SO_REUSEPORT socket per worker, steered to the "
            "ready workers (auto falls back to a shared socket if the kernel refuses); off: "

@@ -58,6 +58,7 @@ from hello_cluster.http.appcheck import (
     unframed,
 )
 from hello_cluster.http.policy import (
+    ACCEPTED,
     GOOD_HOSTS,
     HEAD_TIMEOUT,
     IDLE_GRACE,
@@ -225,6 +226,7 @@ class FastProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.connections.add(self)
+        ACCEPTED[0] += 1
         self.server = _address(transport, "sockname")
         self.client = _address(transport, "peername")
         self.scheme = "https" if is_ssl(self.transport) else "http"

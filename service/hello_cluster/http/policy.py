@@ -45,6 +45,9 @@ MAX_TRAILER_BYTES = MAX_HEAD_BYTES  # a chunked body's trailer section, bounded 
 MAX_DISCARD_BYTES = 1024 * 1024  # unread request body read and dropped after an early answer
 FD_RESERVE = 64  # descriptors a worker keeps for everything but client connections
 ROOM_LOG_EVERY = 60.0  # seconds between log lines about closing idle connections
+# Connections this process has accepted, counted by both protocols: with the requests served
+# it tells keep-alive traffic from a connection per request (worker/affinity.py).
+ACCEPTED = [0]
 
 # llhttp's leniencies this policy turns on, and why. Every other leniency stays off.
 LENIENCIES = {

@@ -49,6 +49,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from hello_cluster.http.policy import (
+    ACCEPTED,
     HEAD_TIMEOUT,
     IDLE_GRACE,
     INVALID_REQUEST,
@@ -145,6 +146,7 @@ class WorkerProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        ACCEPTED[0] += 1
         self.flow = PipelineFlowControl(transport, self.pipeline)
         self.head_since = self.loop.time()  # a silent new connection counts from here
         limit = self.limit_concurrency

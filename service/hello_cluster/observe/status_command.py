@@ -136,7 +136,7 @@ _MASTER = {"pid": int, "state": str, "uptime_seconds": _NUMBER, "version": str,
 _ROW = {"slot": int, "state": str}
 _ROW_OPTIONAL = {"pid": int, "uptime_seconds": _NUMBER, "restarts": int,
                  "rss_bytes": _NUMBER, "cpu_seconds": _NUMBER, "requests": _NUMBER,
-                 "respawn_in_seconds": _NUMBER}
+                 "respawn_in_seconds": _NUMBER, "pinned_cpu": int}
 
 
 def _check(obj: Any, required: Mapping[str, Any], optional: Mapping[str, Any],

@@ -150,6 +150,7 @@ def worker_row(pool: PoolSnapshot, w: WorkerView, now: float) -> dict[str, Any]:
         "restarts": pool.slots[w.slot].restarts if w.slot < len(pool.slots) else 0,
         "rss_bytes": stat.rss_bytes if stat else None,
         "cpu_seconds": round(stat.cpu_seconds, 2) if stat else None,
+        "pinned_cpu": procstat.pinned_cpu(w.pid),
         # No counter file yet: the worker has served nothing (unless the metrics are off).
         "requests": counts.requests if counts.requests is not None else (
             0 if pool.request_metrics and pool.multiproc_dir else None),

@@ -48,6 +48,7 @@ from hello_cluster.supervisor.template import Template, Templates, become_subrea
 from hello_cluster.supervisor.wakeups import HANDLED, Wakeups
 from hello_cluster.system import channel as ch
 from hello_cluster.system.beats import SCAN, BeatTable
+from hello_cluster.system.cpus import PinPlan, cgroup_cpu_limit, plan_pinning
 from hello_cluster.system.notify import Notifier, watchdog_interval
 from hello_cluster.system.sockets import Listeners
 
@@ -98,6 +99,11 @@ class Master:
         self.watcher = Watcher(self.cfg, self.pid) if self.cfg.reload else None  # --reload
         self.stack_poll: float | None = None  # while a hung worker's stack is awaited
         self.wakeups = Wakeups(self.selector)
+        # The CPUs and quota as they are at start (what --workers auto counted too): the
+        # pinning plan is worked out from them and the pool size at each spawn.
+        self.usable_cpus = tuple(sorted(os.sched_getaffinity(0)))
+        self.cpu_quota = cgroup_cpu_limit() if self.cfg.cpu_affinity == "auto" else None
+        self.pin_reason = ""
 
     # ---- life of the master -------------------------------------------------------------
 
@@ -259,9 +265,24 @@ class Master:
 
     # ---- the life of workers ------------------------------------------------------------
 
+    def pinning(self) -> PinPlan:
+        """Which CPU each slot gets at today's pool size; logged when the answer changes."""
+        plan = plan_pinning(self.cfg.cpu_affinity, self.usable_cpus, self.pool.desired,
+                            self.cpu_quota)
+        if plan.reason != self.pin_reason:
+            self.pin_reason = plan.reason
+            what = "none" if not plan.cpus else "every worker pinned" \
+                if self.cfg.cpu_affinity == "always" else \
+                "a threaded WSGI worker pins itself while its traffic is keep-alive"
+            # Said at info only when asked for: under `auto` each worker says when it pins.
+            log.log(logging.INFO if self.cfg.cpu_affinity == "always" else logging.DEBUG,
+                    "cpu affinity: %s (%s)", what, plan.reason)
+        return plan
+
     def spawn_worker(self, slot: int, now: float) -> None:
         generation = self.pool.generation
-        born = self.spawner.spawn(slot, generation, now)
+        cpu = self.pinning().cpu_for(slot)
+        born = self.spawner.spawn(slot, generation, now, cpu)
         if born is None:
             return  # the --preload template is still importing the app; its READY wakes us
         if isinstance(born, str):

@@ -48,7 +48,8 @@ class Spawner:
     own_fds: Callable[[], list[int]]  # the master's fds, closed in every child
     templates: Templates | None = None  # --preload: workers are forked by the template
 
-    def spawn(self, slot: int, generation: int, now: float) -> Born | str | None:
+    def spawn(self, slot: int, generation: int, now: float,
+              cpu: int | None = None) -> Born | str | None:
         """A new worker in `slot`, or why none could be forked; None while the --preload
         template of `generation` is still importing the app."""
         if self.templates is not None and not self.templates.ready(generation):
@@ -58,9 +59,9 @@ class Spawner:
         cell = self.beats.allocate(now)
         if self.templates is not None:
             pid, error = self.templates.spawn_worker(generation, slot, cell, self.listeners,
-                                                     self.dump_dir, write_fd)
+                                                     self.dump_dir, write_fd, cpu)
         else:
-            pid, error = self.fork(slot, generation, read_fd, write_fd, cell)
+            pid, error = self.fork(slot, generation, read_fd, write_fd, cell, cpu)
         os.close(write_fd)
         if pid is None:
             os.close(read_fd)
@@ -70,14 +71,14 @@ class Spawner:
         return Born(pid, read_fd, cell)
 
     def fork(self, slot: int, generation: int, read_fd: int, write_fd: int,
-             cell: int | None) -> tuple[int | None, str]:
+             cell: int | None, cpu: int | None = None) -> tuple[int | None, str]:
         close_fds = [read_fd, *self.own_fds(), *self.listeners.not_for_slot(slot)]
         spec = worker.WorkerSpec(slot=slot, generation=generation, master_pid=self.master_pid,
                                  sockets=self.listeners.for_slot(slot), channel_fd=write_fd,
                                  close_fds=close_fds, own_socket=bool(self.listeners.groups),
                                  neighbours=self.listeners.neighbours(slot),
                                  beats=self.beats.view if cell is not None else None,
-                                 beat_cell=cell or 0, dump_dir=self.dump_dir)
+                                 beat_cell=cell or 0, dump_dir=self.dump_dir, cpu=cpu)
         for handler in logging.getLogger().handlers:
             handler.flush()
         # Block our signals across fork(): a signal landing in the child before it has reset

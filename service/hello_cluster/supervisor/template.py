@@ -172,8 +172,8 @@ class Templates:
         return judged.verdict, why
 
     def spawn_worker(self, generation: int, slot: int, cell: int | None,
-                     listeners: Listeners, dump_dir: str | None, channel_fd: int
-                     ) -> tuple[int | None, str]:
+                     listeners: Listeners, dump_dir: str | None, channel_fd: int,
+                     cpu: int | None = None) -> tuple[int | None, str]:
         """A worker of `generation` forked by its template (ready: see `ready`): its pid
         and "", or None and why not."""
         template = self.current(generation)
@@ -181,7 +181,8 @@ class Templates:
         neighbours = listeners.neighbours(slot)
         pid = template.spawn({"slot": slot, "generation": generation, "cell": cell,
                               "own_socket": bool(listeners.groups),
-                              "neighbours": len(neighbours), "dump_dir": dump_dir},
+                              "neighbours": len(neighbours), "dump_dir": dump_dir,
+                              "cpu": cpu},
                              [channel_fd, *(s.fileno() for s in
                                             [*listeners.for_slot(slot), *neighbours])])
         if pid is None:
@@ -340,7 +341,8 @@ def _fork_worker(cfg: Config, master_pid: int, request: dict[str, Any], fds: lis
                 close_fds=keep_out, own_socket=request["own_socket"],
                 beats=beats if request["cell"] is not None else None,
                 beat_cell=request["cell"] or 0, app=app, reparented=True,
-                ssl_context=ssl_context, hooks=hooks, dump_dir=request.get("dump_dir"))
+                ssl_context=ssl_context, hooks=hooks, dump_dir=request.get("dump_dir"),
+                cpu=request.get("cpu"))
             worker.run(cfg, spec)
         os.write(w, _PID.pack(pid))
         os._exit(0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,3 +163,48 @@ def decide_workers(affinity: int, quota: tuple[float, str] | None) -> CpuDecisio
 
 def auto_workers(root: Path = Path("/")) -> CpuDecision:
     return decide_workers(len(os.sched_getaffinity(0)), cgroup_cpu_limit(root))
+
+
+@dataclass(frozen=True)
+class PinPlan:
+    """Which CPU each worker slot is pinned to (`--cpu-affinity auto`), or none."""
+
+    cpus: tuple[int, ...]  # slot i runs on cpus[i % len(cpus)]; empty: nobody is pinned
+    reason: str
+
+    def cpu_for(self, slot: int) -> int | None:
+        return self.cpus[slot % len(self.cpus)] if self.cpus else None
+
+
+def plan_pinning(mode: str, usable: Iterable[int], workers: int,
+                 quota: tuple[float, str] | None) -> PinPlan:
+    """Pure: which CPU each slot may be pinned to (`auto`: when its worker decides to,
+    worker/affinity.py; `always`: at start), round-robin, or none.
+
+    Only when every usable CPU gets the same number of workers (else the kernel could not
+    even the load out) and no cgroup quota is tighter than the CPUs (then they are shared
+    with others, and a pinned worker could not leave a busy one); nginx's
+    `worker_cpu_affinity auto` binds workers round-robin the same way.
+    """
+    cpus = tuple(sorted(set(usable)))
+    if mode == "none":
+        return PinPlan((), "--cpu-affinity none")
+    if len(cpus) < 2:
+        return PinPlan((), f"{len(cpus)} usable CPU: nothing to choose")
+    if workers < len(cpus) or workers % len(cpus):
+        return PinPlan((), f"{workers} workers do not divide evenly over {len(cpus)} CPUs")
+    if quota is not None and quota[0] < len(cpus) - 1e-9:
+        return PinPlan((), f"the cgroup CPU quota ({quota[0]:g} CPUs, {quota[1]}) is below "
+                           f"the {len(cpus)} usable CPUs: they are shared")
+    listed = ",".join(map(str, cpus))
+    return PinPlan(cpus, f"{workers} workers over CPUs {listed}, round-robin by slot")
+
+
+def pin_to(cpu: int) -> str | None:
+    """Pin the calling thread (a worker's main thread, before it starts any other: they
+    inherit it) to `cpu`; why not, if the kernel refused (the CPU left our cpuset)."""
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as err:
+        return f"could not pin to CPU {cpu} ({err.strerror}); running unpinned"
+    return None

@@ -89,3 +89,15 @@ class SlotCpu:
 
     def total(self, slot: int, live: float) -> float:
         return self.dead.get(slot, 0.0) + live
+
+
+def pinned_cpu(pid: int) -> int | None:
+    """The one CPU a worker is pinned to now (`--cpu-affinity`), or None: free to move
+    (its mask is wider than one CPU, or no wider than the master's own), or gone."""
+    try:
+        cpus = os.sched_getaffinity(pid)
+    except OSError:
+        return None
+    if len(cpus) != 1 or len(os.sched_getaffinity(0)) < 2:
+        return None
+    return next(iter(cpus))

@@ -39,11 +39,12 @@ from hello_cluster.errors import (
 from hello_cluster.http import tls
 from hello_cluster.http.appcheck import checked_response
 from hello_cluster.http.fastproto import FastProtocol
-from hello_cluster.http.policy import connection_limit
+from hello_cluster.http.policy import ACCEPTED, connection_limit
 from hello_cluster.http.uvicornproto import WorkerProtocol, expire_slow_heads
 from hello_cluster.system import channel as ch
+from hello_cluster.system import cpus
 from hello_cluster.system.beats import Beater
-from hello_cluster.worker import gctune, loader
+from hello_cluster.worker import affinity, gctune, loader
 from hello_cluster.worker import hooks as worker_hooks
 from hello_cluster.worker.looplag import LoopLag
 from hello_cluster.worker.neighbours import Helper
@@ -82,6 +83,7 @@ class WorkerSpec:
     ssl_context: Any = None  # the template's TLS context, for a worker it forked
     hooks: worker_hooks.Hooks | None = None  # --hooks as the --preload template imported it
     dump_dir: str | None = None  # where its stack and task dumps go (system/stackdump.py)
+    cpu: int | None = None  # the CPU it is pinned to (--cpu-affinity; system/cpus.py)
 
 
 def preload_engine() -> None:
@@ -186,6 +188,7 @@ class WorkerServer(uvicorn.Server):
         self.recycle_asked = False
         self.exit_code = 0
         self.loop_lag = LoopLag.for_worker(TICK)  # hello_cluster_event_loop_lag_seconds
+        self.pinner: affinity.Pinner | None = None  # --cpu-affinity auto, a threaded WSGI app
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -260,6 +263,8 @@ class WorkerServer(uvicorn.Server):
             self.beater.beat()  # a store into shared memory: no syscall, no wake-up
         elif counter % self.beat_ticks == 0:
             self.channel.send(ch.BEAT)
+        if self.pinner is not None:
+            self.pinner.tick(now, self.server_state.total_requests, ACCEPTED[0])
         if counter % 10 == 0:
             expire_slow_heads(self.server_state.connections, asyncio.get_running_loop().time())
         if (self.max_requests and not self.recycle_asked
@@ -328,7 +333,8 @@ class DemoExit:
             self.due = asyncio.get_running_loop().time() + self.seconds
 
 
-def build_app(cfg: Config, first: bool = True, preloaded: Any = None) -> tuple[Any, Any]:
+def build_app(cfg: Config, first: bool = True,
+              preloaded: Any = None) -> tuple[Any, Any, bool]:
     """The app as served (with metrics and demo wrappers) and its RequestMetrics, if any.
 
     `preloaded`: the app as the --preload template loaded (and logged) it. With `--http
@@ -343,6 +349,9 @@ def build_app(cfg: Config, first: bool = True, preloaded: Any = None) -> tuple[A
                 if loaded.interface == loader.WSGI else "")
         preloaded = loaded.app
     app = preloaded
+    wsgi = sys.modules.get("hello_cluster.http.wsgi")  # loaded only for a WSGI app
+    threaded = cfg.wsgi_dispatch == "threads" and wsgi is not None \
+        and isinstance(app, wsgi.WSGIMiddleware)  # a thread hand-off per request
     if cfg.wsgi_dispatch == "loop":  # imported only then: an ASGI worker never loads a2wsgi
         from hello_cluster.http.wsgi import WSGIMiddleware
 
@@ -361,7 +370,7 @@ def build_app(cfg: Config, first: bool = True, preloaded: Any = None) -> tuple[A
             app = metrics
     if cfg.demo_exit_after is not None:
         app = DemoExit(app, cfg.demo_exit_after)
-    return app, metrics
+    return app, metrics, threaded
 
 
 def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
@@ -372,7 +381,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
                                    cfg.app_dir, spec.reparented)
     if hooks is not None:
         hooks.call("post_fork", info)
-    app, metrics = build_app(cfg, first=spec.slot == 0 and spec.generation == 0,
+    app, metrics, threaded = build_app(cfg, first=spec.slot == 0 and spec.generation == 0,
                              preloaded=spec.app)
     access_log = None
     if cfg.access_log:  # off: not wrapped at all, nothing on the request path
@@ -426,6 +435,8 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
                           LISTEN_GRACE if spec.own_socket else 0.0, beater, spec.neighbours,
                           hooks, info, dumps, cfg.stall_report_after,
                           gc_thresholds(cfg.gc))
+    if cfg.cpu_affinity == "auto" and spec.cpu is not None and threaded:
+        server.pinner = affinity.Pinner(spec.cpu, os.sched_getaffinity(0))
     server.run(sockets=list(spec.sockets))
     if access_log is not None:
         access_log.flush()  # the lines of the last tenth of a second
@@ -476,6 +487,11 @@ def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
         become_child(spec.master_pid, unblock, spec.close_fds, f"worker {spec.slot + 1}",
                      reparented=spec.reparented)
         channel = ch.WorkerChannel(spec.channel_fd)
+        if spec.cpu is not None and cfg.cpu_affinity == "always":  # first: every thread
+            # started from here on inherits it (`auto` decides later: worker/affinity.py)
+            refused = cpus.pin_to(spec.cpu)
+            if refused is not None:
+                log.warning("%s", refused)
         try:
             # The key is read before dropping privileges: it may stay readable by root only.
             # (A worker forked by the --preload template gets the template's context: the

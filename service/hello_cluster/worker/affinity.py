@@ -1,0 +1,88 @@
+"""`--cpu-affinity auto` inside a worker: on its slot's CPU while its traffic is keep-alive.
+
+A threaded WSGI worker hands every request from its event loop to a view thread and the
+response back: two thread wake-ups, which cost 24-39 us of CPU when the threads sit on
+different CPUs of this kind of machine and 14 us on one (a SimpleQueue round trip). Pinned
+to one CPU (the loop thread and every view thread: they inherit it), Flask on keep-alive
+connections went from 0.86x to 1.16x granian's throughput and a view sleeping 5 ms from
+0.74x to 0.92x (bench/results/apps/2026-12-03-affinity.md). With a connection per request
+it went the other way (0.79x to 0.54x): the accept, the handshake and the close are kernel
+work the loop thread does beside the views, which a second CPU absorbs. So the worker
+counts requests and new connections over a window and stays pinned only while requests
+outnumber connections (a proxy's upstream pool, browsers), with hysteresis so that it does
+not flap. An ASGI worker (or `--wsgi-dispatch loop`) has no hand-off per request, and
+pinning it measured no gain: `auto` leaves it free; `always` pins every worker at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger("hello_cluster.worker")
+
+WINDOW = 1.0  # seconds of traffic each decision looks at
+PIN_AT = 4.0  # requests per new connection at or above which the worker pins itself
+UNPIN_AT = 2.0  # at or below which it lets the kernel move it again
+MIN_REQUESTS = 100  # fewer in a window: too little traffic for placement to matter
+
+
+def verdict(pinned: bool, requests: int, connections: int) -> bool:
+    """Pure: pinned or not after a window that served `requests` on `connections` new ones."""
+    if requests < MIN_REQUESTS:
+        return pinned
+    per_connection = requests / max(1, connections)
+    if pinned:
+        return per_connection > UNPIN_AT
+    return per_connection >= PIN_AT
+
+
+def set_all_threads(cpus: set[int]) -> str | None:
+    """Every thread of this process onto `cpus` (threads started later inherit the mask of
+    the thread that starts them); why not, if the kernel refused."""
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except ProcessLookupError:  # a thread that ended meanwhile
+                continue
+    except OSError as err:
+        return f"could not set the CPU affinity ({err.strerror})"
+    return None
+
+
+@dataclass
+class Pinner:
+    """The worker's state: its slot's CPU, the mask it had before, and the last window."""
+
+    cpu: int
+    free: set[int]  # the mask it started with: where it goes back to
+    pinned: bool = False
+    since: float = 0.0
+    requests: int = 0
+    connections: int = 0
+    failed: bool = False  # the kernel refused once: stay as we are, say it once
+
+    def tick(self, now: float, requests: int, connections: int) -> None:
+        """Called from the worker's 0.1 s tick with its running totals."""
+        if self.failed:
+            return
+        if not self.since:
+            self.since, self.requests, self.connections = now, requests, connections
+            return
+        if now - self.since < WINDOW:
+            return
+        served, made = requests - self.requests, connections - self.connections
+        self.since, self.requests, self.connections = now, requests, connections
+        wanted = verdict(self.pinned, served, made)
+        if wanted == self.pinned:
+            return
+        refused = set_all_threads({self.cpu} if wanted else self.free)
+        if refused is not None:
+            self.failed = True
+            log.warning("%s; --cpu-affinity auto stays off in this worker", refused)
+            return
+        self.pinned = wanted
+        log.info("%s (%d requests on %d new connections in the last %.0f s)",
+                 f"pinned to CPU {self.cpu}" if wanted else "unpinned", served, made, WINDOW)
