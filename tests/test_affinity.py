@@ -183,3 +183,25 @@ def test_auto_leaves_an_asgi_worker_free(cluster) -> None:
         load.close()
     assert set(worker_cpus(c).values()) == {USABLE}
     assert "pinned to CPU" not in c.log
+
+
+def test_a_cpu_the_kernel_refuses_leaves_the_worker_where_it_started() -> None:
+    """A Pinner whose CPU is not in the cpuset (taken away since the plan): one warning,
+    every thread back on the mask it started with, and no retry every window after."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, logging\n"
+        "from hello_cluster.worker.affinity import Pinner, MIN_REQUESTS\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "free = os.sched_getaffinity(0)\n"
+        "p = Pinner(cpu=max(free) + 1, free=set(free))\n"
+        "p.tick(0.0, 0, 0); p.tick(1.5, 10 * MIN_REQUESTS, 0)\n"
+        "assert p.failed and not p.pinned and os.sched_getaffinity(0) == free\n"
+        "p.tick(3.0, 20 * MIN_REQUESTS, 0)\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30)  # in a child: pinning must not touch pytest itself
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    assert done.stderr.count("could not set the CPU affinity") == 1

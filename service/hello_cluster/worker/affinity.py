@@ -59,7 +59,7 @@ class Pinner:
     cpu: int
     free: set[int]  # the mask it started with: where it goes back to
     pinned: bool = False
-    since: float = 0.0
+    since: float | None = None  # the start of the window (None: before the first tick)
     requests: int = 0
     connections: int = 0
     failed: bool = False  # the kernel refused once: stay as we are, say it once
@@ -68,7 +68,7 @@ class Pinner:
         """Called from the worker's 0.1 s tick with its running totals."""
         if self.failed:
             return
-        if not self.since:
+        if self.since is None:
             self.since, self.requests, self.connections = now, requests, connections
             return
         if now - self.since < WINDOW:
@@ -79,8 +79,9 @@ class Pinner:
         if wanted == self.pinned:
             return
         refused = set_all_threads({self.cpu} if wanted else self.free)
-        if refused is not None:
+        if refused is not None:  # (the CPU left our cpuset): back to where it started
             self.failed = True
+            set_all_threads(self.free)
             log.warning("%s; --cpu-affinity auto stays off in this worker", refused)
             return
         self.pinned = wanted
