@@ -450,13 +450,14 @@ OPTIONS: tuple[Option, ...] = (
            doc="`auto` = CPUs usable by affinity, reduced by a cgroup CPU quota (v1 or v2), "
            "rounded up, at least 1"),
     Option("cpu-affinity", parse_choice("auto", "always", "none"), "auto",
-           "auto: a threaded WSGI worker pins itself to one CPU while its traffic is "
+           "auto: a threaded WSGI worker is pinned to one CPU while its traffic is "
            "keep-alive; always: every worker pinned at start; none: the kernel moves "
            "workers (pinning needs the workers to divide evenly over the usable CPUs, with "
            "no cgroup quota sharing them)", "auto|always|none",
-           doc="`auto`: a worker serving a WSGI app through its thread pool pins itself (its "
-           "loop and view threads) to its slot's CPU while its requests outnumber its new "
-           "connections 4 to 1, and unpins at 2 to 1; `always`: every worker is pinned at "
+           doc="`auto`: a worker serving a WSGI app through its thread pool starts pinned (its "
+           "loop and view threads) to its slot's CPU, unpins once its requests no longer "
+           "outnumber its new connections 2 to 1 over a second, and pins again at 4 to 1; "
+           "`always`: every worker is pinned at "
            "start, whatever its app and traffic; `none`: the kernel moves workers. Pinning "
            "is planned only when the workers divide evenly over the CPUs usable by affinity "
            "and no cgroup CPU quota is tighter than those CPUs (then they are shared); the "

@@ -8,9 +8,10 @@ connections went from 0.86x to 1.16x granian's throughput and a view sleeping 5 
 0.74x to 0.92x (bench/results/apps/2026-12-03-affinity.md). With a connection per request
 it went the other way (0.79x to 0.54x): the accept, the handshake and the close are kernel
 work the loop thread does beside the views, which a second CPU absorbs. So the worker
-counts requests and new connections over a window and stays pinned only while requests
-outnumber connections (a proxy's upstream pool, browsers), with hysteresis so that it does
-not flap. An ASGI worker (or `--wsgi-dispatch loop`) has no hand-off per request, and
+starts pinned (most WSGI traffic comes through a proxy or load balancer that keeps its
+upstream connections alive), counts requests and new connections over a window, and stays
+pinned only while requests outnumber connections, with hysteresis so that it does not
+flap. An ASGI worker (or `--wsgi-dispatch loop`) has no hand-off per request, and
 pinning it measured no gain: `auto` leaves it free; `always` pins every worker at start.
 """
 
@@ -63,6 +64,22 @@ class Pinner:
     requests: int = 0
     connections: int = 0
     failed: bool = False  # the kernel refused once: stay as we are, say it once
+
+    @classmethod
+    def start(cls, cpu: int) -> Pinner:
+        """Pinned from the start: most traffic reaches a WSGI app through a proxy or load
+        balancer that keeps its upstream connections alive, where pinning measured 1.48x;
+        a connection per request unpins it after one window, where it measured 0.54-0.93x."""
+        pinner = cls(cpu, os.sched_getaffinity(0))
+        refused = set_all_threads({cpu})
+        if refused is not None:
+            pinner.failed = True
+            set_all_threads(pinner.free)
+            log.warning("%s; --cpu-affinity auto stays off in this worker", refused)
+        else:
+            pinner.pinned = True
+            log.debug("pinned to CPU %d from the start (--cpu-affinity auto)", cpu)
+        return pinner
 
     def tick(self, now: float, requests: int, connections: int) -> None:
         """Called from the worker's 0.1 s tick with its running totals."""

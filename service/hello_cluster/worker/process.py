@@ -436,7 +436,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
                           hooks, info, dumps, cfg.stall_report_after,
                           gc_thresholds(cfg.gc))
     if cfg.cpu_affinity == "auto" and spec.cpu is not None and threaded:
-        server.pinner = affinity.Pinner(spec.cpu, os.sched_getaffinity(0))
+        server.pinner = affinity.Pinner.start(spec.cpu)
     server.run(sockets=list(spec.sockets))
     if access_log is not None:
         access_log.flush()  # the lines of the last tenth of a second
