@@ -456,7 +456,7 @@ OPTIONS: tuple[Option, ...] = (
            "no cgroup quota sharing them)", "auto|always|none",
            doc="`auto`: a worker serving a WSGI app through its thread pool starts pinned (its "
            "loop and view threads) to its slot's CPU, unpins once its requests no longer "
-           "outnumber its new connections 2 to 1 over a second, and pins again at 4 to 1; "
+           "outnumber its new connections 2 to 1 over 0.3 s, and pins again at 4 to 1; "
            "`always`: every worker is pinned at "
            "start, whatever its app and traffic; `none`: the kernel moves workers. Pinning "
            "is planned only when the workers divide evenly over the CPUs usable by affinity "

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 
 log = logging.getLogger("hello_cluster.worker")
 
-WINDOW = 1.0  # seconds of traffic each decision looks at
+# Seconds of traffic each decision looks at: three of the worker's 0.1 s ticks, so that a
+# worker started pinned into a connection per request leaves its CPU within 0.3 s.
+WINDOW = 0.3
 PIN_AT = 4.0  # requests per new connection at or above which the worker pins itself
 UNPIN_AT = 2.0  # at or below which it lets the kernel move it again
-MIN_REQUESTS = 100  # fewer in a window: too little traffic for placement to matter
+MIN_REQUESTS = 30  # fewer in a window (100 a second): too little traffic to matter
 
 
 def verdict(pinned: bool, requests: int, connections: int) -> bool:
@@ -69,7 +71,8 @@ class Pinner:
     def start(cls, cpu: int) -> Pinner:
         """Pinned from the start: most traffic reaches a WSGI app through a proxy or load
         balancer that keeps its upstream connections alive, where pinning measured 1.48x;
-        a connection per request unpins it after one window, where it measured 0.54-0.93x."""
+        a connection per request unpins it after one window (WINDOW), where pinning
+        measured 0.54-0.93x."""
         pinner = cls(cpu, os.sched_getaffinity(0))
         refused = set_all_threads({cpu})
         if refused is not None:
@@ -102,5 +105,5 @@ class Pinner:
             log.warning("%s; --cpu-affinity auto stays off in this worker", refused)
             return
         self.pinned = wanted
-        log.info("%s (%d requests on %d new connections in the last %.0f s)",
+        log.info("%s (%d requests on %d new connections in the last %.1f s)",
                  f"pinned to CPU {self.cpu}" if wanted else "unpinned", served, made, WINDOW)
