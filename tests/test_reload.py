@@ -88,6 +88,10 @@ def test_a_dead_watcher_is_reaped_and_restarted(cluster, tmp_path) -> None:
              what="a new watcher")
     assert f"--reload: watcher pid {first} ended (killed by SIGKILL)" in c.log
     assert not alive(first)  # reaped, not a zombie
+    # Saved once the new watcher says it watches (before that its watch may not be set up).
+    [second] = watchers(c)
+    wait_for(lambda: f"[{second}] reloader INFO --reload: watching" in c.log, 10,
+             what="the new watcher's watch")
     (tmp_path / "main.py").write_text(VERSIONED.format(version="two, new"))
     wait_for(lambda: served(c) == b"two, new", 15, what="the new watcher's reload")
 

@@ -197,12 +197,20 @@ def watch(cfg: Config, master_pid: int) -> int:
 
     root = cfg.app_dir or os.getcwd()
     include, exclude = cfg.reload_include, cfg.reload_exclude
-    log.info("--reload: watching %s for changes to %s%s (development only)", root,
-             ", ".join(include), f", not {', '.join(exclude)}" if exclude else "")
     broken = Broken()
+    said = False
+    # The watch is in place once watchfiles yields the first time (its notifier is set up
+    # before its first wait): a timeout every 0.2 s yields an empty set, so "watching" is
+    # said when it is true, and a file saved after that line is never missed.
     for changes in watchfiles.watch(
             root, watch_filter=lambda _, path: wanted(path, root, include, exclude),
-            raise_interrupt=False):
+            raise_interrupt=False, yield_on_timeout=True, rust_timeout=200):
+        if not said:
+            said = True
+            log.info("--reload: watching %s for changes to %s%s (development only)", root,
+                     ", ".join(include), f", not {', '.join(exclude)}" if exclude else "")
+        if not changes:
+            continue
         paths = sorted({path for _, path in changes})
         news = broken.update(paths, root)
         if broken.files:
