@@ -27,10 +27,35 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 PID_RE = re.compile(rb"\r\nx-worker-pid:\s*(\d+)", re.IGNORECASE)
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now, below the kernel's ephemeral range, never handed out twice.
+
+    Not bind(0): that port lies in the ephemeral range, where the kernel may give it to one
+    of wrk's client connections (thousands a second with `Connection: close`) before the
+    contender binds it; nginx lost the apps run of 2026-12-03 12:24 that way ("bind() to
+    127.0.0.1:57929 failed (98: Address already in use)").
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    top = max(2048, min(ephemeral, 32768))
+    start = top - 1 - os.getpid() % 4000  # two bench processes rarely walk the same ports
+    for port in range(start, max(1024, top - 16000), -1):
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError("bench: no free loopback port below the ephemeral range")
 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
