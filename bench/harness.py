@@ -10,6 +10,7 @@ import contextlib
 import errno
 import http.client
 import os
+import random
 import re
 import selectors
 import signal
@@ -27,25 +28,33 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 PID_RE = re.compile(rb"\r\nx-worker-pid:\s*(\d+)", re.IGNORECASE)
 
 
-_GIVEN: set[int] = set()
+_GIVEN: set[int] = set()  # ports this process handed out: never twice
 
 
-def free_port() -> int:
-    """A loopback port free now, below the kernel's ephemeral range, never handed out twice.
-
-    Not bind(0): that port lies in the ephemeral range, where the kernel may give it to one
-    of wrk's client connections (thousands a second with `Connection: close`) before the
-    contender binds it; nginx lost the apps run of 2026-12-03 12:24 that way ("bind() to
-    127.0.0.1:57929 failed (98: Address already in use)").
-    """
+def ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (client connections' local ports)."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
-            ephemeral = int(f.read().split()[0])
+            return int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
-        ephemeral = 32768
-    top = max(2048, min(ephemeral, 32768))
-    start = top - 1 - os.getpid() % 4000  # two bench processes rarely walk the same ports
-    for port in range(start, max(1024, top - 16000), -1):
+        return 32768
+
+
+def free_port(low: int | None = None, span: int = 11000) -> int:
+    """A loopback port free now, in [low, low + span) below the ephemeral range, never
+    handed out twice by this process. (The tests' conftest.free_port slices the range per
+    xdist worker and calls this.)
+
+    Not bind(0): that port lies in the ephemeral range, where the kernel may give it to a
+    client connection's local end (wrk opens thousands a second with `Connection: close`)
+    before the server binds it; nginx lost the apps run of 2026-12-03 12:24 that way
+    ("bind() to 127.0.0.1:57929 failed (98: Address already in use)"), a CI run uvicorn.
+    """
+    if low is None:
+        low = max(1024, min(ephemeral_low(), 32768) - 12000)
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(low, low + span)
         if port in _GIVEN:
             continue
         with socket.socket() as s:
@@ -55,7 +64,7 @@ def free_port() -> int:
                 continue
         _GIVEN.add(port)
         return port
-    raise RuntimeError("bench: no free loopback port below the ephemeral range")
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:

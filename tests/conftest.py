@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT / "bench"))  # harness: the free ports, shared with the bench
+import harness  # noqa: E402
+
 BIN = Path(sys.executable).parent / "hello-cluster"
 TEST_APPS = Path(__file__).resolve().parent / "apps"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -53,46 +54,19 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-_HANDED_OUT: set[int] = set()
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
 def free_port() -> int:
-    """A port that is free now and that nothing else in this run will be handed.
-
-    Taken below the kernel's ephemeral range, not with bind(0): a port from bind(0) is
-    free the moment it is returned, but the kernel may give it again to the next bind(0)
-    or to a client connection's local end before the server under test binds it, and
-    then that server exits with "address already in use" (a CI run lost uvicorn that way).
-    """
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    low = max(1024, min(_ephemeral_low(), 32768) - 12000)
+    """A port that is free now and that nothing else in this run will be handed: below the
+    kernel's ephemeral range (bench/harness.py free_port says why not bind(0)), and under
+    pytest-xdist in a slice of that range of each worker's own (gw0, gw1, ...), so two
+    workers can never hand out the same port."""
+    low = max(1024, min(harness.ephemeral_low(), 32768) - 12000)
     span = 11000
-    # Under pytest-xdist each worker (gw0, gw1, ...) gets its own disjoint slice of the range,
-    # so two workers can never hand out the same port.
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
     if worker.startswith("gw") and worker[2:].isdigit() and count > 1:
         span //= count
         low += int(worker[2:]) % count * span
-    for _ in range(200):
-        port = rng.randrange(low, low + span)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-    raise RuntimeError("no free loopback port below the ephemeral range")
+    return harness.free_port(low, span)
 
 
 def http_get(port: int, path: str = "/", host: str = "127.0.0.1", timeout: float = 5.0,
