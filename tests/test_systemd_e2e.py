@@ -765,6 +765,49 @@ def test_f_cpu_quota_gives_one_worker_under_auto(sd: NsSystemd, net: NetnsClient
         sd.systemctl("daemon-reload", check=False)
 
 
+def allowed_cpus(sd: NsSystemd, pid: int) -> frozenset[int]:
+    """A process's Cpus_allowed_list ("0-1,3") as a set, read through the namespace."""
+    for line in (sd.root / f"proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            cpus: set[int] = set()
+            for part in line.split(":", 1)[1].strip().split(","):
+                low, _, high = part.partition("-")
+                cpus.update(range(int(low), int(high or low) + 1))
+            return frozenset(cpus)
+    raise AssertionError(f"no Cpus_allowed_list for pid {pid}")
+
+
+def test_f2_the_hardened_unit_lets_workers_pin_themselves(sd: NsSystemd,
+                                                          net: NetnsClient) -> None:
+    """--cpu-affinity under the shipped unit: its SystemCallFilter denies @resources, which
+    holds sched_setaffinity, so the unit gives that one call back (without it every worker
+    would warn at each start and run unpinned)."""
+    sd.systemctl("stop", SERVICE)
+    main_cpus = allowed_cpus(sd, 1)  # what the service inherits from the namespace's init
+    n = len(main_cpus)
+    dropin = f"/run/systemd/system/{SERVICE}.d/50-affinity.conf"
+    sd.write(dropin, "[Service]\nExecStart=\n"
+                     f"ExecStart={BIN} --workers {n} --cpu-affinity always\n")
+    try:
+        sd.systemctl("daemon-reload")
+        sd.systemctl("start", SERVICE)
+        wait_active(sd)
+        pids = wait_pool(sd, net, workers=n)
+        invocation = sd.prop(SERVICE, "InvocationID")
+        log = sd.wait_journal("cpu affinity: ", f"_SYSTEMD_INVOCATION_ID={invocation}")
+        if n == 1:
+            assert "cpu affinity: none (1 usable CPU" in log, log
+            return
+        assert "cpu affinity: every worker pinned" in log, log
+        assert sorted((allowed_cpus(sd, pid) for pid in pids), key=min) == [
+            frozenset({cpu}) for cpu in sorted(main_cpus)]
+        assert "could not pin" not in sd.journal(f"_SYSTEMD_INVOCATION_ID={invocation}")
+    finally:
+        sd.remove(dropin)
+        sd.systemctl("stop", SERVICE, check=False)
+        sd.systemctl("daemon-reload", check=False)
+
+
 def test_g_config_error_is_not_restarted(sd: NsSystemd) -> None:
     """RestartPreventExitStatus=2: a bad flag fails once instead of restarting in a loop."""
     if sd.prop(SERVICE, "ActiveState") != "inactive":
