@@ -1,18 +1,19 @@
 """`--cpu-affinity auto` inside a worker: on its slot's CPU while its traffic is keep-alive.
 
 A threaded WSGI worker hands every request from its event loop to a view thread and the
-response back: two thread wake-ups, which cost 24-39 us of CPU when the threads sit on
-different CPUs of this kind of machine and 14 us on one (a SimpleQueue round trip). Pinned
-to one CPU (the loop thread and every view thread: they inherit it), Flask on keep-alive
-connections went from 0.86x to 1.16x granian's throughput and a view sleeping 5 ms from
-0.74x to 0.92x (bench/results/apps/2026-12-03-affinity.md). With a connection per request
-it went the other way (0.79x to 0.54x): the accept, the handshake and the close are kernel
-work the loop thread does beside the views, which a second CPU absorbs. So the worker
-starts pinned (most WSGI traffic comes through a proxy or load balancer that keeps its
-upstream connections alive), counts requests and new connections over a window, and stays
-pinned only while requests outnumber connections, with hysteresis so that it does not
-flap. An ASGI worker (or `--wsgi-dispatch loop`) has no hand-off per request, and
-pinning it measured no gain: `auto` leaves it free; `always` pins every worker at start.
+response back: two thread wake-ups, which cost 49.8 us of CPU per round trip when the
+threads sit on different CPUs of this kind of machine and 13.7 us on one
+(bench/thread_wake.py). Pinned to one CPU (the loop thread and every view thread: they
+inherit it), Flask on keep-alive connections went from 0.86x to 1.16x granian's throughput
+and a view sleeping 5 ms from 0.74x to 0.92x (bench/results/apps/2026-12-03-affinity.md).
+With a connection per request it went the other way (0.79x to 0.54x): the accept, the
+handshake and the close are kernel work the loop thread does beside the views, which a
+second CPU absorbs. So the worker starts pinned (most WSGI traffic comes through a proxy
+or load balancer that keeps its upstream connections alive), counts requests and new
+connections over a window, and stays pinned only while requests outnumber connections,
+with hysteresis so that it does not flap. An ASGI worker (or `--wsgi-dispatch loop`) has
+no hand-off per request, and pinning it measured no gain: `auto` leaves it free; `always`
+pins every worker at start.
 """
 
 from __future__ import annotations
