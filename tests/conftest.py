@@ -103,6 +103,18 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+def cpus_allowed(status: Path) -> frozenset[int]:
+    """The Cpus_allowed_list ("0-1,3") of a /proc/PID/status or /proc/PID/task/TID/status."""
+    for line in status.read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            cpus: set[int] = set()
+            for part in line.split(":", 1)[1].strip().split(","):
+                low, _, high = part.partition("-")
+                cpus.update(range(int(low), int(high or low) + 1))
+            return frozenset(cpus)
+    raise AssertionError(f"no Cpus_allowed_list in {status}")
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

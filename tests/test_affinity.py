@@ -13,23 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Load, wait_for
+from conftest import Load, cpus_allowed, wait_for
 from hello_cluster.worker.affinity import MIN_REQUESTS, PIN_AT, UNPIN_AT, verdict
 
 WSGI = ("--app", "hc_wsgiapp:app")  # its views run in pool threads: threads to look at
 USABLE = frozenset(os.sched_getaffinity(0))  # what the cluster inherits from this test
-
-
-def allowed(task: Path) -> frozenset[int]:
-    """A thread's Cpus_allowed_list ("0-1,3") as a set of CPUs."""
-    for line in (task / "status").read_text().splitlines():
-        if line.startswith("Cpus_allowed_list:"):
-            cpus: set[int] = set()
-            for part in line.split(":", 1)[1].strip().split(","):
-                low, _, high = part.partition("-")
-                cpus.update(range(int(low), int(high or low) + 1))
-            return frozenset(cpus)
-    raise AssertionError(f"no Cpus_allowed_list in {task}/status")
 
 
 def masks(pid: int) -> set[frozenset[int]]:
@@ -37,7 +25,7 @@ def masks(pid: int) -> set[frozenset[int]]:
     found = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            found.add(allowed(task))
+            found.add(cpus_allowed(task / "status"))
         except (FileNotFoundError, ProcessLookupError):
             continue
     return found

@@ -33,7 +33,17 @@ from typing import Any
 
 import pytest
 
-from conftest import BIN, ROOT, TEST_APPS, http_get, need, need_command, need_root, wait_for
+from conftest import (
+    BIN,
+    ROOT,
+    TEST_APPS,
+    cpus_allowed,
+    http_get,
+    need,
+    need_command,
+    need_root,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("systemd")]
 
@@ -766,15 +776,8 @@ def test_f_cpu_quota_gives_one_worker_under_auto(sd: NsSystemd, net: NetnsClient
 
 
 def allowed_cpus(sd: NsSystemd, pid: int) -> frozenset[int]:
-    """A process's Cpus_allowed_list ("0-1,3") as a set, read through the namespace."""
-    for line in (sd.root / f"proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Cpus_allowed_list:"):
-            cpus: set[int] = set()
-            for part in line.split(":", 1)[1].strip().split(","):
-                low, _, high = part.partition("-")
-                cpus.update(range(int(low), int(high or low) + 1))
-            return frozenset(cpus)
-    raise AssertionError(f"no Cpus_allowed_list for pid {pid}")
+    """A process's CPUs, read through the namespace."""
+    return cpus_allowed(sd.root / f"proc/{pid}/status")
 
 
 def test_f2_the_hardened_unit_lets_workers_pin_themselves(sd: NsSystemd,
