@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -565,6 +565,21 @@ def wait_pool(sd: NsSystemd, net: NetnsClient, workers: int = WORKERS,
     return pids
 
 
+@contextmanager
+def dropped_in(sd: NsSystemd, name: str, text: str) -> Iterator[None]:
+    """The service's drop-in `name` in place (and loaded) for the block; after it, even on
+    a failure, removed again, the service stopped and systemd reloaded."""
+    dropin = f"/run/systemd/system/{SERVICE}.d/{name}"
+    sd.write(dropin, text)
+    try:
+        sd.systemctl("daemon-reload")
+        yield
+    finally:
+        sd.remove(dropin)
+        sd.systemctl("stop", SERVICE, check=False)
+        sd.systemctl("daemon-reload", check=False)
+
+
 def ensure_running(sd: NsSystemd, net: NetnsClient) -> None:
     if sd.prop(SERVICE, "ActiveState") != "active":
         sd.systemctl("reset-failed", SERVICE, check=False)
@@ -751,11 +766,8 @@ def test_f_cpu_quota_gives_one_worker_under_auto(sd: NsSystemd, net: NetnsClient
     sd.systemctl("stop", APP_SOCKET, METRICS_SOCKET)
     for unit in (SERVICE, APP_SOCKET, METRICS_SOCKET):
         assert sd.prop(unit, "ActiveState") == "inactive", unit
-    dropin = f"/run/systemd/system/{SERVICE}.d/50-cpu-quota.conf"
-    sd.write(dropin, "[Service]\nCPUQuota=50%\nExecStart=\n"
-                     f"ExecStart={BIN} --workers auto\n")
-    try:
-        sd.systemctl("daemon-reload")
+    with dropped_in(sd, "50-cpu-quota.conf", "[Service]\nCPUQuota=50%\nExecStart=\n"
+                    f"ExecStart={BIN} --workers auto\n"):
         sd.systemctl("start", SERVICE)
         wait_active(sd)
         for unit in (APP_SOCKET, METRICS_SOCKET):
@@ -769,10 +781,6 @@ def test_f_cpu_quota_gives_one_worker_under_auto(sd: NsSystemd, net: NetnsClient
         assert "cgroup CPU quota 0.5 CPUs" in match.group(2), match.group(0)
         assert wait_pool(sd, net, workers=1)
         assert sd.prop(SERVICE, "StatusText").startswith("1/1 workers ready")
-    finally:
-        sd.remove(dropin)
-        sd.systemctl("stop", SERVICE, check=False)
-        sd.systemctl("daemon-reload", check=False)
 
 
 def allowed_cpus(sd: NsSystemd, pid: int) -> frozenset[int]:
@@ -788,11 +796,8 @@ def test_f2_the_hardened_unit_lets_workers_pin_themselves(sd: NsSystemd,
     sd.systemctl("stop", SERVICE)
     main_cpus = allowed_cpus(sd, 1)  # what the service inherits from the namespace's init
     n = len(main_cpus)
-    dropin = f"/run/systemd/system/{SERVICE}.d/50-affinity.conf"
-    sd.write(dropin, "[Service]\nExecStart=\n"
-                     f"ExecStart={BIN} --workers {n} --cpu-affinity always\n")
-    try:
-        sd.systemctl("daemon-reload")
+    with dropped_in(sd, "50-affinity.conf", "[Service]\nExecStart=\n"
+                    f"ExecStart={BIN} --workers {n} --cpu-affinity always\n"):
         sd.systemctl("start", SERVICE)
         wait_active(sd)
         pids = wait_pool(sd, net, workers=n)
@@ -805,10 +810,6 @@ def test_f2_the_hardened_unit_lets_workers_pin_themselves(sd: NsSystemd,
         assert sorted((allowed_cpus(sd, pid) for pid in pids), key=min) == [
             frozenset({cpu}) for cpu in sorted(main_cpus)]
         assert "could not pin" not in sd.journal(f"_SYSTEMD_INVOCATION_ID={invocation}")
-    finally:
-        sd.remove(dropin)
-        sd.systemctl("stop", SERVICE, check=False)
-        sd.systemctl("daemon-reload", check=False)
 
 
 def test_g_config_error_is_not_restarted(sd: NsSystemd) -> None:
