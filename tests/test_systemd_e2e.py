@@ -812,6 +812,23 @@ def test_f2_the_hardened_unit_lets_workers_pin_themselves(sd: NsSystemd,
         assert "could not pin" not in sd.journal(f"_SYSTEMD_INVOCATION_ID={invocation}")
 
 
+def test_f3_a_cpu_quota_below_the_cpus_pins_no_worker(sd: NsSystemd,
+                                                       net: NetnsClient) -> None:
+    """Under a quota the CPUs are shared with others: even `always` plans no pinning."""
+    sd.systemctl("stop", SERVICE)
+    n = len(allowed_cpus(sd, 1))
+    need(n >= 2, "needs 2 or more CPUs (a quota below them is what is tested)")
+    with dropped_in(sd, "50-affinity-quota.conf", f"[Service]\nCPUQuota={n * 100 - 50}%\n"
+                    f"ExecStart=\nExecStart={BIN} --workers {n} --cpu-affinity always\n"):
+        sd.systemctl("start", SERVICE)
+        wait_active(sd)
+        pids = wait_pool(sd, net, workers=n)
+        invocation = sd.prop(SERVICE, "InvocationID")
+        log = sd.wait_journal("cpu affinity: ", f"_SYSTEMD_INVOCATION_ID={invocation}")
+        assert f"cpu affinity: none (the cgroup CPU quota ({n - 0.5:g} CPUs" in log, log
+        assert all(len(allowed_cpus(sd, pid)) == n for pid in pids)
+
+
 def test_g_config_error_is_not_restarted(sd: NsSystemd) -> None:
     """RestartPreventExitStatus=2: a bad flag fails once instead of restarting in a loop."""
     if sd.prop(SERVICE, "ActiveState") != "inactive":

@@ -102,7 +102,7 @@ class Master:
         # The CPUs and quota as they are at start (what --workers auto counted too): the
         # pinning plan is worked out from them and the pool size at each spawn.
         self.usable_cpus = tuple(sorted(os.sched_getaffinity(0)))
-        self.cpu_quota = cgroup_cpu_limit() if self.cfg.cpu_affinity == "auto" else None
+        self.cpu_quota = cgroup_cpu_limit() if self.cfg.cpu_affinity != "none" else None
         self.pin_reason = ""
 
     # ---- life of the master -------------------------------------------------------------
