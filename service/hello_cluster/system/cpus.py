@@ -198,13 +198,3 @@ def plan_pinning(mode: str, usable: Iterable[int], workers: int,
                            f"the {len(cpus)} usable CPUs: they are shared")
     listed = ",".join(map(str, cpus))
     return PinPlan(cpus, f"{workers} workers over CPUs {listed}, round-robin by slot")
-
-
-def pin_to(cpu: int) -> str | None:
-    """Pin the calling thread (a worker's main thread, before it starts any other: they
-    inherit it) to `cpu`; why not, if the kernel refused (the CPU left our cpuset)."""
-    try:
-        os.sched_setaffinity(0, {cpu})
-    except OSError as err:
-        return f"could not pin to CPU {cpu} ({err.strerror}); running unpinned"
-    return None

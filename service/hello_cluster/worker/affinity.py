@@ -75,15 +75,22 @@ class Pinner:
         a connection per request unpins it after one window (WINDOW), where pinning
         measured 0.54-0.93x."""
         pinner = cls(cpu, os.sched_getaffinity(0))
-        refused = set_all_threads({cpu})
-        if refused is not None:
-            pinner.failed = True
-            set_all_threads(pinner.free)
-            log.warning("%s; --cpu-affinity auto stays off in this worker", refused)
-        else:
-            pinner.pinned = True
+        if pinner.move(True):
             log.debug("pinned to CPU %d from the start (--cpu-affinity auto)", cpu)
         return pinner
+
+    def move(self, pinned: bool) -> bool:
+        """Onto the slot's CPU or back to the starting mask; False (and `failed`, said once,
+        every thread back where it started) if the kernel refused: the CPU left our cpuset,
+        or a seccomp filter denies the call."""
+        refused = set_all_threads({self.cpu} if pinned else self.free)
+        if refused is not None:
+            self.failed = True
+            set_all_threads(self.free)
+            log.warning("%s; --cpu-affinity auto stays off in this worker", refused)
+            return False
+        self.pinned = pinned
+        return True
 
     def tick(self, now: float, requests: int, connections: int) -> None:
         """Called from the worker's 0.1 s tick with its running totals."""
@@ -99,12 +106,7 @@ class Pinner:
         wanted = verdict(self.pinned, served, made)
         if wanted == self.pinned:
             return
-        refused = set_all_threads({self.cpu} if wanted else self.free)
-        if refused is not None:  # (the CPU left our cpuset): back to where it started
-            self.failed = True
-            set_all_threads(self.free)
-            log.warning("%s; --cpu-affinity auto stays off in this worker", refused)
+        if not self.move(wanted):
             return
-        self.pinned = wanted
         log.info("%s (%d requests on %d new connections in the last %.1f s)",
                  f"pinned to CPU {self.cpu}" if wanted else "unpinned", served, made, WINDOW)

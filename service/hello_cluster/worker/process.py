@@ -42,7 +42,6 @@ from hello_cluster.http.fastproto import FastProtocol
 from hello_cluster.http.policy import ACCEPTED, connection_limit
 from hello_cluster.http.uvicornproto import WorkerProtocol, expire_slow_heads
 from hello_cluster.system import channel as ch
-from hello_cluster.system import cpus
 from hello_cluster.system.beats import Beater
 from hello_cluster.worker import affinity, gctune, loader
 from hello_cluster.worker import hooks as worker_hooks
@@ -489,9 +488,9 @@ def run(cfg: Config, spec: WorkerSpec, unblock: Iterable[int] = ()) -> NoReturn:
         channel = ch.WorkerChannel(spec.channel_fd)
         if spec.cpu is not None and cfg.cpu_affinity == "always":  # first: every thread
             # started from here on inherits it (`auto` decides later: worker/affinity.py)
-            refused = cpus.pin_to(spec.cpu)
+            refused = affinity.set_all_threads({spec.cpu})
             if refused is not None:
-                log.warning("%s", refused)
+                log.warning("%s; running unpinned", refused)
         try:
             # The key is read before dropping privileges: it may stay readable by root only.
             # (A worker forked by the --preload template gets the template's context: the
