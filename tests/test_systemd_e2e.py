@@ -788,6 +788,18 @@ def allowed_cpus(sd: NsSystemd, pid: int) -> frozenset[int]:
     return cpus_allowed(sd.root / f"proc/{pid}/status")
 
 
+def start_pool_and_plan(sd: NsSystemd, net: NetnsClient,
+                        n: int) -> tuple[list[int], str, str]:
+    """Start the service, wait for `n` ready workers: their pids, the invocation, and the
+    journal once the master's `cpu affinity:` plan is in it."""
+    sd.systemctl("start", SERVICE)
+    wait_active(sd)
+    pids = wait_pool(sd, net, workers=n)
+    invocation = sd.prop(SERVICE, "InvocationID")
+    return pids, invocation, sd.wait_journal("cpu affinity: ",
+                                             f"_SYSTEMD_INVOCATION_ID={invocation}")
+
+
 def test_f2_the_hardened_unit_lets_workers_pin_themselves(sd: NsSystemd,
                                                           net: NetnsClient) -> None:
     """--cpu-affinity under the shipped unit: its SystemCallFilter denies @resources, which
@@ -798,11 +810,7 @@ def test_f2_the_hardened_unit_lets_workers_pin_themselves(sd: NsSystemd,
     n = len(main_cpus)
     with dropped_in(sd, "50-affinity.conf", "[Service]\nExecStart=\n"
                     f"ExecStart={BIN} --workers {n} --cpu-affinity always\n"):
-        sd.systemctl("start", SERVICE)
-        wait_active(sd)
-        pids = wait_pool(sd, net, workers=n)
-        invocation = sd.prop(SERVICE, "InvocationID")
-        log = sd.wait_journal("cpu affinity: ", f"_SYSTEMD_INVOCATION_ID={invocation}")
+        pids, invocation, log = start_pool_and_plan(sd, net, n)
         if n == 1:
             assert "cpu affinity: none (1 usable CPU" in log, log
             return
@@ -821,11 +829,7 @@ def test_f3_a_cpu_quota_below_the_cpus_pins_no_worker(sd: NsSystemd,
     need(n >= 2, "needs 2 or more CPUs (a quota below them is what is tested)")
     with dropped_in(sd, "50-affinity-quota.conf", f"[Service]\nCPUQuota={n * 100 - 50}%\n"
                     f"ExecStart=\nExecStart={BIN} --workers {n} --cpu-affinity always\n"):
-        sd.systemctl("start", SERVICE)
-        wait_active(sd)
-        pids = wait_pool(sd, net, workers=n)
-        invocation = sd.prop(SERVICE, "InvocationID")
-        log = sd.wait_journal("cpu affinity: ", f"_SYSTEMD_INVOCATION_ID={invocation}")
+        pids, _, log = start_pool_and_plan(sd, net, n)
         assert f"cpu affinity: none (the cgroup CPU quota ({n - 0.5:g} CPUs" in log, log
         assert all(len(allowed_cpus(sd, pid)) == n for pid in pids)
 
