@@ -3,7 +3,7 @@
     git archive <commit> service | tar -x -C /tmp/hc-base     # the code before the change
     .venv/bin/python bench/code_ab.py --base /tmp/hc-base [--app peer_frameworks:fastapi_app]
         [--interface wsgi] [--rounds 6] [--duration 3] [--workers 2] [--close]
-        [--new-args '--wsgi-dispatch loop']
+        [--new-args '--wsgi-dispatch loop'] [--new-env UV_USE_IO_URING=0]
 
 Both builds run the same flags and app from the project's venv (`--base DIR` holds DIR/service,
 the other is this checkout's service/), on two ports for the whole measurement; wrk
@@ -30,14 +30,15 @@ import harness as h  # noqa: E402
 import peers  # noqa: E402
 
 
-def start(name: str, service: Path, extra: list[str], workers: int) -> tuple[h.Proc, int]:
+def start(name: str, service: Path, extra: list[str], workers: int,
+          own_env: dict[str, str] | None = None) -> tuple[h.Proc, int]:
     """hello-cluster from `service` on a free port, returned once every worker answered."""
     port = h.free_port()
     code = (f"import sys; sys.path.insert(0, {str(service)!r}); "
             "from hello_cluster.cli import main; sys.exit(main())")
     argv = [str(peers.MAIN_BIN / "python"), "-c", code,
             *peers.hello_argv(port, h.free_port(), workers, extra)[1:]]
-    env = {**peers.clean_env(), "PYTHONPATH": str(peers.BENCH)}
+    env = {**peers.clean_env(), "PYTHONPATH": str(peers.BENCH), **(own_env or {})}
     log = peers.WORK / "logs" / f"code_ab-{name}.log"
     proc = h.Proc(argv, env, log)
     when, _ = h.wait_for_pids(port, workers, time.monotonic() + 30)
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-args", default="",
                     help="flags for the new build only, e.g. '--wsgi-dispatch loop' (with "
                     "--base . the same code with and without a flag)")
+    ap.add_argument("--new-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable for the new build only (repeatable), e.g. "
+                    "UV_USE_IO_URING=0 with --base .")
     args = ap.parse_args(argv)
+    new_env = dict(item.split("=", 1) for item in args.new_env)
     extra = ["--request-metrics"]
     if args.app:
         extra += ["--app", args.app]
@@ -70,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, service in builds.items():
             own = args.new_args.split() if name == "new" else []
-            procs[name] = start(name, service, [*extra, *own], args.workers)
+            procs[name] = start(name, service, [*extra, *own], args.workers,
+                                new_env if name == "new" else None)
         for _, port in procs.values():
             h.wrk(port, 1, args.close)  # warm-up, discarded
         rows: list[dict[str, float]] = []
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         summary: dict[str, object] = {"mode": "close" if args.close else "keep-alive",
                                       "app": args.app or "built-in", "rounds": args.rounds,
                                       "duration_s": args.duration, "workers": args.workers,
-                                      "new_args": args.new_args,
+                                      "new_args": args.new_args, "new_env": new_env,
                                       "loadavg": round(os.getloadavg()[0], 2)}
         for key in ("rps", "cpu_us"):
             ratios = [r[f"new_{key}"] / r[f"base_{key}"] for r in rows if r[f"base_{key}"]]

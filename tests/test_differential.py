@@ -39,6 +39,7 @@ from conftest import ROOT, Cluster, clean_env, free_port, wait_for, with_suppres
 HC_VARIANTS: dict[str, list[str]] = {
     "hc": ["--workers", "2", "--http", "uvicorn"],
     "hc-fast": ["--workers", "2", "--http", "fast"],
+    "hc-eager": ["--workers", "2", "--http", "fast", "--app", "hc_echo:eager_app"],
 }
 APP = "hc_echo:app"
 # Sent after every payload: a final request that asks the server to close, so a reply

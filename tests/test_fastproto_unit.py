@@ -130,7 +130,7 @@ def wsgi_ok(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     return [b"ok"]
 
 
-@pytest.mark.parametrize("served", ["asgi", "wsgi threads", "wsgi loop"])
+@pytest.mark.parametrize("served", ["asgi", "asgi eager", "wsgi threads", "wsgi loop"])
 def test_a_closed_connection_leaves_no_cyclic_garbage(served: str) -> None:
     """Connections served and closed over loopback on uvloop (a request with
     `Connection: close`, a keep-alive one the client drops, one that reads a body) are freed
@@ -146,7 +146,9 @@ def test_a_closed_connection_leaves_no_cyclic_garbage(served: str) -> None:
     from hello_cluster.worker.loader import wsgi_to_asgi
 
     app: Any = reads_body
-    if served != "asgi":
+    if served == "asgi eager":
+        app = eager(reads_body)
+    elif served != "asgi":
         app = wsgi_to_asgi(wsgi_ok, 2)
         app.on_loop = served == "wsgi loop"
 
@@ -201,3 +203,187 @@ def test_a_closed_connection_leaves_no_cyclic_garbage(served: str) -> None:
 
     found = uvloop.run(main())
     assert not found, sorted({type(o).__name__ for o in found})
+
+
+# The eager start (FastProtocol._run_eager): an app that declares `hello_cluster_eager`
+# has its first step run without a Task, and a Task only if it waits on something.
+
+def eager(inner: Any) -> Any:
+    """`inner` as an app that declares `hello_cluster_eager = True`."""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await inner(scope, receive, send)
+
+    app.hello_cluster_eager = True  # type: ignore[attr-defined]
+    return app
+
+
+GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def connected(app: Any) -> tuple[FastProtocol, Transport]:
+    config = uvicorn.Config(app, lifespan="off", log_config=None, proxy_headers=False)
+    proto = FastProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = Transport()
+    proto.connection_made(transport)
+    return proto, transport
+
+
+async def settle(proto: FastProtocol) -> None:
+    await asyncio.wait_for(asyncio.gather(*proto.tasks), 5)
+
+
+def test_an_eager_app_that_never_waits_is_answered_without_a_task() -> None:
+    """The built-in page declares itself eager: its response is written within
+    data_received, with no Task and no callback left for the loop."""
+    from hello_cluster.app import BODY
+    from hello_cluster.app import app as builtin
+
+    async def main() -> None:
+        proto, transport = connected(builtin)
+        assert proto.eager
+        for n in range(1, 4):
+            proto.data_received(GET)
+            assert not proto.tasks  # answered already, on this call's stack
+            assert transport.out.count(b"HTTP/1.1 200 OK") == n and transport.out.endswith(BODY)
+        proto.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert b"HTTP/1.1 405 Method Not Allowed" in transport.out and not proto.tasks
+        proto.connection_lost(None)
+
+    asyncio.run(main())
+    plain, _ = asyncio.run(_plain_protocol())
+    assert not plain.eager  # an app that does not declare it gets a Task per request
+
+
+async def _plain_protocol() -> tuple[FastProtocol, Transport]:
+    return connected(hello)
+
+
+def test_an_eager_app_that_waits_continues_in_a_task() -> None:
+    """An eager app that waits after its response start: its head goes out at the end of
+    that first step (a streaming head is never held back for the body), the rest runs in a
+    Task that asyncio.current_task() names, that is in `tasks` (what shutdown waits for)
+    and counted in flight, and the response completes."""
+    from hello_cluster.http.fastproto import _requests_running
+    from hello_cluster.system import stackdump
+
+    seen: dict[str, Any] = {}
+    release = asyncio.Event()
+
+    async def streams(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen["first step task"] = asyncio.current_task()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"4")]})
+        await release.wait()
+        seen["rest task"] = asyncio.current_task()
+        await send({"type": "http.response.body", "body": b"late"})
+
+    async def main() -> None:
+        proto, transport = connected(eager(streams))
+        # As the loop calls it in a worker: from a callback, with no task running.
+        asyncio.get_running_loop().call_soon(proto.data_received, GET)
+        await asyncio.sleep(0)
+        assert len(proto.tasks) == 1 and _requests_running(proto.tasks) == 1
+        assert transport.out == b""  # the head waits for the end of the step...
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert transport.out.startswith(b"HTTP/1.1 200 OK") and b"late" not in transport.out
+        (task,) = proto.tasks  # the hang dump sees where the app waits, as for any Task
+        assert "streams" in [f.function for f in stackdump.coroutine_frames(task.get_coro())]
+        release.set()
+        await settle(proto)
+        assert transport.out.endswith(b"\r\n\r\nlate") and not proto.tasks
+        assert seen["rest task"] is not None and seen["rest task"].done()
+        proto.connection_lost(None)
+
+    asyncio.run(main())
+    assert seen["first step task"] is None  # what the app promised not to need
+
+
+def test_cancelling_an_eager_request_cancels_what_it_waits_on() -> None:
+    """uvicorn cancels the requests still running when a worker's graceful timeout ends:
+    cancelling the Task of an eager request raises CancelledError where the app waits,
+    the app's own cleanup runs, and the client gets the 500 a Task-run app's would."""
+    seen: list[str] = []
+
+    async def waits(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        finally:
+            seen.append("cleaned up")
+
+    async def main() -> None:
+        proto, transport = connected(eager(waits))
+        proto.data_received(GET)
+        (task,) = proto.tasks
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.wait_for(task, 5)  # Cycle.run answers for it, as for a Task-run app
+        assert not proto.tasks
+        assert transport.out.startswith(b"HTTP/1.1 500 Internal Server Error")
+        proto.connection_lost(None)
+
+    asyncio.run(main())
+    assert seen == ["cancelled", "cleaned up"]
+
+
+def test_an_eager_app_fails_only_its_own_request_and_keeps_its_context() -> None:
+    """An eager app that raises in its first step gets the 500 a Task-run app gets; a
+    context variable it sets stays in its request's context, as in a Task's copy."""
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    seen: list[str] = []
+
+    async def flaky(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(var.get())
+        var.set("set by a request")
+        if scope["path"] == "/boom":
+            raise ValueError("the app's typo")
+        await hello(scope, receive, send)
+
+    async def main() -> bytes:
+        proto, transport = connected(eager(flaky))
+        proto.data_received(GET)
+        proto.data_received(GET)
+        proto.data_received(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+        await settle(proto)
+        proto.connection_lost(None)
+        return transport.out
+
+    out = asyncio.run(main())
+    assert seen == ["unset", "unset", "unset"]
+    assert var.get() == "unset"
+    assert out.count(b"HTTP/1.1 200 OK") == 2
+    assert out.endswith(b"HTTP/1.1 500 Internal Server Error\r\n" + out.split(
+        b"HTTP/1.1 500 Internal Server Error\r\n", 1)[1]) and b"Internal Server Error" in out
+
+
+def test_a_long_pipeline_to_an_eager_app_is_answered_in_order() -> None:
+    """3,000 pipelined requests in one read to an eager app: the first is run eagerly, the
+    rest in turn as Tasks (the first's completion starts the next), so the stack never
+    grows with the pipeline, and every answer goes out in order."""
+    async def numbered(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = scope["path"][1:].encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    count = 3000
+
+    async def main() -> bytes:
+        proto, transport = connected(eager(numbered))
+        proto.data_received(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i
+                                     for i in range(count)))
+        for _ in range(count * 2):  # bounded: one request per loop turn or so
+            if not proto.tasks and not proto.pipeline:
+                break
+            await asyncio.sleep(0)
+        proto.connection_lost(None)
+        return transport.out
+
+    out = asyncio.run(main())
+    bodies = [part.split(b"\r\n\r\n", 1)[1] for part in out.split(b"HTTP/1.1 200 OK")[1:]]
+    assert bodies == [str(i).encode() for i in range(count)]

@@ -51,3 +51,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body",
                 "body": b"" if scope["method"] == "HEAD" else BODY})
+
+
+# It never waits and needs no Task of its own: the fast protocol runs it eagerly, without
+# making a Task per request (http/fastproto.py, FastProtocol._run_eager).
+app.hello_cluster_eager = True  # type: ignore[attr-defined]

@@ -52,3 +52,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                          scope["query_string"] or b"-", str(length).encode(),
                          digest.hexdigest().encode()])
     await _reply(send, 200, summary + b"\n")
+
+
+async def eager_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The same app, declared eager (FastProtocol._run_eager): the differential battery
+    then meets the eager start, with the requests that wait (`/slow`, bodies that come in
+    later reads) continuing in a Task."""
+    await app(scope, receive, send)
+
+
+eager_app.hello_cluster_eager = True  # type: ignore[attr-defined]

@@ -34,9 +34,11 @@ the app sends is checked by appcheck.py before it is written.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import time
+import types
 import urllib.parse
 from collections import deque
 from typing import Any
@@ -84,6 +86,7 @@ _CHUNKED_LINE = b"transfer-encoding: chunked\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
+EAGER = "hello_cluster_eager"  # an ASGI app with this attribute True is started eagerly
 _defaults: list[Any] = [None, b""]  # the server's default_headers list and its encoding
 
 
@@ -94,6 +97,61 @@ def _default_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
         _defaults[0] = headers
     encoded: bytes = _defaults[1]
     return encoded
+
+
+Block = tuple[bytes, "bool | None", int, bool]  # lines, framing, content length, close
+_BLOCKS: dict[tuple[int, tuple[Any, ...]], Block] = {}
+BLOCK_CACHE_MAX = 256  # distinct (status, headers) starts remembered, then forgotten at once
+
+
+def _header_block(status: int, headers: Any) -> Block:
+    """The app's header lines for a response start, checked (appcheck), and what they say.
+
+    Returns the encoded lines, the framing (True: chunked, False: a content-length, None:
+    neither), the content length and whether one says `connection: close`; AppError if a
+    header cannot be sent. An app answers most requests with the same status and headers
+    (the built-in page always does), so the whole block is remembered by (status, header
+    pairs), which are bytes and so immutable; pairs that are not hashable (lists,
+    bytearrays) are checked every time.
+    """
+    items = tuple(headers)
+    key = (status, items)
+    try:
+        hit = _BLOCKS.get(key)
+    except TypeError:
+        return _check_block(status, items)
+    if hit is None:
+        hit = _check_block(status, items)
+        if len(_BLOCKS) >= BLOCK_CACHE_MAX:
+            _BLOCKS.clear()  # per-request values (cookies, ids) must not grow it
+        _BLOCKS[key] = hit
+    return hit
+
+
+def _check_block(status: int, headers: tuple[Any, ...]) -> Block:
+    lines: list[bytes] = []
+    framing: bool | None = None
+    length = 0
+    has_close = False
+    lines_get = LINES.get
+    for name, value in headers:
+        try:
+            hit = lines_get((name, value))
+        except TypeError:  # unhashable: header_line handles it
+            hit = None
+        line, what, size = hit if hit is not None else header_line(name, value)
+        if what:
+            if what in (LENGTH, CHUNKED):
+                if unframed(status, what):
+                    continue  # framing a body that cannot be there: not sent
+                if framing is not None:  # a second one: the same length is sent once,
+                    frame(framing, length, what, size)  # else refused
+                    continue
+                framing, length = what == CHUNKED, size
+            else:
+                has_close = True
+        lines.append(line)
+    return b"".join(lines), framing, length, has_close
 
 
 def _address(transport: asyncio.BaseTransport, name: str) -> tuple[str, int] | None:
@@ -112,9 +170,40 @@ def _address(transport: asyncio.BaseTransport, name: str) -> tuple[str, int] | N
 
 
 def _requests_running(tasks: set[asyncio.Task[Any]]) -> int:
-    """Requests whose app is running now (the in-progress gauge), read at flush time."""
-    code = Cycle.run.__code__
-    return sum(1 for task in tasks if getattr(task.get_coro(), "cr_code", None) is code)
+    """Requests whose app is running now (the in-progress gauge), read at flush time.
+
+    A request started eagerly is in `tasks` only once it waited on something, as the Task
+    of `_resumed`; one that finished in its first step never ran across a flush."""
+    codes = (Cycle.run.__code__, _resumed.__code__)
+    return sum(1 for task in tasks
+               if getattr(task.get_coro(), "cr_code", None) in codes
+               or getattr(task.get_coro(), "gi_code", None) in codes)
+
+
+@types.coroutine
+def _resumed(delegated: Any, yielded: Any) -> Any:
+    """The rest of a request started eagerly (FastProtocol._run_eager), driven by a Task.
+
+    The coroutine already ran its first step and is suspended on `yielded` (a future, or
+    None for a bare yield): that goes to the Task first. Once the Task resumes this, the
+    coroutine is delegated to with `yield from`, as if the Task had run it from the start:
+    from here on asyncio.current_task() is this Task, cancelling it cancels the future the
+    request waits on, and the hang dump (stackdump.coroutine_frames) follows `delegated`
+    into the app's frames."""
+    while True:
+        try:
+            yield yielded
+        except GeneratorExit:
+            delegated.close()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - thrown in by the Task: handed on
+            try:
+                yielded = delegated.throw(exc)
+            except StopIteration:
+                return
+            continue
+        yield from delegated
+        return
 
 
 _LOGGER = logging.getLogger("uvicorn.error")
@@ -135,7 +224,8 @@ def _settings(config: Config) -> tuple[Any, ...]:
             config.root_path.encode("ascii"),
             {"version": config.asgi_version, "spec_version": "2.3"},
             config.limit_concurrency, config.timeout_keep_alive,
-            _ACCESS_LOGGER.hasHandlers())  # as uvicorn decides it
+            _ACCESS_LOGGER.hasHandlers(),  # as uvicorn decides it
+            getattr(config.loaded_app, EAGER, False) is True)
     return found
 
 
@@ -195,6 +285,7 @@ class FastProtocol(asyncio.Protocol):
     expect_100 = False
     upgrading = False  # this message is a websocket upgrade we hand over (as uvicorn does)
     scope: dict[str, Any] = {}  # replaced per request
+    starting: Cycle | None = None  # an eager app's request, run once the read is parsed
     # The loop the requests' coroutines run on, asked once per connection (running_loop):
     # on Python 3.11 every asyncio.get_running_loop() is a getpid() syscall (it checks for a
     # fork), about 0.18 us, once per response for the head's flush before. Not self.loop:
@@ -206,7 +297,7 @@ class FastProtocol(asyncio.Protocol):
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         (self.config, self.app, self.ws_protocol_class, self.root_path, self.root_path_bytes,
          self.asgi, self.limit_concurrency, self.timeout_keep_alive,
-         self.access_log) = _settings(config)
+         self.access_log, self.eager) = _settings(config)
         if _loop is None:  # as uvicorn's server makes it: the loop that will run its tasks
             self.loop = self._running = asyncio.get_event_loop()
         else:  # a stand-in given by a test
@@ -333,6 +424,10 @@ class FastProtocol(asyncio.Protocol):
                 self.logger.warning(INVALID_REQUEST)
                 fresh = at_start and self.completed == completed  # the line is data[0:]
                 self._refuse_after(parser_refusal(err, data, fresh))
+        starting = self.starting
+        if starting is not None:
+            self.starting = None
+            self._run_eager(starting)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -473,12 +568,46 @@ class FastProtocol(asyncio.Protocol):
     # requests and responses
 
     def _start(self, cycle: Cycle, app: Any) -> None:
+        if self.eager and app is self.app:
+            self.starting = cycle  # data_received runs it once the parser has returned
+            return
+        self._start_task(cycle, app)
+
+    def _start_task(self, cycle: Cycle, app: Any) -> None:
         # The task leaves `tasks` (what uvicorn's shutdown waits for, and what counts
         # against --limit-concurrency) at the end of Cycle.run, not from a done callback,
         # which would cost one more loop callback per request. (Only a task cancelled
         # before its first step skips that; uvicorn cancels tasks only as it exits.)
         task = cycle.task = self.loop.create_task(cycle.run(app))
         self.tasks.add(task)
+
+    def _run_eager(self, cycle: Cycle) -> None:
+        """Run the request's first step now, in a copy of the context as a Task would, and
+        make a Task only if it waits on something (see `_resumed`).
+
+        For an app that declares `hello_cluster_eager = True` (the built-in page): a Task
+        per request is about 1.2 us of a 9 us request here (bench/micro_protocol.py), and
+        an app that never waits pays it for nothing. The price is what such an app
+        promises: asyncio.current_task() is None during its first step (anyio's cancel
+        scopes and asyncio.timeout() need a task, so a framework app must not declare it).
+        It runs after the parser returned, never inside its callbacks; a request read
+        behind it (pipelined) is started as a Task, so a long pipeline never recurses."""
+        coro = cycle.run(self.app)
+        context = contextvars.copy_context()
+        cycle.eager = True
+        try:
+            yielded = context.run(coro.send, None)
+        except StopIteration:
+            return
+        except Exception as exc:  # Cycle.run catches the app's: this is ours, its request
+            self.logger.error("Exception in the eager start of a request", exc_info=exc)
+            self.transport.close()  # lost at most (the Task would have lost it silently)
+            return
+        cycle.eager = False
+        task = cycle.task = self.loop.create_task(_resumed(coro, yielded), context=context)
+        self.tasks.add(task)
+        if cycle.head:  # a head held for its body, which has not come in this step
+            cycle.head_flush = self.loop.call_soon(cycle.flush_head)
 
     def on_response_complete(self, cycle: Cycle) -> None:
         self.server_state.total_requests += 1
@@ -503,7 +632,7 @@ class FastProtocol(asyncio.Protocol):
         self.served = True
         if self.pipeline:  # reading stays paused: the queue is bounded by what was read
             next_cycle, app = self.pipeline.pop()
-            self._start(next_cycle, app)
+            self._start_task(next_cycle, app)
             return
         if self.owed or self.eof:  # a refusal waited for this response, or the client
             self._refuse(self.owed)  # half-closed: nothing more will come
@@ -684,6 +813,7 @@ class Cycle:
     head_flush: asyncio.Handle | None = None
     task: asyncio.Task[None] | None = None
     counted = False  # in the request metrics (when its response completed)
+    eager = False  # in an eager first step: the head's flush is left to _run_eager
 
     def __init__(self, proto: FastProtocol, scope: dict[str, Any], keep_alive: bool,
                  expect_100: bool) -> None:
@@ -773,28 +903,12 @@ class Cycle:
             # The start is checked whole before anything of it is kept: if it fails, run()
             # answers 500 and the worker serves on.
             status = message["status"]
-            parts = [status_line(status), _default_lines(proto.server_state.default_headers)]
-            framing: bool | None = None  # True: chunked, False: a content-length (once)
-            has_close = False
-            lines_get = LINES.get
-            for name, value in message.get("headers", ()):
-                try:
-                    hit = lines_get((name, value))
-                except TypeError:  # unhashable: header_line handles it
-                    hit = None
-                line, what, length = hit if hit is not None else header_line(name, value)
-                if what:
-                    if what in (LENGTH, CHUNKED):
-                        if unframed(status, what):
-                            continue  # framing a body that cannot be there: not sent
-                        if framing is not None:  # a second one: the same length is sent
-                            frame(framing, self.length, what, length)  # once, else refused
-                            continue
-                        framing, self.length = what == CHUNKED, length
-                    else:
-                        self.keep_alive = False
-                        has_close = True
-                parts.append(line)
+            head_line = status_line(status)
+            lines, framing, self.length, has_close = _header_block(
+                status, message.get("headers", ()))
+            if has_close:
+                self.keep_alive = False
+            parts = [head_line, _default_lines(proto.server_state.default_headers), lines]
             if not self.keep_alive and not has_close:
                 parts.append(_CLOSE_LINE)
             if framing is None and self.scope["method"] != "HEAD" and status not in BODILESS:
@@ -810,8 +924,9 @@ class Cycle:
             if proto.access_log:
                 self.log_access(status)
             self.head = b"".join(parts)
-            self.head_flush = (proto._running or proto.running_loop()).call_soon(  # noqa: SLF001
-                self.flush_head)
+            if not self.eager:
+                self.head_flush = (proto._running or proto.running_loop()).call_soon(  # noqa: SLF001
+                    self.flush_head)
         elif not self.response_complete:
             if kind != "http.response.body":
                 raise RuntimeError(

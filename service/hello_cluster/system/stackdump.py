@@ -268,7 +268,9 @@ def frames_of(frame: FrameType | None, limit: int = 200) -> tuple[Frame, ...]:
 
 def coroutine_frames(coro: Any, limit: int = 200) -> tuple[Frame, ...]:
     """Where a suspended coroutine waits: its chain of awaits, outermost first. A task's
-    own stack (Task.get_stack) stops at its outermost coroutine."""
+    own stack (Task.get_stack) stops at its outermost coroutine. A generator that hands on
+    a coroutine without `yield from` names it `delegated` (fastproto's `_resumed` before
+    its first resume): the chain goes on through it."""
     out: list[Frame] = []
     while coro is not None and len(out) < limit:
         frame = (getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
@@ -277,7 +279,9 @@ def coroutine_frames(coro: Any, limit: int = 200) -> tuple[Frame, ...]:
             out.append(Frame(frame.f_code.co_filename, frame.f_lineno or 0,
                              frame.f_code.co_name))
         coro = (getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-                or getattr(coro, "ag_await", None))
+                or getattr(coro, "ag_await", None)
+                or (frame.f_locals.get("delegated") if frame is not None
+                    and hasattr(coro, "gi_frame") else None))
     return tuple(out)
 
 
