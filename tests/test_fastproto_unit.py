@@ -387,3 +387,50 @@ def test_a_long_pipeline_to_an_eager_app_is_answered_in_order() -> None:
     out = asyncio.run(main())
     bodies = [part.split(b"\r\n\r\n", 1)[1] for part in out.split(b"HTTP/1.1 200 OK")[1:]]
     assert bodies == [str(i).encode() for i in range(count)]
+
+
+def test_header_blocks_are_checked_once_and_never_cached_wrong() -> None:
+    """A response start's header block is remembered per (status, headers): a bad start
+    is refused every time it comes (a 500, never remembered as good), pairs that cannot be
+    remembered (lists, a bytearray) are still checked and sent, the same length twice is
+    sent once, and distinct starts (a length per body) do not grow the cache past its
+    bound."""
+    from hello_cluster.http import fastproto
+
+    starts: list[Any] = [
+        [(b"content-length", b"2"), (b"content-length", b"3")],  # refused: 500
+        [[b"content-length", b"2"], [b"x-list", b"pair"]],  # lists: not hashable
+        [(b"content-length", b"2"), (b"x-bytearray", bytearray(b"v"))],
+        [(b"content-length", b"2"), (b"content-length", b"2")],  # the same length twice
+    ]
+
+    async def answers(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        index = int(scope["path"][1:])
+        if index < len(starts):
+            headers, body = starts[index], b"ok"
+        else:  # a distinct length per request
+            body = b"x" * index
+            headers = [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def main() -> list[bytes]:
+        out = []
+        for path in [0, 1, 2, 3, 0, 1, 2, 3, *range(4, 4 + 2 * fastproto.BLOCK_CACHE_MAX)]:
+            proto, transport = connected(answers)
+            proto.data_received(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+            await settle(proto)
+            proto.connection_lost(None)
+            out.append(transport.out)
+            assert len(fastproto._BLOCKS) <= fastproto.BLOCK_CACHE_MAX
+        return out
+
+    out = asyncio.run(main())
+    for first, again in ((out[0], out[4]), (out[1], out[5]), (out[2], out[6]),
+                         (out[3], out[7])):
+        assert first.split(b"\r\n")[0] == again.split(b"\r\n")[0]
+    assert out[0].startswith(b"HTTP/1.1 500") and out[4].startswith(b"HTTP/1.1 500")
+    assert b"x-list: pair\r\n" in out[1] and out[1].endswith(b"\r\n\r\nok")
+    assert b"x-bytearray: v\r\n" in out[2] and out[2].endswith(b"\r\n\r\nok")
+    assert out[3].count(b"content-length: 2\r\n") == 1 and out[3].endswith(b"ok")
+    assert all(o.startswith(b"HTTP/1.1 200 OK") for o in out[8:])
