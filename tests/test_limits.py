@@ -148,14 +148,18 @@ def test_unread_bytes_sees_what_the_loop_has_not_read() -> None:
 
 @contextmanager
 def silent_connections(port: int, count: int, keep_up: bool) -> Iterator[list[int]]:
-    """`count` connections that send nothing; with keep_up, a thread reopens each one the
-    server closes (an attacker who keeps the flood up). Yields [reopened]."""
+    """`count` connections that send the first byte of a head and then nothing (a
+    slowloris: a connection that sends nothing at all waits in the kernel under
+    --defer-accept, see test_a_silent_connection_waits_in_the_kernel); with keep_up, a
+    thread reopens each one the server closes (an attacker who keeps the flood up).
+    Yields [reopened]."""
     sel = selectors.DefaultSelector()
     stop = threading.Event()
     reopened = [0]
 
     def open_one() -> None:
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"G")
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ)
 
@@ -200,8 +204,9 @@ def real_requests(port: int, count: int) -> list[int]:
 
 
 def test_idle_connections_make_room_for_requests(cluster) -> None:
-    """The mechanism at a small scale: 300 silent connections against a limit of 50. A
-    request in flight is never closed to make room; 503 only when all are busy."""
+    """The mechanism at a small scale: 300 idle connections (a head begun, then silence)
+    against a limit of 50. A request in flight is never closed to make room; 503 only
+    when all are busy."""
     c = cluster("--workers", "1", "--limit-concurrency", "50", *ECHO, workers=1)
     slow = http.client.HTTPConnection("127.0.0.1", c.port, timeout=15)
     slow.request("GET", "/slow?s=2")
@@ -232,8 +237,9 @@ def test_idle_connections_make_room_for_requests(cluster) -> None:
 
 
 def test_idle_flood_at_default_limit(cluster) -> None:
-    """2 workers, the default --limit-concurrency: 2100 silent connections, kept up by
-    reopening those the server closes, must not fail a real request."""
+    """2 workers, the default --limit-concurrency: 2100 idle connections (a head begun,
+    then silence), kept up by reopening those the server closes, must not fail a real
+    request."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 4096  # 2100 silent connections, the real ones, and the test's own files
     if soft < want:
@@ -247,6 +253,48 @@ def test_idle_flood_at_default_limit(cluster) -> None:
         time.sleep(1.0)  # both workers have accepted their share
         statuses = real_requests(c.port, 100)
     assert statuses == [200] * 100, {s: statuses.count(s) for s in set(statuses)}
+
+
+def server_side_states(port: int) -> list[str]:
+    """The TCP states (/proc/net/tcp's hex codes) of the server's ends of the connections
+    to `port` on 127.0.0.1: 03 is SYN_RECV (the kernel holds it), 01 ESTABLISHED."""
+    states = []
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            if local == f"0100007F:{port:04X}" and fields[2] != "00000000:0000":
+                states.append(state)
+    return states
+
+
+@pytest.mark.parametrize("defer", [True, False])
+def test_a_silent_connection_waits_in_the_kernel(cluster, defer: bool) -> None:
+    """--defer-accept (the default): a connection that has sent nothing stays with the
+    kernel (the server's end in SYN_RECV, the client's established) instead of taking a
+    worker's place, and one whose request comes later is answered at once. Off, the
+    server's end is established as soon as the client's is."""
+    c = cluster("--workers", "1", *ECHO, *([] if defer else ["--no-defer-accept"]),
+                workers=1)
+    silent = [socket.create_connection(("127.0.0.1", c.port), timeout=5) for _ in range(3)]
+    try:
+        deadline = time.monotonic() + 5
+        want = "03" if defer else "01"
+        while server_side_states(c.port).count(want) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        states = server_side_states(c.port)
+        assert states.count(want) == 3, states
+        started = time.monotonic()
+        silent[0].sendall(b"GET /late HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        silent[0].settimeout(5)
+        reply = b""
+        while chunk := silent[0].recv(4096):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200 OK"), reply
+        assert time.monotonic() - started < 0.9  # with its bytes, not at the deferral's end
+    finally:
+        for sock in silent:
+            sock.close()
 
 
 def rss_mib(pid: int) -> int:

@@ -118,6 +118,7 @@ def test_socket_contract() -> None:
     metrics = unit_settings("hello-cluster-metrics.socket")
     assert app["ListenStream"] == ["8085"]
     assert app["FileDescriptorName"] == ["http"]
+    assert app["DeferAcceptSec"] == ["1s"]  # as --defer-accept, the default when we bind
     assert metrics["ListenStream"] == ["9464"]
     assert metrics["FileDescriptorName"] == ["metrics"]
     for unit in (app, metrics):

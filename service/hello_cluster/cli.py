@@ -130,7 +130,8 @@ def run(cfg: Config) -> int:
     desired = decide_pool(cfg)
     check_fd_limit(desired)
     listeners = open_listeners(cfg.binds, cfg.metrics_bind, os.environ, os.getpid(),
-                               slots=desired, reuse_port=cfg.reuse_port)
+                               slots=desired, reuse_port=cfg.reuse_port,
+                               defer_accept=cfg.defer_accept)
     runtime: RuntimeDir | None = None
     metrics_dir: str | None = None
     stacks_dir: str | None = None

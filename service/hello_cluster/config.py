@@ -354,6 +354,7 @@ class Config:
     binds: tuple[BindAddress, ...] = (BindAddress(ALL_INTERFACES, 8085),)
     workers: int | None = None
     reuse_port: str = "auto"
+    defer_accept: bool = True
     app: str = DEFAULT_APP
     graceful_timeout: float = 30.0
     shutdown_delay: float = 0.0
@@ -463,6 +464,14 @@ OPTIONS: tuple[Option, ...] = (
            "and no cgroup CPU quota is tighter than those CPUs (then they are shared); the "
            "master logs the plan and each worker when it pins or unpins (see [CPU "
            "affinity](how-it-works.md#cpu-affinity))"),
+    Option("defer-accept", parse_bool, "true",
+           "hand a new TCP connection to a worker with its first bytes (TCP_DEFER_ACCEPT, "
+           "after 1 s of silence at the latest)", "BOOL",
+           doc="a TCP `--bind` hands a new connection to a worker with its first bytes "
+           "(`TCP_DEFER_ACCEPT`, nginx's `deferred`): one wake-up per connection instead of "
+           "two, and a connection that sends nothing waits in the kernel, not in a worker, "
+           "for up to 1 s; under socket activation the `.socket` unit's `DeferAcceptSec=` "
+           "decides (see [Limits](limits-and-security.md#limits))"),
     Option("reuse-port", parse_choice("auto", "on", "off"), "auto",
            "auto/on: a TCP --bind becomes one SO_REUSEPORT socket per worker, steered to the "
            "ready workers (auto falls back to a shared socket if the kernel refuses); off: "
