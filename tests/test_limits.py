@@ -297,6 +297,23 @@ def test_a_silent_connection_waits_in_the_kernel(cluster, defer: bool) -> None:
             sock.close()
 
 
+def test_every_socket_of_a_steered_group_defers_accept() -> None:
+    """A SO_REUSEPORT group gets one socket per worker slot, more with each SIGTTIN: every
+    one of them is set as the first was (--defer-accept on or off)."""
+    from hello_cluster.config import BindAddress
+    from hello_cluster.system.sockets import PortGroup
+
+    for defer in (True, False):
+        group = PortGroup.bind(BindAddress("127.0.0.1", 0), 1, defer)
+        try:
+            group.grow(3)  # what a SIGTTIN to 3 workers does
+            values = [sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT)
+                      for sock in group.socks]
+            assert len(values) == 3 and all((value > 0) == defer for value in values), values
+        finally:
+            group.close()
+
+
 def rss_mib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         line = next(line for line in f if line.startswith("VmRSS:"))
