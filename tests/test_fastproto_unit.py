@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -434,3 +435,82 @@ def test_header_blocks_are_checked_once_and_never_cached_wrong() -> None:
     assert b"x-bytearray: v\r\n" in out[2] and out[2].endswith(b"\r\n\r\nok")
     assert out[3].count(b"content-length: 2\r\n") == 1 and out[3].endswith(b"ok")
     assert all(o.startswith(b"HTTP/1.1 200 OK") for o in out[8:])
+
+
+# The eager start against the Task start, as a differential: the same app behaviour, as a
+# script of steps, must put the same bytes on the wire either way and leave the connection
+# in the same state. Hypothesis writes the scripts.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+STEPS = st.lists(st.sampled_from(
+    ["yield", "wait", "receive", "start", "start-chunked", "body", "last", "raise",
+     "return"]), max_size=8)
+REQUESTS = st.sampled_from([
+    GET,
+    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    GET + GET,  # pipelined: the second runs as a Task behind the first either way
+    b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n",
+])
+
+
+def scripted(steps: list[str]) -> Any:
+    """An app that does `steps` in order: waits (a bare yield, a timer), reads, starts a
+    response (with a length or chunked), sends body parts, raises or returns early."""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        for step in steps:
+            if step == "yield":
+                await asyncio.sleep(0)
+            elif step == "wait":
+                await asyncio.sleep(0.001)
+            elif step == "receive":
+                await receive()
+            elif step == "start":
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-length", b"4")]})
+            elif step == "start-chunked":
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+            elif step == "body":
+                await send({"type": "http.response.body", "body": b"ab", "more_body": True})
+            elif step == "last":
+                await send({"type": "http.response.body", "body": b"cd"})
+            elif step == "raise":
+                raise ValueError("scripted")
+            else:
+                return
+    return app
+
+
+def serve_script(app: Any, request: bytes) -> tuple[bytes, bool]:
+    async def main() -> tuple[bytes, bool]:
+        proto, transport = connected(app)
+        asyncio.get_running_loop().call_soon(proto.data_received, request)
+        await asyncio.sleep(0)
+        for _ in range(100):  # bounded: a script that waits ends within a few loop turns
+            if not proto.tasks and not proto.pipeline:
+                break
+            await asyncio.sleep(0.001)
+        closed_by_server = transport.closed
+        proto.connection_lost(None)  # the client leaves: an app waiting on receive() wakes
+        await asyncio.wait_for(asyncio.gather(*proto.tasks), 5)
+        return transport.out, closed_by_server
+
+    return asyncio.run(main())
+
+
+@settings(max_examples=120, deadline=10_000, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(steps=STEPS, request=REQUESTS)
+def test_an_eager_start_answers_as_a_task_start(steps: list[str], request: bytes) -> None:
+    """Whatever the app does (wait before or after its start, read, stream, fail, return
+    early, misbehave), started eagerly it gets exactly the bytes and the close it gets
+    when started in a Task."""
+    logging.disable(logging.ERROR)  # the scripts' errors are logged by design
+    try:
+        as_task = serve_script(scripted(steps), request)
+        as_eager = serve_script(eager(scripted(steps)), request)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert as_eager == as_task
