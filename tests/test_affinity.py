@@ -153,8 +153,14 @@ def test_auto_pins_a_threaded_wsgi_worker_while_its_traffic_is_keep_alive(cluste
     assert set(worker_cpus(c).values()) == {USABLE}
     load = KeepAlive(c.port)
     try:
-        wait_for(lambda: c.log.count("pinned to CPU") >= n, 15,
-                 what="every worker to pin itself again under keep-alive traffic")
+        try:
+            wait_for(lambda: c.log.count("pinned to CPU") >= n, 15,
+                     what="every worker to pin itself again under keep-alive traffic")
+        except AssertionError as err:  # say what the workers saw: load, windows, errors
+            lines = [line for line in c.log.splitlines() if "pinned" in line
+                     or "ERROR" in line or "WARNING" in line]
+            raise AssertionError(f"{err}; {load.ok} keep-alive requests answered; "
+                                 + "\n".join(lines[-20:])) from None
         assert sorted(worker_cpus(c).values(), key=min) == pinned
     finally:
         load.close()

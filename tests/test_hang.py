@@ -138,7 +138,8 @@ def test_a_hang_kill_logs_the_stack_in_a_c_call_and_in_python_code(cluster: Star
         assert innermost["file"] == str(APP) and innermost["function"] == function, innermost
         assert innermost["line"] in lines_of(marker), innermost
         def respawned(pid: int = pid) -> bool:
-            return bool(c.workers()) and c.workers()[0] != pid
+            workers = c.workers()  # once: between two reads the pool can be empty again
+            return bool(workers) and workers[0] != pid
 
         wait_for(respawned, 10, what="the respawn")
         c.wait_ready(1)
