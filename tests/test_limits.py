@@ -297,6 +297,33 @@ def test_a_silent_connection_waits_in_the_kernel(cluster, defer: bool) -> None:
             sock.close()
 
 
+def test_a_probe_that_connects_and_closes_is_handed_over_at_once() -> None:
+    """What --defer-accept relies on, from the kernel: a TCP health check (kubelet's
+    tcpSocket probe, a balancer's) connects and closes without a byte, and its FIN hands
+    the connection to accept() at once, where a worker reads the EOF; a silent one comes
+    after the deferral (DEFER_ACCEPT_S), not never."""
+    from hello_cluster.config import BindAddress
+    from hello_cluster.system.sockets import DEFER_ACCEPT_S, bind
+
+    server = bind(BindAddress("127.0.0.1", 0), defer_accept=True)
+    try:
+        port = server.getsockname()[1]
+        server.settimeout(0.5)
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        conn, _ = server.accept()  # TimeoutError if the probe were held back
+        with conn:
+            assert conn.recv(1) == b""
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with silent:
+            started = time.monotonic()
+            server.settimeout(DEFER_ACCEPT_S + 5)
+            conn, _ = server.accept()
+            conn.close()
+            assert time.monotonic() - started >= DEFER_ACCEPT_S * 0.5
+    finally:
+        server.close()
+
+
 def test_every_socket_of_a_steered_group_defers_accept() -> None:
     """A SO_REUSEPORT group gets one socket per worker slot, more with each SIGTTIN: every
     one of them is set as the first was (--defer-accept on or off)."""
