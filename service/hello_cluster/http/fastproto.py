@@ -174,10 +174,10 @@ def _requests_running(tasks: set[asyncio.Task[Any]]) -> int:
 
     A request started eagerly is in `tasks` only once it waited on something, as the Task
     of `_resumed`; one that finished in its first step never ran across a flush."""
-    codes = (Cycle.run.__code__, _resumed.__code__)
+    codes = (Cycle.run.__code__, _resumed.__code__)  # a coroutine's, a generator's
     return sum(1 for task in tasks
-               if getattr(task.get_coro(), "cr_code", None) in codes
-               or getattr(task.get_coro(), "gi_code", None) in codes)
+               if getattr(coro := task.get_coro(), "cr_code", None) in codes
+               or getattr(coro, "gi_code", None) in codes)
 
 
 @types.coroutine
@@ -599,9 +599,11 @@ class FastProtocol(asyncio.Protocol):
             yielded = context.run(coro.send, None)
         except StopIteration:
             return
-        except Exception as exc:  # Cycle.run catches the app's: this is ours, its request
+        except Exception as exc:  # Cycle.run catches the app's: this would be ours. A Task
+            # would log it when collected and leave the connection hanging; here it is
+            # logged now and costs its connection only.
             self.logger.error("Exception in the eager start of a request", exc_info=exc)
-            self.transport.close()  # lost at most (the Task would have lost it silently)
+            self.transport.close()
             return
         cycle.eager = False
         task = cycle.task = self.loop.create_task(_resumed(coro, yielded), context=context)
