@@ -137,7 +137,8 @@ def read_worker_counts(directory: str, pid: int) -> WorkerCounts:
     return counts
 
 
-def worker_row(pool: PoolSnapshot, w: WorkerView, now: float) -> dict[str, Any]:
+def worker_row(pool: PoolSnapshot, w: WorkerView, now: float,
+               own_cpus: int) -> dict[str, Any]:
     stat = procstat.read_stat(w.pid)
     counts = (read_worker_counts(pool.multiproc_dir, w.pid)
               if pool.multiproc_dir is not None else WorkerCounts())
@@ -150,7 +151,7 @@ def worker_row(pool: PoolSnapshot, w: WorkerView, now: float) -> dict[str, Any]:
         "restarts": pool.slots[w.slot].restarts if w.slot < len(pool.slots) else 0,
         "rss_bytes": stat.rss_bytes if stat else None,
         "cpu_seconds": round(stat.cpu_seconds, 2) if stat else None,
-        "pinned_cpu": procstat.pinned_cpu(w.pid),
+        "pinned_cpu": procstat.pinned_cpu(w.pid, own_cpus),
         # No counter file yet: the worker has served nothing (unless the metrics are off).
         "requests": counts.requests if counts.requests is not None else (
             0 if pool.request_metrics and pool.multiproc_dir else None),
@@ -163,7 +164,8 @@ def document(pool: PoolSnapshot, now: float | None = None) -> dict[str, Any]:
     """The /status document: the master, then one row per live worker and per slot
     waiting to respawn, in slot order."""
     now = time.monotonic() if now is None else now
-    rows = [worker_row(pool, w, now) for w in pool.workers]
+    own_cpus = len(os.sched_getaffinity(0))  # the master's mask, once, not once per row
+    rows = [worker_row(pool, w, now, own_cpus) for w in pool.workers]
     if pool.state != "stopping":
         occupied = {w.slot for w in pool.workers if w.staying}
         for index, slot in enumerate(pool.slots):

@@ -271,9 +271,12 @@ class Master:
                             self.cpu_quota)
         if plan.reason != self.pin_reason:
             self.pin_reason = plan.reason
-            what = "none" if not plan.cpus else "every worker pinned" \
-                if self.cfg.cpu_affinity == "always" else \
-                "a threaded WSGI worker pins itself while its traffic is keep-alive"
+            if not plan.cpus:
+                what = "none"
+            elif self.cfg.cpu_affinity == "always":
+                what = "every worker pinned"
+            else:
+                what = "a threaded WSGI worker pins itself while its traffic is keep-alive"
             # Said at info only when asked for: under `auto` each worker says when it pins.
             log.log(logging.INFO if self.cfg.cpu_affinity == "always" else logging.DEBUG,
                     "cpu affinity: %s (%s)", what, plan.reason)

@@ -91,13 +91,14 @@ class SlotCpu:
         return self.dead.get(slot, 0.0) + live
 
 
-def pinned_cpu(pid: int) -> int | None:
+def pinned_cpu(pid: int, own_cpus: int) -> int | None:
     """The one CPU a worker is pinned to now (`--cpu-affinity`), or None: free to move
-    (its mask is wider than one CPU, or no wider than the master's own), or gone."""
+    (its mask is wider than one CPU, or no wider than the master's own, `own_cpus` CPUs:
+    read once per /status document by the caller), or gone."""
     try:
         cpus = os.sched_getaffinity(pid)
     except OSError:
         return None
-    if len(cpus) != 1 or len(os.sched_getaffinity(0)) < 2:
+    if len(cpus) != 1 or own_cpus < 2:
         return None
     return next(iter(cpus))

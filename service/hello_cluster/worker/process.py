@@ -381,7 +381,7 @@ def serve(cfg: Config, spec: WorkerSpec, channel: ch.WorkerChannel,
     if hooks is not None:
         hooks.call("post_fork", info)
     app, metrics, threaded = build_app(cfg, first=spec.slot == 0 and spec.generation == 0,
-                             preloaded=spec.app)
+                                       preloaded=spec.app)
     access_log = None
     if cfg.access_log:  # off: not wrapped at all, nothing on the request path
         from hello_cluster.http.accesslog import AccessLog
