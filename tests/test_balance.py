@@ -164,6 +164,10 @@ def test_a_stalled_worker_gets_no_new_connections(cluster) -> None:
     """A worker whose loop is blocked cannot accept: within STALL the master steers new
     connections to the others, and back once the worker turns again."""
     c = cluster("--workers", "2")
+    # Both steered to first: just after start the master may not have steered to the
+    # second worker yet, and a 1 read then says nothing about the stall (CI saw it).
+    wait_for(lambda: c.metric("hello_cluster_workers_steered") == 2, 5,
+             what="the master to steer to both workers")
     stopped = min(c.workers())
     os.kill(stopped, signal.SIGSTOP)  # as good as a blocking call in a handler
     try:
