@@ -89,3 +89,38 @@ def test_thread_wake_measures_both_placements_in_their_own_process() -> None:
     for placement in ("free", "one_cpu"):
         assert out[placement]["cpu_us"] > 0 and out[placement]["wall_us"] > 0
     assert out["free"]["ran_on"] == sorted(before) and out["one_cpu"]["ran_on"] == [min(before)]
+
+
+def test_view_clock_counts_the_view_threads_cpu_not_its_sleep(bench: Path, tmp_path: Path) -> None:
+    """bench/view_cpu.py's split of a WSGI request: the view's own CPU (a burn counts, a
+    sleep does not), totals a reader can take at any moment, and the server's share as what
+    is left of the tree's CPU per request."""
+    import view_cpu
+
+    def view(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("content-type", "text/plain")])
+        if environ["PATH_INFO"] == "/burn":
+            end = time.thread_time() + 0.02
+            while time.thread_time() < end:
+                pass
+        else:
+            time.sleep(0.02)
+        return [b"a", b"b"]
+
+    clock = view_cpu.ViewClock(view, str(tmp_path), every=2)
+    calls: list[str] = []
+    assert clock({"PATH_INFO": "/burn"}, lambda *a: calls.append(a[0])) == [b"ab"]
+    assert view_cpu.read_totals(tmp_path) == (0, 0.0)  # not yet written: every 2 requests
+    clock({"PATH_INFO": "/sleep"}, lambda *a: calls.append(a[0]))
+    (tmp_path / ".tmp-half").write_text("9")  # a half-written file is never read
+    count, seconds = view_cpu.read_totals(tmp_path)
+    assert count == 2 and calls == ["200 OK", "200 OK"]
+    assert 0.02 <= seconds < 0.035  # the burn's 20 ms, not the sleep's
+    split = view_cpu.split_us(0.003, 10, (0, 0.0), (10, 0.001))
+    assert split == pytest.approx({"cpu_us": 300.0, "view_us": 100.0, "around_us": 200.0})
+    assert view_cpu.split_us(0.003, 10, (4, 0.1), (4, 0.1))["around_us"] is None
+    rows = [{"app": "flask", "server": "s", "mode": "close", "rps": r, "cpu_us": c,
+             "view_us": 1.0, "around_us": None} for r, c in ((10, 3.0), (30, 1.0), (20, 2.0))]
+    assert view_cpu.summarize(rows) == [{"app": "flask", "server": "s", "mode": "close",
+                                         "rps": 20.0, "cpu_us": 2.0, "view_us": 1.0,
+                                         "around_us": None}]
