@@ -15,6 +15,8 @@ view: accept, parsing, the hand-off to a thread and back, the GIL's passes betwe
 writing, closing. Contenders: hello-cluster with its threads and with `--wsgi-dispatch
 loop`, and granian with as many blocking threads; keep-alive and `Connection: close`,
 interleaved, the order reversed every other round. One JSON line per run, then the medians.
+`--apps plain` serves a WSGI view that does next to nothing (no Flask), which leaves the
+server's own cost per request and per connection.
 `ViewClock` itself costs two thread_time() calls per request, the same under every server.
 """
 
@@ -34,7 +36,16 @@ from typing import Any
 ENV_DIR = "HC_BENCH_VIEW_CPU_DIR"  # where ViewClock leaves its totals, one file per pid
 EVERY = 200  # requests between two writes of a process's totals
 
-APPS = {"flask": "flask_app", "flask-sleep": "flask_sleep_app"}
+APPS = {"flask": "flask_app", "flask-sleep": "flask_sleep_app", "plain": "plain_app"}
+PLAIN_BODY = b'{"message":"Hello Cluster!"}\n'  # Flask's JSON, without Flask
+
+
+def _plain(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """`--apps plain`: a WSGI view that does next to nothing, so what is left is the server."""
+    start_response("200 OK", [("content-type", "application/json"),
+                              ("content-length", str(len(PLAIN_BODY))),
+                              ("x-worker-pid", str(os.getpid()))])
+    return [PLAIN_BODY]
 
 
 class ViewClock:
@@ -104,6 +115,8 @@ def split_us(server_cpu_s: float, requests: int, before: tuple[int, float],
 
 def __getattr__(name: str) -> Any:
     """`view_cpu:flask_app` and the like: the peer app of that name, wrapped in ViewClock."""
+    if name == APPS["plain"]:
+        return ViewClock(_plain, os.environ[ENV_DIR])
     if name in APPS.values():
         import peer_frameworks
 

@@ -124,3 +124,19 @@ def test_view_clock_counts_the_view_threads_cpu_not_its_sleep(bench: Path, tmp_p
     assert view_cpu.summarize(rows) == [{"app": "flask", "server": "s", "mode": "close",
                                          "rps": 20.0, "cpu_us": 2.0, "view_us": 1.0,
                                          "around_us": None}]
+
+
+def test_view_cpu_serves_a_plain_view_wrapped_in_its_clock(
+        bench: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--apps plain`: `view_cpu:plain_app` is a real WSGI app, clocked like the others."""
+    import view_cpu
+
+    monkeypatch.setenv(view_cpu.ENV_DIR, str(tmp_path))
+    app = view_cpu.plain_app
+    assert isinstance(app, view_cpu.ViewClock)
+    heads: list[tuple[str, list[tuple[str, str]]]] = []
+    body = app({}, lambda status, headers: heads.append((status, headers)))
+    assert body == [view_cpu.PLAIN_BODY] and heads[0][0] == "200 OK"
+    assert ("content-length", str(len(view_cpu.PLAIN_BODY))) in heads[0][1]
+    with pytest.raises(AttributeError):
+        view_cpu.no_such_app  # noqa: B018
