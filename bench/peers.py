@@ -88,6 +88,13 @@ def hello_argv(port: int, metrics_port: int, workers: int, extra: list[str]) -> 
             "--log-level", "warning", *extra]
 
 
+def granian_wsgi_argv(port: int, workers: str, threads: str, target: str) -> list[str]:
+    """granian serving the WSGI app `target` on loopback, as every WSGI bench runs it."""
+    return [str(BENCH_BIN / "granian"), "--interface", "wsgi", "--host", "127.0.0.1",
+            "--port", str(port), "--workers", workers, "--blocking-threads", threads,
+            "--respawn-failed-workers", "--log-level", "warning", "--no-access-log", target]
+
+
 def clean_env() -> dict[str, str]:
     """Our environment without what would change how a contender starts or where it logs."""
     return {k: v for k, v in os.environ.items()
@@ -203,10 +210,7 @@ def wsgi_contenders(workers: int, threads: int, port_of: dict[str, int],
         env=flask_env(), reload_signal=True))
     out.append(Contender(
         "granian-wsgi", f"granian --interface wsgi --blocking-threads {t}",
-        [str(BENCH_BIN / "granian"), "--interface", "wsgi", "--host", "127.0.0.1",
-         "--port", str(port_of["granian-wsgi"]), "--workers", n, "--blocking-threads", t,
-         "--respawn-failed-workers", "--log-level", "warning", "--no-access-log",
-         "peer_flask:app"],
+        granian_wsgi_argv(port_of["granian-wsgi"], n, t, "peer_flask:app"),
         env=flask_env(), reload_signal=True))
     return out
 
@@ -372,11 +376,9 @@ def apps_contenders(workers: int, threads: int, port_of: dict[str, int],
                                  env=env, kind="subject", notify=True, reload_signal=True))
         if have("granian"):
             name = f"granian/{app}"
-            out.append(Contender(name, f"granian --interface wsgi --blocking-threads {t}, {app}", [
-                str(BENCH_BIN / "granian"), "--interface", "wsgi", "--host", "127.0.0.1",
-                "--port", str(port_of[name]), "--workers", n, "--blocking-threads", t,
-                "--respawn-failed-workers", "--log-level", "warning", "--no-access-log",
-                target], env=env, reload_signal=True))
+            out.append(Contender(name, f"granian --interface wsgi --blocking-threads {t}, {app}",
+                                 granian_wsgi_argv(port_of[name], n, t, target), env=env,
+                                 reload_signal=True))
         if have("gunicorn"):
             name = f"gunicorn/{app}"
             out.append(Contender(name, f"gunicorn -k gthread --threads {t}, {app}", [

@@ -124,26 +124,24 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-def _contenders(app: str, workers: int, threads: int, port_of: dict[str, int]) -> list[
-        tuple[str, list[str]]]:
+def _contenders(app: str, workers: int, threads: int) -> list[tuple[str, int, list[str]]]:
+    """(name, port, argv) of each server of `app`, each on a free port of its own."""
     import harness as h
     import peers
 
     target = f"view_cpu:{APPS[app]}"
     ours = ["--app", target, "--interface", "wsgi", "--wsgi-threads", str(threads),
             "--request-metrics"]
-    out = [("hello-cluster", peers.hello_argv(port_of["hello-cluster"], h.free_port(),
-                                              workers, ours)),
-           ("hello-cluster --wsgi-dispatch loop",
-            peers.hello_argv(port_of["hello-cluster --wsgi-dispatch loop"], h.free_port(),
-                             workers, [*ours, "--wsgi-dispatch", "loop"]))]
-    granian = peers.BENCH_BIN / "granian"
-    if granian.exists():
-        out.append((f"granian --blocking-threads {threads}", [
-            str(granian), "--interface", "wsgi", "--host", "127.0.0.1",
-            "--port", str(port_of[f"granian --blocking-threads {threads}"]),
-            "--workers", str(workers), "--blocking-threads", str(threads),
-            "--log-level", "warning", "--no-access-log", target]))
+    out = []
+    for name, extra in (("hello-cluster", ours),
+                        ("hello-cluster --wsgi-dispatch loop",
+                         [*ours, "--wsgi-dispatch", "loop"])):
+        port = h.free_port()
+        out.append((name, port, peers.hello_argv(port, h.free_port(), workers, extra)))
+    if (peers.BENCH_BIN / "granian").exists():
+        port = h.free_port()
+        out.append((f"granian --blocking-threads {threads}", port,
+                    peers.granian_wsgi_argv(port, str(workers), str(threads), target)))
     return out
 
 
@@ -163,24 +161,20 @@ def main(argv: list[str] | None = None) -> int:
     peers.ensure_module("flask", peers.FRAMEWORK_PACKAGES, quiet=True)  # granian's venv
     results: list[dict[str, Any]] = []
     for app in args.apps.split(","):
-        names = ["hello-cluster", "hello-cluster --wsgi-dispatch loop",
-                 f"granian --blocking-threads {args.threads}"]
-        port_of = {name: h.free_port() for name in names}
         with tempfile.TemporaryDirectory(prefix="hc-view-cpu-") as tmp:
             running: list[tuple[str, int, h.Proc, Path]] = []
             try:
-                for name, cmd in _contenders(app, args.workers, args.threads, port_of):
+                for name, port, cmd in _contenders(app, args.workers, args.threads):
                     own = Path(tmp) / f"{len(running)}"
                     own.mkdir()
                     env = {**peers.clean_env(), **peers.flask_env(), ENV_DIR: str(own)}
                     log = peers.WORK / "logs" / f"view_cpu-{len(running)}.log"
                     proc = h.Proc(cmd, env, log)
-                    when, _ = h.wait_for_pids(port_of[name], args.workers,
-                                              time.monotonic() + 30)
+                    running.append((name, port, proc, own))  # stopped below even if it fails
+                    when, _ = h.wait_for_pids(port, args.workers, time.monotonic() + 30)
                     if when is None:
                         raise SystemExit(f"bench: {name} did not start; see {log}")
-                    h.wrk(port_of[name], 1)  # warm-up, discarded
-                    running.append((name, port_of[name], proc, own))
+                    h.wrk(port, 1)  # warm-up, discarded
                 for rnd in range(args.rounds):
                     order = running if rnd % 2 == 0 else running[::-1]
                     for close in (False, True):
