@@ -3,7 +3,8 @@
     git archive <commit> service | tar -x -C /tmp/hc-base     # the code before the change
     .venv/bin/python bench/code_ab.py --base /tmp/hc-base [--app peer_frameworks:fastapi_app]
         [--interface wsgi] [--rounds 6] [--duration 3] [--workers 2] [--close]
-        [--new-args '--wsgi-dispatch loop'] [--new-env UV_USE_IO_URING=0]
+        [--args '--wsgi-dispatch loop'] [--new-args '--wsgi-dispatch loop']
+        [--new-env UV_USE_IO_URING=0]
 
 Both builds run the same flags and app from the project's venv (`--base DIR` holds DIR/service,
 the other is this checkout's service/), on two ports for the whole measurement; wrk
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=3.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--close", action="store_true", help="Connection: close, not keep-alive")
+    ap.add_argument("--args", default="",
+                    help="flags for both builds, e.g. '--wsgi-dispatch loop' to compare a "
+                    "change on that path")
     ap.add_argument("--new-args", default="",
                     help="flags for the new build only, e.g. '--wsgi-dispatch loop' (with "
                     "--base . the same code with and without a flag)")
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         extra += ["--app", args.app]
     if args.interface:
         extra += ["--interface", args.interface]
+    extra += args.args.split()
     builds = {"base": Path(args.base) / "service", "new": peers.ROOT / "service"}
     procs: dict[str, tuple[h.Proc, int]] = {}
     try:
@@ -94,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         summary: dict[str, object] = {"mode": "close" if args.close else "keep-alive",
                                       "app": args.app or "built-in", "rounds": args.rounds,
                                       "duration_s": args.duration, "workers": args.workers,
-                                      "new_args": args.new_args, "new_env": new_env,
+                                      "args": args.args, "new_args": args.new_args,
+                                      "new_env": new_env,
                                       "loadavg": round(os.getloadavg()[0], 2)}
         for key in ("rps", "cpu_us"):
             ratios = [r[f"new_{key}"] / r[f"base_{key}"] for r in rows if r[f"base_{key}"]]

@@ -140,3 +140,15 @@ def test_view_cpu_serves_a_plain_view_wrapped_in_its_clock(
     assert ("content-length", str(len(view_cpu.PLAIN_BODY))) in heads[0][1]
     with pytest.raises(AttributeError):
         view_cpu.no_such_app  # noqa: B018
+
+
+def test_micro_wsgi_serves_every_request_both_ways(bench: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/micro_wsgi.py: every request of a run gets its response (the harness asserts
+    it) under both dispatches, so its per-request figure divides real work."""
+    import micro_wsgi
+    import uvloop
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    for on_loop in (False, True):
+        assert uvloop.run(micro_wsgi.per_request_us(on_loop, 4 * micro_wsgi.CONNECTIONS)) > 0

@@ -10,8 +10,9 @@ at 0.87-1.14x gunicorn gthread with it (bench/results/wsgi/).
 Here the thread puts a message on a deque and wakes the loop only if no wake-up is pending,
 so the head, the body and the end of a small response usually reach the loop in one wake;
 the request's own coroutine sends them (no second task) and learns that the view returned
-from the same deque (no executor future to wait for). Everything else is a2wsgi's: the
-environ, the streamed `wsgi.input`, `start_response`, the iteration of the body.
+from the same deque (no executor future to wait for). The environ is a2wsgi's, built with
+less work per request (environ.py). Everything else is a2wsgi's: the streamed
+`wsgi.input`, `start_response`, the iteration of the body.
 
 Streaming and backpressure are kept: each message is handed over as soon as the view makes
 it, and the thread blocks once `send_queue_size` messages are waiting for the loop (instead
@@ -38,9 +39,10 @@ from collections.abc import Callable
 from typing import Any
 
 from a2wsgi import WSGIMiddleware as _A2wsgiMiddleware
-from a2wsgi.wsgi import Body, WSGIResponder, build_environ
+from a2wsgi.wsgi import Body, WSGIResponder
 
 from hello_cluster.http.deadline import CURRENT
+from hello_cluster.http.environ import EnvironBuilder
 
 _DONE = object()  # the view returned (or raised): no more messages for this response
 _LOG = logging.getLogger("hello_cluster.wsgi")
@@ -112,10 +114,11 @@ class Responder(WSGIResponder):
     inline = False  # the view is running on the loop's thread (see _run_inline)
 
     def __init__(self, app: Any, pool: ViewPool, send_queue_size: int,
-                 on_loop: bool = False) -> None:
+                 on_loop: bool, environ: EnvironBuilder) -> None:
         # Not WSGIResponder.__init__: it builds the asyncio.Queue this class does not use.
         self.app = app
         self.pool = pool
+        self.environ = environ
         self.on_loop = on_loop
         self.loop = asyncio.get_running_loop()
         self.response_started = False
@@ -131,7 +134,7 @@ class Responder(WSGIResponder):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         body = Body(self.loop, receive)
-        environ = build_environ(scope, body)
+        environ = self.environ.build(scope, body)
         context = contextvars.copy_context()
         if self.on_loop and not _has_body(scope) and CURRENT.get() is None:
             body._has_more = False  # noqa: SLF001  (nothing to read: never asks the loop)
@@ -312,11 +315,21 @@ class WSGIMiddleware(_A2wsgiMiddleware):
         self.send_queue_size = send_queue_size
         self.pool = ViewPool(workers)
         self.on_loop = False  # --wsgi-dispatch loop (set by the worker)
+        self.environ = EnvironBuilder()
+
+    @property
+    def hello_cluster_eager(self) -> bool:
+        """Under --wsgi-dispatch loop the fast protocol starts each request without a Task
+        (fastproto.FastProtocol._run_eager): a view run inline is done in that first step,
+        and one handed to the pool gets its Task when it first waits, as before. Nothing of
+        a WSGI view looks for the current Task. With threads every request waits for its
+        view, so a Task up front is cheaper than one made at the first wait."""
+        return self.on_loop
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             await Responder(self.app, self.pool, self.send_queue_size,
-                            self.on_loop)(scope, receive, send)
+                            self.on_loop, self.environ)(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 

@@ -22,9 +22,9 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from hello_cluster.config import DEFAULT_WSGI_THREADS
 from hello_cluster.errors import AppLoadError
@@ -168,28 +168,6 @@ def _is_coroutine_function(call: Any) -> bool:
         sys.modules.get("asyncio.coroutines"), "_is_coroutine", object())
 
 
-class WsgiEnviron:
-    """Fix what a2wsgi's environ gets wrong for a server, then call the WSGI app.
-
-    - `wsgi.errors` is the process's stderr (PEP 3333: "the error output stream"); a2wsgi
-      hands out stdout.
-    - `SCRIPT_NAME` from the environment (as gunicorn reads it) is also stripped from the
-      front of `PATH_INFO`: a proxy forwards `/prefix/page`, the app sees `/page` under
-      `/prefix` and builds its URLs with the prefix.
-    """
-
-    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
-        self.app = app
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        environ["wsgi.errors"] = sys.stderr
-        script = environ.get("SCRIPT_NAME", "")
-        path = environ.get("PATH_INFO", "")
-        if script and (path == script or path.startswith(script + "/")):
-            environ["PATH_INFO"] = path[len(script):]
-        return self.app(environ, start_response)
-
-
 def wsgi_to_asgi(app: Any, threads: int) -> Any:
     """Serve a WSGI app with a2wsgi: views run in a pool of `threads`, the loop stays free.
 
@@ -197,12 +175,13 @@ def wsgi_to_asgi(app: Any, threads: int) -> Any:
     (wsgi.input reads from `receive` as the view asks, each response chunk is sent as it is
     yielded, with a bounded queue for backpressure), where WsgiToAsgi spools the whole request
     body first and uvicorn's copy is deprecated; and its pool is an explicit size. Its
-    responder is replaced by wsgiadapter.Responder, whose view thread does not wait for the
-    loop at every message it sends.
+    responder is replaced by http/wsgi.py's Responder, whose view thread does not wait for
+    the loop at every message it sends, and its environ is built by http/environ.py (with
+    the fixes a server owes the app: wsgi.errors, SCRIPT_NAME).
     """
     from hello_cluster.http.wsgi import WSGIMiddleware
 
-    return WSGIMiddleware(cast(Any, WsgiEnviron(app)), workers=threads)
+    return WSGIMiddleware(app, workers=threads)
 
 
 def load(spec: str, app_dir: str | None = None, factory: bool = False,
