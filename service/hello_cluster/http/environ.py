@@ -17,7 +17,9 @@ checks them against `build_environ` on generated scopes), except for the fixes:
   front of `PATH_INFO`, at a path segment's boundary: a proxy forwards `/prefix/page`, the
   app sees `/page` under `/prefix` and builds its URLs with the prefix.
 - `QUERY_STRING` is decoded as latin-1, as every other environ string is (PEP 3333's
-  "native strings"); a2wsgi's ascii would fail on a byte the parser let through.
+  "native strings"). a2wsgi's ascii would raise on a byte above 127; the parser answers
+  400 to those in a request target today, so this only keeps a parser that let one
+  through from turning it into a 500.
 """
 
 from __future__ import annotations
