@@ -2,6 +2,7 @@
 and the same for an older build side by side.
 
     .venv/bin/python bench/micro_wsgi.py [--base /tmp/hc-base] [--rounds 8] [--n 3200]
+    .venv/bin/python bench/micro_wsgi.py --environ
 
 The server's own WSGI path (environ, responder, hand-off, response) is a few tens of
 microseconds, which the shared machine's swings hide end to end (bench/code_ab.py's rounds
@@ -20,6 +21,7 @@ reversed every other round, and the summary gives each side's median over the ch
 their minimums and of their medians: a process's speed here shifts by up to 2x from one
 start to the next (memory layout, neighbours), so the figure is taken over many processes,
 not many runs of one. The threads figures vary more (each view is a wake-up of a thread).
+`--environ` times the WSGI environ alone: a2wsgi's `build_environ` against http/environ.py.
 """
 
 from __future__ import annotations
@@ -109,6 +111,30 @@ async def per_request_us(on_loop: bool, n: int) -> float:
     return elapsed / (batches * CONNECTIONS) * 1e6
 
 
+def environ_us(n: int = 200_000) -> dict[str, float]:
+    """`--environ`: a2wsgi's build_environ against http/environ.py alone, on a connection
+    already seen and on a new one per request (3 headers, as wrk sends)."""
+    from a2wsgi.wsgi import build_environ
+
+    from hello_cluster.http.environ import EnvironBuilder
+
+    headers = [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"),
+               (b"connection", b"keep-alive")]
+    scopes = [{"type": "http", "http_version": "1.1", "method": "GET", "scheme": "http",
+               "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 10000 + i % 50000),
+               "path": "/", "root_path": "", "query_string": b"", "headers": headers}
+              for i in range(n)]
+    builder = EnvironBuilder("")
+    out = {}
+    for name, build in (("a2wsgi", build_environ), ("ours", builder.build)):
+        for connections, batch in (("seen", [scopes[0]] * n), ("new", scopes)):
+            t = time.process_time()
+            for scope in batch:
+                build(scope, None)  # type: ignore[operator]
+            out[f"{name}_{connections}_us"] = round((time.process_time() - t) / n * 1e6, 2)
+    return out
+
+
 def child(n: int) -> dict[str, Any]:
     import uvloop
 
@@ -134,7 +160,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--n", type=int, default=3200)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--environ", action="store_true",
+                    help="time the environ alone, a2wsgi's against ours (this checkout)")
     args = ap.parse_args()
+    if args.environ:
+        print(json.dumps(environ_us()))
+        return
     if args.child:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="hc-bench-wsgi-")
         print(json.dumps(child(args.n)))
