@@ -5,10 +5,10 @@ a2wsgi's `build_environ` fills all of an environ from the scope on every request
 `wsgi.*` constants, the server's and the client's address (two `str()` calls), a lookup of
 `SCRIPT_NAME` in os.environ, and for each header a decode, an upper-casing and a replace.
 On a view that does little that was about a fifth of the server's own cost of a request
-dispatched on the loop, in-process (4.3 of 24 us, bench/micro_wsgi.py). Here the parts that depend only on the connection are a
-base dict, made at its first request and copied (one C call) per request; a
-header's environ key is looked up in a table filled as names are seen; `SCRIPT_NAME` is
-read from the environment once. Every key and value is a2wsgi's (tests/test_environ.py
+dispatched on the loop, in-process (4.3 of 24 us, bench/micro_wsgi.py). Here the parts
+that depend only on the connection are a base dict, made at its first request and copied
+(one C call) per request; a header's environ key is looked up in a table filled as names
+are seen; `SCRIPT_NAME` is read from the environment once. Every key and value is a2wsgi's (tests/test_environ.py
 checks them against `build_environ` on generated scopes), except for the fixes:
 
 - `wsgi.errors` is the process's stderr (PEP 3333: "the error output stream"); a2wsgi
