@@ -8,8 +8,9 @@ On a view that does little that was about a fifth of the server's own cost of a 
 dispatched on the loop, in-process (4.3 of 24 us, bench/micro_wsgi.py). Here the parts
 that depend only on the connection are a base dict, made at its first request and copied
 (one C call) per request; a header's environ key is looked up in a table filled as names
-are seen; `SCRIPT_NAME` is read from the environment once. Every key and value is a2wsgi's (tests/test_environ.py
-checks them against `build_environ` on generated scopes), except for the fixes:
+are seen; `SCRIPT_NAME` is read from the environment once. Every key and value is
+a2wsgi's (tests/test_environ.py checks them against `build_environ` on generated scopes),
+except for the fixes:
 
 - `wsgi.errors` is the process's stderr (PEP 3333: "the error output stream"); a2wsgi
   hands out stdout.
