@@ -6,7 +6,7 @@ and the same for an older build side by side.
 
 The server's own WSGI path (environ, responder, hand-off, response) is a few tens of
 microseconds, which the shared machine's swings hide end to end (bench/code_ab.py's rounds
-of Flask vary by 20% and more). Here a WSGI view that does next to nothing is served by
+of Flask vary by 20% and more). Here bench/view_cpu.py's plain view is served by
 `FastProtocol` on uvloop, through transports that only count writes (as
 bench/micro_protocol.py does), on CONNECTIONS connections at once: one request on each,
 then every response awaited, which is the shape of wrk's load (a worker's connections take
@@ -41,17 +41,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import micro_protocol as mp  # noqa: E402
+from view_cpu import plain_view  # noqa: E402  (a view that does next to nothing)
 
 CONNECTIONS = 32
 RUNS = 7
-BODY = b'{"message":"Hello Cluster!"}\n'
-
-
-def plain(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-    """bench/view_cpu.py's plain view: what is left is the server."""
-    start_response("200 OK", [("content-type", "application/json"),
-                              ("content-length", str(len(BODY)))])
-    return [BODY]
 
 
 class Transport(mp.CountingTransport):
@@ -80,7 +73,7 @@ async def per_request_us(on_loop: bool, n: int) -> float:
     from hello_cluster.http.fastproto import FastProtocol
     from hello_cluster.worker import loader
 
-    app = loader.wsgi_to_asgi(plain, 32)
+    app = loader.wsgi_to_asgi(plain_view, 32)
     app.on_loop = on_loop
     config = uvicorn.Config(app, http=FastProtocol, lifespan="off", log_config=None,
                             access_log=False, server_header=False, proxy_headers=False)

@@ -40,7 +40,7 @@ APPS = {"flask": "flask_app", "flask-sleep": "flask_sleep_app", "plain": "plain_
 PLAIN_BODY = b'{"message":"Hello Cluster!"}\n'  # Flask's JSON, without Flask
 
 
-def _plain(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+def plain_view(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
     """`--apps plain`: a WSGI view that does next to nothing, so what is left is the server."""
     start_response("200 OK", [("content-type", "application/json"),
                               ("content-length", str(len(PLAIN_BODY))),
@@ -116,7 +116,7 @@ def split_us(server_cpu_s: float, requests: int, before: tuple[int, float],
 def __getattr__(name: str) -> Any:
     """`view_cpu:flask_app` and the like: the peer app of that name, wrapped in ViewClock."""
     if name == APPS["plain"]:
-        return ViewClock(_plain, os.environ[ENV_DIR])
+        return ViewClock(plain_view, os.environ[ENV_DIR])
     if name in APPS.values():
         import peer_frameworks
 
