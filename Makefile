@@ -6,13 +6,22 @@ ARGS ?=
 
 .PHONY: run test lint docs soak bench clean
 
-$(BIN)/hello-cluster: pyproject.toml
+$(BIN)/hello-cluster: pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
-	touch $@
+	mkdir -p build && touch $@ $(COMPILED)
 
-run: $(BIN)/hello-cluster
+# The editable install compiles http/fastproto.py with mypyc (setup.py) next to the source;
+# an edit of the .py recompiles it here, so a stale extension never shadows the source.
+# HELLO_CLUSTER_PURE=1 builds nothing and removes the extension (pure Python).
+COMPILED := build/fastproto.compiled
+$(COMPILED): service/hello_cluster/http/fastproto.py | $(BIN)/hello-cluster
+	rm -f service/hello_cluster/http/fastproto*.so
+	$(BIN)/python setup.py -q build_ext --inplace
+	mkdir -p build && touch $@
+
+run: $(BIN)/hello-cluster $(COMPILED)
 	$(BIN)/hello-cluster $(ARGS)
 
 lint: $(BIN)/hello-cluster
@@ -20,7 +29,7 @@ lint: $(BIN)/hello-cluster
 	$(BIN)/mypy
 	$(BIN)/bandit -q -ll -r service
 
-test: $(BIN)/hello-cluster lint
+test: $(BIN)/hello-cluster $(COMPILED) lint
 	$(BIN)/pytest -q -n 4 --dist loadgroup
 
 # docs/configuration.md's option table, between its markers, from config.OPTIONS.
@@ -34,4 +43,4 @@ bench: $(BIN)/hello-cluster
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) bench/.venv build *.egg-info
+	rm -rf $(VENV) bench/.venv build *.egg-info service/hello_cluster/http/*.so

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, need_command
 
 BENCH = ROOT / "bench"
 BURN = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"
@@ -152,3 +152,31 @@ def test_micro_wsgi_serves_every_request_both_ways(bench: Path, tmp_path: Path,
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     for on_loop in (False, True):
         assert uvloop.run(micro_wsgi.per_request_us(on_loop, 4 * micro_wsgi.CONNECTIONS)) > 0
+
+
+def test_instr_drives_every_case_to_its_responses(bench: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/instr.py: each case's driver gets a response for every request it sends (it
+    asserts so), so an instruction count per request divides real requests."""
+    import instr
+    import uvloop
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    for case in (*instr.CASES, "idle"):
+        uvloop.run(instr.drive(case, 5))
+
+
+def test_instr_counts_the_same_twice_and_a_request_costs_instructions(bench: Path) -> None:
+    """The point of bench/instr.py is a figure that does not move with the machine's load:
+    the same child counted twice agrees to a few instructions a request, and a request
+    costs more than the driver's idle loop."""
+    need_command("valgrind", "valgrind")
+    import instr
+
+    service = ROOT / "service"
+    n = 40
+    first = instr.count(service, "hello", 3 * n)
+    assert abs(instr.count(service, "hello", 3 * n) - first) < 10 * n
+    per_request = (first - instr.count(service, "hello", n)) / (2 * n)
+    idle = (instr.count(service, "idle", 3 * n) - instr.count(service, "idle", n)) / (2 * n)
+    assert per_request - idle > 10_000, (per_request, idle)

@@ -264,7 +264,7 @@ def test_an_eager_app_that_waits_continues_in_a_task() -> None:
     that first step (a streaming head is never held back for the body), the rest runs in a
     Task that asyncio.current_task() names, that is in `tasks` (what shutdown waits for)
     and counted in flight, and the response completes."""
-    from hello_cluster.http.fastproto import _requests_running
+    from hello_cluster.http.running import requests_running as _requests_running
     from hello_cluster.system import stackdump
 
     seen: dict[str, Any] = {}

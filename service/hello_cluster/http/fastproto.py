@@ -38,12 +38,12 @@ import contextvars
 import functools
 import logging
 import time
-import types
 import urllib.parse
 from collections import deque
 from typing import Any
 
 import httptools
+from mypy_extensions import mypyc_attr
 from uvicorn.config import Config
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
 from uvicorn.protocols.utils import is_ssl
@@ -79,6 +79,7 @@ from hello_cluster.http.policy import (
     parser_refusal,
     trailer_refusal,
 )
+from hello_cluster.http.running import requests_running, resumed, run_request
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CLOSE_LINE = b"connection: close\r\n"
@@ -99,21 +100,45 @@ def _default_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
     return encoded
 
 
-Block = tuple[bytes, "bool | None", int, bool]  # lines, framing, content length, close
+class Block:
+    """A response start's checked header lines and what they say (see `_header_block`),
+    with the whole head made from them for the server's current default headers."""
+
+    __slots__ = ("status_line", "lines", "framing", "length", "has_close", "defaults", "head")
+
+    def __init__(self, status_line: bytes, lines: bytes, framing: bool | None, length: int,
+                 has_close: bool) -> None:
+        self.status_line = status_line
+        self.lines = lines
+        self.framing = framing  # True: chunked, False: a content-length, None: neither
+        self.length = length
+        self.has_close = has_close
+        self.defaults: Any = None  # the default_headers list `head` was made with
+        self.head = b""  # status line, default lines, the app's lines (no final CRLF)
+
+    def head_for(self, defaults: list[tuple[bytes, bytes]]) -> bytes:
+        """The head up to its last line: joined once per block and per default_headers
+        list (uvicorn replaces that list, with the date, once a second)."""
+        if self.defaults is not defaults:
+            self.head = b"".join((self.status_line, _default_lines(defaults), self.lines))
+            self.defaults = defaults
+        return self.head
+
+
 _BLOCKS: dict[tuple[int, tuple[Any, ...]], Block] = {}
 BLOCK_CACHE_MAX = 256  # distinct (status, headers) starts remembered, then forgotten at once
 
 
 def _header_block(status: int, headers: Any) -> Block:
-    """The app's header lines for a response start, checked (appcheck), and what they say.
+    """The app's status and header lines for a response start, checked (appcheck).
 
-    Returns the encoded lines, the framing (True: chunked, False: a content-length, None:
-    neither), the content length and whether one says `connection: close`; AppError if a
-    header cannot be sent. An app answers most requests with the same status and headers
-    (the built-in page always does), so the whole block is remembered by (status, header
-    pairs), which are bytes and so immutable; pairs that are not hashable (lists,
-    bytearrays) are checked every time.
+    Raises AppError if the start cannot be sent. An app answers most requests with the
+    same status and headers (the built-in page always does), so the whole block is
+    remembered by (status, header pairs), which are bytes and so immutable; pairs that are
+    not hashable (lists, bytearrays) are checked every time.
     """
+    if type(status) is not int:  # 200.0 == 200 would find the int's block
+        status_line(status)  # raises AppError
     items = tuple(headers)
     key = (status, items)
     try:
@@ -129,6 +154,7 @@ def _header_block(status: int, headers: Any) -> Block:
 
 
 def _check_block(status: int, headers: tuple[Any, ...]) -> Block:
+    head_line = status_line(status)
     lines: list[bytes] = []
     framing: bool | None = None
     length = 0
@@ -151,7 +177,7 @@ def _check_block(status: int, headers: tuple[Any, ...]) -> Block:
             else:
                 has_close = True
         lines.append(line)
-    return b"".join(lines), framing, length, has_close
+    return Block(head_line, b"".join(lines), framing, length, has_close)
 
 
 def _address(transport: asyncio.BaseTransport, name: str) -> tuple[str, int] | None:
@@ -167,43 +193,6 @@ def _address(transport: asyncio.BaseTransport, name: str) -> tuple[str, int] | N
     if isinstance(info, (list, tuple)) and len(info) >= 2:
         return (str(info[0]), int(info[1]))
     return None
-
-
-def _requests_running(tasks: set[asyncio.Task[Any]]) -> int:
-    """Requests whose app is running now (the in-progress gauge), read at flush time.
-
-    A request started eagerly is in `tasks` only once it waited on something, as the Task
-    of `_resumed`; one that finished in its first step never ran across a flush."""
-    codes = (Cycle.run.__code__, _resumed.__code__)  # a coroutine's, a generator's
-    return sum(1 for task in tasks
-               if getattr(coro := task.get_coro(), "cr_code", None) in codes
-               or getattr(coro, "gi_code", None) in codes)
-
-
-@types.coroutine
-def _resumed(delegated: Any, yielded: Any) -> Any:
-    """The rest of a request started eagerly (FastProtocol._run_eager), driven by a Task.
-
-    The coroutine already ran its first step and is suspended on `yielded` (a future, or
-    None for a bare yield): that goes to the Task first. Once the Task resumes this, the
-    coroutine is delegated to with `yield from`, as if the Task had run it from the start:
-    from here on asyncio.current_task() is this Task, cancelling it cancels the future the
-    request waits on, and the hang dump (stackdump.coroutine_frames) follows `delegated`
-    into the app's frames."""
-    while True:
-        try:
-            yield yielded
-        except GeneratorExit:
-            delegated.close()
-            raise
-        except BaseException as exc:  # noqa: BLE001 - thrown in by the Task: handed on
-            try:
-                yielded = delegated.throw(exc)
-            except StopIteration:
-                return
-            continue
-        yield from delegated
-        return
 
 
 _LOGGER = logging.getLogger("uvicorn.error")
@@ -229,6 +218,7 @@ def _settings(config: Config) -> tuple[Any, ...]:
     return found
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # with_metrics subclasses it
 class FastProtocol(asyncio.Protocol):
     """One connection. Same constructor as uvicorn's protocols, so uvicorn.Config(http=...)
     and uvicorn's own protocol tests instantiate it unchanged."""
@@ -243,7 +233,11 @@ class FastProtocol(asyncio.Protocol):
         # The run (RequestMetrics.run_count) is only for bulk-added buckets: else never.
         first_bound = (metrics._bounds[0] if metrics is not None  # noqa: SLF001
                        and metrics._bulk else -1.0)  # noqa: SLF001
-        return type(cls.__name__, (cls,), {"metrics": metrics, "first_bound": first_bound})
+        # Under the names below, not as `metrics` itself: compiled (mypyc), `self.metrics`
+        # reads the instance's own slot and never sees a subclass's class attribute, so
+        # __init__ copies these in.
+        return type(cls.__name__, (cls,), {"_class_metrics": metrics,
+                                           "_class_first_bound": first_bound})
 
     # Per-connection state starts from these class-level defaults: a new connection (one
     # per request with `Connection: close`) sets only what it must.
@@ -309,8 +303,12 @@ class FastProtocol(asyncio.Protocol):
         self.connections: set[Any] = server_state.connections
         self.tasks = server_state.tasks
         self.pipeline: deque[tuple[Cycle, Any]] = deque()
-        if self.metrics is not None and self.metrics.count_in_flight is None:
-            self.metrics.count_in_flight = functools.partial(_requests_running, self.tasks)
+        metrics = getattr(type(self), "_class_metrics", None)
+        if metrics is not None:
+            self.metrics = metrics
+            self.first_bound = getattr(type(self), "_class_first_bound")  # noqa: B009
+            if metrics.count_in_flight is None:
+                metrics.count_in_flight = functools.partial(requests_running, self.tasks)
 
     # asyncio.Protocol
 
@@ -493,10 +491,15 @@ class FastProtocol(asyncio.Protocol):
                 raise refusal
         self.body_open = True
         self.discarded = 0
-        if url[:1] == b"/" and b"#" not in url:
+        # find(), not `b"#" in url`: bytes.__contains__ first tries its argument as an int
+        # and raises and clears a TypeError for a bytes one (about 2% of a hello request's
+        # instructions, bench/instr.py).
+        if url[:1] == b"/" and url.find(b"#") < 0:
             raw_path, _, query = url.partition(b"?")
         else:
-            parsed = httptools.parse_url(url)
+            # Any: httptools' stub types URL.query as bytes, but it is None when absent,
+            # and compiled (mypyc) a value against its static type is checked at run time.
+            parsed: Any = httptools.parse_url(url)
             raw_path, query = parsed.path, parsed.query or b""
         path = raw_path.decode("ascii")
         if "%" in path:
@@ -575,15 +578,15 @@ class FastProtocol(asyncio.Protocol):
 
     def _start_task(self, cycle: Cycle, app: Any) -> None:
         # The task leaves `tasks` (what uvicorn's shutdown waits for, and what counts
-        # against --limit-concurrency) at the end of Cycle.run, not from a done callback,
+        # against --limit-concurrency) at the end of running.run_request, not from a done callback,
         # which would cost one more loop callback per request. (Only a task cancelled
         # before its first step skips that; uvicorn cancels tasks only as it exits.)
-        task = cycle.task = self.loop.create_task(cycle.run(app))
+        task = cycle.task = self.loop.create_task(run_request(cycle, app))
         self.tasks.add(task)
 
     def _run_eager(self, cycle: Cycle) -> None:
         """Run the request's first step now, in a copy of the context as a Task would, and
-        make a Task only if it waits on something (see `_resumed`).
+        make a Task only if it waits on something (see `running.resumed`).
 
         For an app that declares `hello_cluster_eager = True` (the built-in page): a Task
         per request is about 1.2 us of a 9 us request here (bench/micro_protocol.py), and
@@ -592,21 +595,21 @@ class FastProtocol(asyncio.Protocol):
         scopes and asyncio.timeout() need a task, so a framework app must not declare it).
         It runs after the parser returned, never inside its callbacks; a request read
         behind it (pipelined) is started as a Task, so a long pipeline never recurses."""
-        coro = cycle.run(self.app)
+        coro = run_request(cycle, self.app)
         context = contextvars.copy_context()
         cycle.eager = True
         try:
             yielded = context.run(coro.send, None)
         except StopIteration:
             return
-        except Exception as exc:  # Cycle.run catches the app's: this would be ours. A Task
+        except Exception as exc:  # run_request catches the app's: this would be ours. A Task
             # would log it when collected and leave the connection hanging; here it is
             # logged now and costs its connection only.
             self.logger.error("Exception in the eager start of a request", exc_info=exc)
             self.transport.close()
             return
         cycle.eager = False
-        task = cycle.task = self.loop.create_task(_resumed(coro, yielded), context=context)
+        task = cycle.task = self.loop.create_task(resumed(coro, yielded), context=context)
         self.tasks.add(task)
         if cycle.head:  # a head held for its body, which has not come in this step
             cycle.head_flush = self.loop.call_soon(cycle.flush_head)
@@ -834,36 +837,6 @@ class Cycle:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def run(self, app: Any) -> None:
-        try:
-            result = await app(self.scope, self.receive, self.send)
-        except BaseException as exc:
-            self.proto.logger.error("Exception in ASGI application\n", exc_info=exc)
-            if not self.response_started:
-                await self.send_500_response()
-            else:
-                self.flush_head()
-                self.transport.close()
-        else:
-            if result is not None:
-                self.proto.logger.error(
-                    "ASGI callable should return None, but returned '%s'.", result)
-                self.flush_head()
-                self.transport.close()
-            elif not self.response_started and not self.disconnected:
-                self.proto.logger.error("ASGI callable returned without starting response.")
-                await self.send_500_response()
-            elif not self.response_complete and not self.disconnected:
-                self.proto.logger.error("ASGI callable returned without completing response.")
-                self.flush_head()
-                self.transport.close()
-        finally:
-            self.proto.tasks.discard(self.task)
-            metrics = self.proto.metrics
-            if metrics is not None and not self.counted:  # no complete response: counted
-                metrics.observe(self.scope["method"], self.status,  # here, as the
-                                time.monotonic() - self.started)  # middleware would
-
     async def send_500_response(self) -> None:
         await self.send({"type": "http.response.start", "status": 500, "headers": [
             (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"),
@@ -905,27 +878,26 @@ class Cycle:
             # The start is checked whole before anything of it is kept: if it fails, run()
             # answers 500 and the worker serves on.
             status = message["status"]
-            head_line = status_line(status)
-            lines, framing, self.length, has_close = _header_block(
-                status, message.get("headers", ()))
-            if has_close:
+            block = _header_block(status, message.get("headers", ()))
+            framing = block.framing
+            self.length = block.length
+            head = block.head_for(proto.server_state.default_headers)
+            if block.has_close:
                 self.keep_alive = False
-            parts = [head_line, _default_lines(proto.server_state.default_headers), lines]
-            if not self.keep_alive and not has_close:
-                parts.append(_CLOSE_LINE)
+            elif not self.keep_alive:
+                head += _CLOSE_LINE
             if framing is None and self.scope["method"] != "HEAD" and status not in BODILESS:
                 framing = True
-                parts.append(_CHUNKED_LINE)
+                head += _CHUNKED_LINE
             self.chunked = framing is True
             if status in BODILESS:
                 self.length = 0  # a 304's content-length describes what it has no body of
-            parts.append(b"\r\n")
             self.response_started = True
             self.waiting_for_100_continue = False
             self.status = status
             if proto.access_log:
                 self.log_access(status)
-            self.head = b"".join(parts)
+            self.head = head + b"\r\n"
             if not self.eager:
                 self.head_flush = (proto._running or proto.running_loop()).call_soon(  # noqa: SLF001
                     self.flush_head)

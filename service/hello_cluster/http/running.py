@@ -1,0 +1,91 @@
+"""A request's coroutine under `--http fast`: the app's call with its error handling, and
+the rest of a request started eagerly.
+
+These stay interpreted when http/fastproto.py is compiled (mypyc, see docs/how-it-works.md):
+the Task of a request must hold a real coroutine or generator, because asyncio accepts no
+other kind (`create_task` refuses mypyc's generator objects), the hang dump follows
+`cr_await` / `gi_yieldfrom` through their frames into the app's, and the in-flight gauge
+recognises a request's Task by the code object of its coroutine (`requests_running`).
+What runs per request inside them is a few lines; the parser callbacks and `send` around
+them are what compiling saves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import types
+from typing import Any
+
+
+async def run_request(cycle: Any, app: Any) -> None:
+    """Call the app for one request; answer 500 or close if it fails or misbehaves.
+
+    `cycle` is a fastproto.Cycle (not imported: fastproto imports this module)."""
+    proto = cycle.proto
+    try:
+        result = await app(cycle.scope, cycle.receive, cycle.send)
+    except BaseException as exc:
+        proto.logger.error("Exception in ASGI application\n", exc_info=exc)
+        if not cycle.response_started:
+            await cycle.send_500_response()
+        else:
+            cycle.flush_head()
+            cycle.transport.close()
+    else:
+        if result is not None:
+            proto.logger.error("ASGI callable should return None, but returned '%s'.", result)
+            cycle.flush_head()
+            cycle.transport.close()
+        elif not cycle.response_started and not cycle.disconnected:
+            proto.logger.error("ASGI callable returned without starting response.")
+            await cycle.send_500_response()
+        elif not cycle.response_complete and not cycle.disconnected:
+            proto.logger.error("ASGI callable returned without completing response.")
+            cycle.flush_head()
+            cycle.transport.close()
+    finally:
+        proto.tasks.discard(cycle.task)
+        metrics = proto.metrics
+        if metrics is not None and not cycle.counted:  # no complete response: counted here,
+            metrics.observe(cycle.scope["method"], cycle.status,  # as the middleware would
+                            time.monotonic() - cycle.started)
+
+
+@types.coroutine
+def resumed(delegated: Any, yielded: Any) -> Any:
+    """The rest of a request started eagerly (FastProtocol._run_eager), driven by a Task.
+
+    The coroutine already ran its first step and is suspended on `yielded` (a future, or
+    None for a bare yield): that goes to the Task first. Once the Task resumes this, the
+    coroutine is delegated to with `yield from`, as if the Task had run it from the start:
+    from here on asyncio.current_task() is this Task, cancelling it cancels the future the
+    request waits on, and the hang dump (stackdump.coroutine_frames) follows `delegated`
+    into the app's frames."""
+    while True:
+        try:
+            yield yielded
+        except GeneratorExit:
+            delegated.close()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - thrown in by the Task: handed on
+            try:
+                yielded = delegated.throw(exc)
+            except StopIteration:
+                return
+            continue
+        yield from delegated
+        return
+
+
+_CODES = (run_request.__code__, resumed.__code__)  # a coroutine's, a generator's
+
+
+def requests_running(tasks: set[asyncio.Task[Any]]) -> int:
+    """Requests whose app is running now (the in-progress gauge), read at flush time.
+
+    A request started eagerly is in `tasks` only once it waited on something, as the Task
+    of `resumed`; one that finished in its first step never ran across a flush."""
+    return sum(1 for task in tasks
+               if getattr(coro := task.get_coro(), "cr_code", None) in _CODES
+               or getattr(coro, "gi_code", None) in _CODES)
