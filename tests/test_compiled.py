@@ -60,6 +60,9 @@ def test_the_protocol_is_compiled_and_current() -> None:
     libraries = list(SOURCE.parent.glob("fastproto__mypyc*.so"))
     assert libraries, "no fastproto__mypyc*.so beside the compiled shim: run make"
     built = max(library.stat().st_mtime for library in libraries)
+    from hello_cluster.config import protocol_build
+
+    assert protocol_build() == "HTTP protocol compiled with mypyc"  # what --version says
     assert built >= SOURCE.stat().st_mtime, (
         f"{libraries[0].name} is older than {SOURCE.name}: run make to recompile it")
 

@@ -722,6 +722,17 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message}; see hello-cluster --help")
 
 
+def protocol_build() -> str:
+    """Whether `--http fast` runs compiled (setup.py builds http/fastproto.py with mypyc)
+    or from source, as `--version` tells it: found, not imported (the wire layer is above
+    this one, and uvicorn need not load for --version)."""
+    spec = importlib.util.find_spec("hello_cluster.http.fastproto")
+    origin = spec.origin if spec is not None else None
+    if origin is not None and not origin.endswith(".py"):
+        return "HTTP protocol compiled with mypyc"
+    return "HTTP protocol in pure Python"
+
+
 def build_parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
     parser = _Parser(
@@ -737,7 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(like pm2 ls)\nhello-cluster dump [--runtime-dir DIR] [--slot N] [--json]: every "
         "live worker's stacks and asyncio tasks",
     )
-    parser.add_argument("--version", action="version", version=f"hello-cluster {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"hello-cluster {__version__} ({protocol_build()})")
     for opt in OPTIONS:
         shown = f"(env {opt.env}; default {opt.default or 'unset'})"
         if opt.parse is parse_bool:
