@@ -79,7 +79,7 @@ from hello_cluster.http.policy import (
     parser_refusal,
     trailer_refusal,
 )
-from hello_cluster.http.running import requests_running, resumed, run_request
+from hello_cluster.http.running import end_request, finish_request, requests_running, run_request
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CLOSE_LINE = b"connection: close\r\n"
@@ -595,24 +595,34 @@ class FastProtocol(asyncio.Protocol):
         scopes and asyncio.timeout() need a task, so a framework app must not declare it).
         It runs after the parser returned, never inside its callbacks; a request read
         behind it (pipelined) is started as a Task, so a long pipeline never recurses."""
-        coro = run_request(cycle, self.app)
+        # The app's coroutine is stepped here with no coroutine of ours around it (in
+        # running.py, interpreted): run_request's checks after a normal end are the two
+        # tests below, and anything else (a raise, a return value, a response left
+        # unfinished, a wait) goes to a Task of running.py's, which answers as
+        # run_request would and keeps its frames for the hang dump.
         context = contextvars.copy_context()
         cycle.eager = True
         try:
+            coro = context.run(self.app, cycle.scope, cycle.receive, cycle.send)
             yielded = context.run(coro.send, None)
-        except StopIteration:
+        except StopIteration as stop:
+            if stop.value is None and cycle.response_complete:
+                return  # the usual end: answered, counted, nothing to wait for
+            cycle.eager = False
+            self._finish_in_task(cycle, end_request(cycle, None, stop.value), context)
             return
-        except Exception as exc:  # run_request catches the app's: this would be ours. A Task
-            # would log it when collected and leave the connection hanging; here it is
-            # logged now and costs its connection only.
-            self.logger.error("Exception in the eager start of a request", exc_info=exc)
-            self.transport.close()
+        except BaseException as exc:  # noqa: BLE001 - the app's, answered as run_request does
+            cycle.eager = False
+            self._finish_in_task(cycle, end_request(cycle, exc, None), context)
             return
         cycle.eager = False
-        task = cycle.task = self.loop.create_task(resumed(coro, yielded), context=context)
-        self.tasks.add(task)
+        self._finish_in_task(cycle, finish_request(cycle, coro, yielded), context)
         if cycle.head:  # a head held for its body, which has not come in this step
             cycle.head_flush = self.loop.call_soon(cycle.flush_head)
+
+    def _finish_in_task(self, cycle: Cycle, coro: Any, context: contextvars.Context) -> None:
+        task = cycle.task = self.loop.create_task(coro, context=context)
+        self.tasks.add(task)
 
     def on_response_complete(self, cycle: Cycle) -> None:
         self.server_state.total_requests += 1

@@ -1,4 +1,4 @@
-"""A request's coroutine under `--http fast`: the app's call with its error handling, and
+"""A request's coroutines under `--http fast`: the app's call with its error handling, and
 the rest of a request started eagerly.
 
 These stay interpreted when http/fastproto.py is compiled (mypyc, see docs/how-it-works.md):
@@ -22,34 +22,77 @@ async def run_request(cycle: Any, app: Any) -> None:
     """Call the app for one request; answer 500 or close if it fails or misbehaves.
 
     `cycle` is a fastproto.Cycle (not imported: fastproto imports this module)."""
-    proto = cycle.proto
     try:
-        result = await app(cycle.scope, cycle.receive, cycle.send)
-    except BaseException as exc:
-        proto.logger.error("Exception in ASGI application\n", exc_info=exc)
-        if not cycle.response_started:
-            await cycle.send_500_response()
+        try:
+            result = await app(cycle.scope, cycle.receive, cycle.send)
+        except BaseException as exc:
+            await answer_failure(cycle, exc)
         else:
-            cycle.flush_head()
-            cycle.transport.close()
-    else:
-        if result is not None:
-            proto.logger.error("ASGI callable should return None, but returned '%s'.", result)
-            cycle.flush_head()
-            cycle.transport.close()
-        elif not cycle.response_started and not cycle.disconnected:
-            proto.logger.error("ASGI callable returned without starting response.")
-            await cycle.send_500_response()
-        elif not cycle.response_complete and not cycle.disconnected:
-            proto.logger.error("ASGI callable returned without completing response.")
-            cycle.flush_head()
-            cycle.transport.close()
+            if result is not None or not cycle.response_complete:  # (else nothing to say,
+                await answer_return(cycle, result)  # and no coroutine made for it)
     finally:
-        proto.tasks.discard(cycle.task)
-        metrics = proto.metrics
-        if metrics is not None and not cycle.counted:  # no complete response: counted here,
-            metrics.observe(cycle.scope["method"], cycle.status,  # as the middleware would
-                            time.monotonic() - cycle.started)
+        settle(cycle)
+
+
+async def finish_request(cycle: Any, coro: Any, yielded: Any) -> None:
+    """The Task of a request started eagerly (FastProtocol._run_eager) whose first step
+    waited on something: the rest of the app's coroutine, answered as run_request does."""
+    try:
+        try:
+            result = await resumed(coro, yielded)
+        except BaseException as exc:
+            await answer_failure(cycle, exc)
+        else:
+            if result is not None or not cycle.response_complete:  # (else nothing to say,
+                await answer_return(cycle, result)  # and no coroutine made for it)
+    finally:
+        settle(cycle)
+
+
+async def end_request(cycle: Any, raised: BaseException | None, result: Any) -> None:
+    """The Task of a request started eagerly whose first step raised, returned a value
+    or returned without finishing its response: answered as run_request does."""
+    try:
+        if raised is not None:
+            await answer_failure(cycle, raised)
+        else:
+            await answer_return(cycle, result)
+    finally:
+        settle(cycle)
+
+
+async def answer_failure(cycle: Any, exc: BaseException) -> None:
+    cycle.proto.logger.error("Exception in ASGI application\n", exc_info=exc)
+    if not cycle.response_started:
+        await cycle.send_500_response()
+    else:
+        cycle.flush_head()
+        cycle.transport.close()
+
+
+async def answer_return(cycle: Any, result: Any) -> None:
+    logger = cycle.proto.logger
+    if result is not None:
+        logger.error("ASGI callable should return None, but returned '%s'.", result)
+        cycle.flush_head()
+        cycle.transport.close()
+    elif not cycle.response_started and not cycle.disconnected:
+        logger.error("ASGI callable returned without starting response.")
+        await cycle.send_500_response()
+    elif not cycle.response_complete and not cycle.disconnected:
+        logger.error("ASGI callable returned without completing response.")
+        cycle.flush_head()
+        cycle.transport.close()
+
+
+def settle(cycle: Any) -> None:
+    """A request's end, however it came: out of the tasks, and counted if its response
+    never completed (a complete one was counted then), as the middleware would."""
+    proto = cycle.proto
+    proto.tasks.discard(cycle.task)
+    metrics = proto.metrics
+    if metrics is not None and not cycle.counted:
+        metrics.observe(cycle.scope["method"], cycle.status, time.monotonic() - cycle.started)
 
 
 @types.coroutine
@@ -71,21 +114,20 @@ def resumed(delegated: Any, yielded: Any) -> Any:
         except BaseException as exc:  # noqa: BLE001 - thrown in by the Task: handed on
             try:
                 yielded = delegated.throw(exc)
-            except StopIteration:
-                return
+            except StopIteration as stop:
+                return stop.value
             continue
-        yield from delegated
-        return
+        return (yield from delegated)
 
 
-_CODES = (run_request.__code__, resumed.__code__)  # a coroutine's, a generator's
+# A request's Task runs one of these (the eager start's first step runs in none).
+_CODES = (run_request.__code__, finish_request.__code__, end_request.__code__)
 
 
 def requests_running(tasks: set[asyncio.Task[Any]]) -> int:
     """Requests whose app is running now (the in-progress gauge), read at flush time.
 
-    A request started eagerly is in `tasks` only once it waited on something, as the Task
-    of `resumed`; one that finished in its first step never ran across a flush."""
-    return sum(1 for task in tasks
-               if getattr(coro := task.get_coro(), "cr_code", None) in _CODES
-               or getattr(coro, "gi_code", None) in _CODES)
+    A request started eagerly is in `tasks` only once its first step is over, as the Task
+    of finish_request or end_request; one that finished in its first step never ran
+    across a flush."""
+    return sum(1 for task in tasks if getattr(task.get_coro(), "cr_code", None) in _CODES)

@@ -269,7 +269,7 @@ def frames_of(frame: FrameType | None, limit: int = 200) -> tuple[Frame, ...]:
 def coroutine_frames(coro: Any, limit: int = 200) -> tuple[Frame, ...]:
     """Where a suspended coroutine waits: its chain of awaits, outermost first. A task's
     own stack (Task.get_stack) stops at its outermost coroutine. A generator that hands on
-    a coroutine without `yield from` names it `delegated` (fastproto's `_resumed` before
+    a coroutine without `yield from` names it `delegated` (running.py's `resumed` before
     its first resume): the chain goes on through it."""
     out: list[Frame] = []
     while coro is not None and len(out) < limit:
