@@ -12,7 +12,6 @@ bytes on the wire, the same close, and the same count of responses.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -35,15 +34,10 @@ SOURCE = Path(fastproto.__file__).with_name("fastproto.py")
 
 def pure_module() -> ModuleType:
     """fastproto.py run by the interpreter, as a module of its own beside the compiled one."""
+    from micro_ab import load  # bench/ (on the path from conftest)
+
     name = "hello_cluster.http.fastproto_pure"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SOURCE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return sys.modules[name] if name in sys.modules else load(SOURCE, name)
 
 
 def compiled() -> bool:

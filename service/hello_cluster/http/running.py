@@ -34,19 +34,10 @@ async def run_request(cycle: Any, app: Any) -> None:
         settle(cycle)
 
 
-async def finish_request(cycle: Any, coro: Any, yielded: Any) -> None:
+def finish_request(cycle: Any, coro: Any, yielded: Any) -> Any:
     """The Task of a request started eagerly (FastProtocol._run_eager) whose first step
-    waited on something: the rest of the app's coroutine, answered as run_request does."""
-    try:
-        try:
-            result = await resumed(coro, yielded)
-        except BaseException as exc:
-            await answer_failure(cycle, exc)
-        else:
-            if result is not None or not cycle.response_complete:  # (else nothing to say,
-                await answer_return(cycle, result)  # and no coroutine made for it)
-    finally:
-        settle(cycle)
+    waited on something: run_request, with the rest of the app's coroutine as its app."""
+    return run_request(cycle, lambda *_: resumed(coro, yielded))
 
 
 async def end_request(cycle: Any, raised: BaseException | None, result: Any) -> None:
@@ -121,13 +112,13 @@ def resumed(delegated: Any, yielded: Any) -> Any:
 
 
 # A request's Task runs one of these (the eager start's first step runs in none).
-_CODES = (run_request.__code__, finish_request.__code__, end_request.__code__)
+_CODES = (run_request.__code__, end_request.__code__)
 
 
 def requests_running(tasks: set[asyncio.Task[Any]]) -> int:
     """Requests whose app is running now (the in-progress gauge), read at flush time.
 
     A request started eagerly is in `tasks` only once its first step is over, as the Task
-    of finish_request or end_request; one that finished in its first step never ran
+    of finish_request (a run_request) or end_request; one that finished in its first step never ran
     across a flush."""
     return sum(1 for task in tasks if getattr(task.get_coro(), "cr_code", None) in _CODES)
