@@ -885,8 +885,8 @@ class Cycle:
             if kind != "http.response.start":
                 raise RuntimeError(
                     f"Expected ASGI message 'http.response.start', but got '{kind}'.")
-            # The start is checked whole before anything of it is kept: if it fails, run()
-            # answers 500 and the worker serves on.
+            # The start is checked whole before anything of it is kept: if it fails, the
+            # request's coroutine (running.py) answers 500 and the worker serves on.
             status = message["status"]
             block = _header_block(status, message.get("headers", ()))
             framing = block.framing
