@@ -9,11 +9,12 @@ module is preferred on import when it is there. HELLO_CLUSTER_PURE=1 skips the c
 """
 
 import os
+from typing import Any
 
 from setuptools import setup
 
 
-def ext_modules() -> list:  # type: ignore[type-arg]
+def ext_modules() -> list[Any]:
     if os.environ.get("HELLO_CLUSTER_PURE", "") not in ("", "0"):
         return []
     from mypyc.build import mypycify

@@ -101,8 +101,9 @@ def child(case: str, n: int) -> None:
 
     ticks = itertools.count()
     time.monotonic = lambda: next(ticks) * 1e-6
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="hc-bench-instr-")
-    uvloop.run(drive(case, n))
+    with tempfile.TemporaryDirectory(prefix="hc-bench-instr-") as metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        uvloop.run(drive(case, n))
 
 
 def count(service: Path, case: str, n: int) -> int:

@@ -160,8 +160,9 @@ def main() -> None:
         print(json.dumps(environ_us()))
         return
     if args.child:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="hc-bench-wsgi-")
-        print(json.dumps(child(args.n)))
+        with tempfile.TemporaryDirectory(prefix="hc-bench-wsgi-") as metrics_dir:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            print(json.dumps(child(args.n)))
         return
     sides = {"new": Path(__file__).resolve().parent.parent / "service"}
     if args.base:
